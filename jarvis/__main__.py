@@ -1,0 +1,5 @@
+"""`python -m jarvis` is the `jarvis` CLI."""
+
+from jarvis.cli import main
+
+main()

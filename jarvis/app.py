@@ -1,0 +1,119 @@
+"""The Litestar application: plugins → registries → runtime → routes, errors and lifespan.
+
+`create_app` does every check that can fail fast (settings, plugin names,
+engine settings) before the server binds; the model itself loads in the
+background so `/health` answers at once and `/v1/*` returns 503 until ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+import jarvis
+from jarvis.errors import APIError, AuthenticationFailed
+from jarvis.plugin_manager import JarvisPluginManager, create_plugin_manager
+from jarvis.registry import Registries, check_settings
+from jarvis.routes.health import health, ready
+from jarvis.routes.openai import OpenAIController
+from jarvis.runtime import EngineRuntime
+from jarvis.settings import JarvisSettings, SettingsError, load_settings
+
+log = logging.getLogger("jarvis.app")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def api_error_response(_: Request, exc: APIError) -> Response:
+    return Response(exc.to_body(), status_code=exc.status_code)
+
+
+def http_error_response(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return Response({"error": {"message": detail, "type": _ERROR_TYPES.get(status, "server_error"),
+                               "param": None, "code": None}},
+                    status_code=status, headers=getattr(exc, "headers", None))
+
+
+def unexpected_error_response(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return Response({"error": {"message": f"Internal server error: {type(exc).__name__}",
+                               "type": "server_error", "param": None, "code": None}},
+                    status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def api_key_guard(keys: list[str]):
+    """Every /v1 route requires `Authorization: Bearer <key>` when keys are configured."""
+    encoded = [k.encode() for k in keys]
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if not connection.url.path.startswith("/v1"):
+            return
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        supplied = token.strip().encode()
+        # Compare against every key so timing does not reveal which one matched.
+        matched = False
+        for key in encoded:
+            matched |= hmac.compare_digest(supplied, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise AuthenticationFailed("Incorrect API key provided. Send `Authorization: Bearer <key>` "
+                                       "with one of the keys in JARVIS_API_KEYS.", code="invalid_api_key")
+
+    return guard
+
+
+def create_app(settings: JarvisSettings | None = None,
+               plugin_manager: JarvisPluginManager | None = None) -> Litestar:
+    settings = settings or load_settings()
+    pm = plugin_manager or create_plugin_manager(settings.plugins)
+    registries = Registries.from_plugins(pm)
+    problems = check_settings(settings, registries)
+    if problems:
+        raise SettingsError(problems)
+    runtime = EngineRuntime(settings, registries, pm.hook)
+
+    extra_routes: list[Any] = []
+    pm.hook.jarvis_register_routes(register=extra_routes.append)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pm.hook.jarvis_startup(app=app)
+        loader = asyncio.create_task(runtime.start(), name="engine-start")
+        loader.add_done_callback(lambda t: t.cancelled() or t.exception())  # failure is kept in runtime
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            await runtime.stop()
+            pm.hook.jarvis_shutdown(app=app)
+
+    app = Litestar(
+        route_handlers=[OpenAIController, health, ready, *extra_routes],
+        lifespan=[lifespan],
+        guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
+        exception_handlers={APIError: api_error_response, HTTPException: http_error_response,
+                            Exception: unexpected_error_response},
+        openapi_config=OpenAPIConfig(title="Jarvis", version=jarvis.__version__,
+                                     description="OpenAI-compatible LLM server."),
+        debug=False,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    app.state.plugin_manager = pm
+    return app

@@ -1,0 +1,143 @@
+"""The `jarvis` command line: serve, doctor, plugins; plugins add their own commands.
+
+Heavy modules (engines, uvicorn) load inside the commands that need them, so
+`jarvis --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from jarvis import __version__
+from jarvis.errors import ConfigError
+from jarvis.plugin_manager import create_plugin_manager
+from jarvis.settings import JarvisSettings, SettingsError, load_settings
+
+console = Console(stderr=True)
+
+
+def _settings(**overrides: Any) -> JarvisSettings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        _die(exc.problems)
+
+
+def _die(problems: list[ConfigError]) -> None:
+    console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
+    for p in problems:
+        console.print(f"  [red]✗[/] [bold]{p.setting}[/]={p.value!r}: {p.problem}\n    [green]fix:[/] {p.fix}")
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="jarvis")
+def cli() -> None:
+    """Jarvis: an OpenAI-compatible, plugin-extensible LLM server."""
+
+
+@cli.command()
+@click.option("--host", help="Interface to bind (JARVIS_HOST).")
+@click.option("--port", type=int, help="Port to bind (JARVIS_PORT).")
+@click.option("--engine", "inference_engine", help="Engine name (JARVIS_INFERENCE_ENGINE).")
+@click.option("--model", "model_name", help="Model path (JARVIS_MODEL_NAME).")
+def serve(**overrides: Any) -> None:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from jarvis.app import create_app
+
+    settings = _settings(**overrides)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        _die(exc.problems)
+    except ConfigError as exc:
+        _die([exc])
+    console.print(f"[bold]Jarvis[/] {__version__}: engine [cyan]{settings.inference_engine}[/] on "
+                  f"http://{settings.host}:{settings.port}/v1")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+
+
+@cli.command()
+def doctor() -> None:
+    """Print the resolved configuration and everything found wrong with it."""
+    from jarvis.registry import Registries, check_settings
+
+    problems: list[ConfigError] = []
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        problems += exc.problems
+        # Keep checking the rest: the bad fields fall back to their defaults.
+        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
+        settings = load_settings(**{name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
+                                    for name in bad if name in JarvisSettings.model_fields})
+    table = Table(title="Jarvis configuration", show_lines=False)
+    for column in ("setting", "value", "meaning"):
+        table.add_column(column)
+    for name, field in JarvisSettings.model_fields.items():
+        value = getattr(settings, name, field.default)
+        shown = "***" if name == "api_keys" and value else value
+        table.add_row(f"JARVIS_{name.upper()}", str(shown) if shown is not None else "(unset)",
+                      field.description or "")
+    Console().print(table)
+    try:
+        pm = create_plugin_manager(getattr(settings, "plugins", None))
+        registries = Registries.from_plugins(pm)
+        problems += check_settings(settings, registries)
+        factory = registries.engines.get(settings.inference_engine) if not problems else None
+        if factory is not None:
+            factory(settings)  # engine-level checks: model path, engine settings
+    except ConfigError as exc:
+        problems.append(exc)
+    except Exception as exc:  # an unknown engine name is already a problem above
+        if not problems:
+            problems.append(ConfigError("JARVIS_INFERENCE_ENGINE", settings.inference_engine,
+                                        f"{type(exc).__name__}: {exc}", "see the message"))
+    if problems:
+        for p in problems:
+            console.print(f"[red]✗[/] [bold]{p.setting}[/]={p.value!r}: {p.problem}\n  [green]fix:[/] {p.fix}")
+        sys.exit(1)
+    console.print("[green]✓ no problems found[/]")
+
+
+@cli.command("plugins")
+def list_plugins() -> None:
+    """List the loaded plugins, their engines and chat formats."""
+    from jarvis.registry import Registries
+
+    settings = _settings()
+    pm = create_plugin_manager(settings.plugins)
+    registries = Registries.from_plugins(pm)
+    table = Table(title="Jarvis plugins (entry-point group 'jarvis')")
+    for column in ("name", "module", "distribution", "version", "kind"):
+        table.add_column(column)
+    for info in pm.infos:
+        table.add_row(info.name, info.module, info.distribution, info.version,
+                      "built-in" if info.builtin else "third-party")
+    out = Console()
+    out.print(table)
+    out.print(f"engines: {', '.join(registries.engines)}")
+    out.print(f"chat formats: {', '.join(registries.chat_formats)}")
+
+
+def build_cli() -> click.Group:
+    """The CLI with every plugin's commands added."""
+    try:
+        settings = load_settings()
+        pm = create_plugin_manager(settings.plugins)
+    except (SettingsError, ConfigError):
+        return cli  # the built-in commands still work, and `doctor` explains the problem
+    pm.hook.jarvis_register_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    build_cli()(prog_name="jarvis")

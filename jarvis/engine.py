@@ -1,0 +1,158 @@
+"""The engine contract: what every delegate (llama.cpp, HF, vLLM, upstream) speaks.
+
+The HTTP layer builds one `GenerationRequest` and calls `Engine.stream` or
+`Engine.generate`; it never knows which engine answers. An engine never sees
+HTTP. Subclasses implement `start`, `stream`, `tokenize` and `model_info`;
+`generate` defaults to draining `stream`, so an engine is correct with just one
+generation path and may override `generate` where it has a faster one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated (or prompt) token with its log-probability and the best alternatives."""
+
+    token: str
+    logprob: float | None
+    bytes: list[int] | None = None
+    top: Sequence[tuple[str, float]] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, engine-neutral. `prompt` is rendered text; `messages` is kept for engines
+    that apply the model's own template (then `prompt` may be None)."""
+
+    prompt: str | None
+    model: str
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+    messages: list[dict[str, Any]] | None = None
+    #: Set by the runtime after its context-length check, so engines need not tokenize again.
+    prompt_token_ids: list[int] | None = None
+    adapter: str | None = None
+    kind: Literal["completion", "chat"] = "completion"
+    request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
+
+
+@dataclass
+class GenerationChunk:
+    """Newly generated text (possibly several tokens) from a stream."""
+
+    text: str
+    token_count: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    # Filled on the last chunk only (the one with a finish_reason).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # Filled on the first chunk only, when the request asked for echo with logprobs.
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+    path: str | None = None
+    architecture: str | None = None
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    owned_by: str = "jarvis"
+
+
+@dataclass
+class EngineStats:
+    """Counters an operator (and the disconnect test) can watch through /health."""
+
+    requests_started: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    tokens_generated: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.requests_started - self.requests_finished
+
+
+class Engine:
+    """Base class of every engine delegate."""
+
+    name: str = "engine"
+    #: True when the engine renders chat itself from `messages` (the model's template).
+    applies_chat_template: bool = False
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+
+    async def start(self) -> None:
+        """Load the model. Raise `ConfigError` for a bad setting."""
+
+    async def stop(self) -> None:
+        """Release the model."""
+
+    def model_info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        last: GenerationChunk | None = None
+        prompt_logprobs: list[TokenLogprob] | None = None
+        async for chunk in self.stream(request):
+            parts.append(chunk.text)
+            logprobs.extend(chunk.logprobs)
+            prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
+            last = chunk
+        if last is None or last.finish_reason is None:
+            raise RuntimeError(f"engine {self.name} ended a stream without a finish reason")
+        return GenerationResult(
+            text="".join(parts), finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens or 0, completion_tokens=last.completion_tokens or 0,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    # Adapter API (LoRA), filled in by engines that support it.
+    async def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError(f"engine {self.name} does not serve adapters")
+
+    async def unload_adapter(self, name: str) -> None:
+        raise NotImplementedError(f"engine {self.name} does not serve adapters")
+
+    def list_adapters(self) -> list[str]:
+        return []

@@ -1,0 +1,187 @@
+"""The serving runtime: one engine, its lifecycle, and the path from request to engine.
+
+Routes hand it wire-level intent (a prompt or chat messages plus sampling
+options); it resolves the model id, renders chat through the selected chat
+format, checks the context window, fires the request hooks and calls the
+engine. It knows no engine by name and nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jarvis.chat_format import ChatFormat, ChatFormatError
+from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo
+from jarvis.errors import (APIError, ConfigError, ContextLengthExceeded, EngineFailure,
+                           EngineUnavailable, InvalidRequest, NotFound)
+from jarvis.registry import Registries
+from jarvis.settings import JarvisSettings
+
+log = logging.getLogger("jarvis.runtime")
+
+State = Literal["loading", "ready", "failed", "stopped"]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    created: int
+    max_model_len: int
+    owned_by: str
+    adapter: str | None = None
+
+
+class EngineRuntime:
+    def __init__(self, settings: JarvisSettings, registries: Registries, hooks: Any) -> None:
+        self.settings = settings
+        self.registries = registries
+        self.hooks = hooks
+        self.engine: Engine = registries.engines.get(settings.inference_engine)(settings)
+        self.state: State = "loading"
+        self.failure: str | None = None
+        self.started_at = int(time.time())
+        self._info: ModelInfo | None = None
+        self._formats: dict[str, ChatFormat] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.engine.start()
+            self._info = self.engine.model_info()
+        except ConfigError as exc:
+            self._fail(str(exc))
+            raise
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise
+        self.state = "ready"
+        log.info("engine %s ready: model %s (context %d tokens)", self.engine.name,
+                 self.model_id, self._info.max_model_len)
+
+    def _fail(self, message: str) -> None:
+        self.state, self.failure = "failed", message
+        log.error("engine %s failed to start: %s", self.engine.name, message)
+
+    async def stop(self) -> None:
+        if self.state != "stopped":
+            self.state = "stopped"
+            await self.engine.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def require_ready(self) -> ModelInfo:
+        if self.state == "ready" and self._info is not None:
+            return self._info
+        if self.state == "loading":
+            raise EngineUnavailable("The model is still loading; retry in a few seconds.",
+                                    code="engine_loading")
+        raise EngineUnavailable(f"The engine is not available: {self.failure or self.state}.",
+                                code="engine_unavailable")
+
+    # --- models ------------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        info = self._info
+        return self.settings.served_model_name or (info.id if info else self.settings.inference_engine)
+
+    def models(self) -> list[ServedModel]:
+        info = self.require_ready()
+        base = ServedModel(self.model_id, self.started_at, info.max_model_len, info.owned_by)
+        adapters = [ServedModel(name, self.started_at, info.max_model_len, info.owned_by, adapter=name)
+                    for name in self.engine.list_adapters()]
+        return [base, *adapters]
+
+    def resolve_model(self, name: str) -> ServedModel:
+        for model in self.models():
+            if model.id == name:
+                return model
+        raise NotFound(f"The model `{name}` does not exist. Available: "
+                       f"{', '.join(m.id for m in self.models())}.", param="model",
+                       code="model_not_found")
+
+    def chat_format(self, model_id: str) -> ChatFormat:
+        if model_id not in self._formats:
+            name = self.settings.chat_formats.get(model_id, self.settings.chat_format)
+            self._formats[model_id] = self.registries.chat_formats.get(name)(self.require_ready())
+        return self._formats[model_id]
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Resolve the model, render chat, tokenize, and check the context window."""
+        info = self.require_ready()
+        served = self.resolve_model(request.model)
+        request.adapter = served.adapter
+        if request.kind == "chat" and not self.engine.applies_chat_template:
+            fmt = self.chat_format(served.id)
+            try:
+                request.prompt = fmt(request.messages or [], True)
+            except ChatFormatError as exc:
+                raise InvalidRequest(f"cannot render the conversation with chat format "
+                                     f"{fmt.name!r}: {exc}", param="messages") from None
+            request.stop = [*request.stop, *(s for s in fmt.stop if s not in request.stop)]
+        if request.prompt is not None:
+            ids = self.engine.tokenize(request.prompt)
+            request.prompt_token_ids = ids
+            budget = info.max_model_len - len(ids)
+            if request.max_tokens is None:
+                if budget < 1:
+                    raise ContextLengthExceeded(len(ids), 1, info.max_model_len)
+                request.max_tokens = budget
+            elif request.max_tokens > budget:
+                raise ContextLengthExceeded(len(ids), request.max_tokens, info.max_model_len)
+        return request
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self._started(request)
+        try:
+            result = await self.engine.generate(request)
+        except BaseException as exc:
+            self._finished(request, None, exc)
+            raise _as_api_error(exc) from exc
+        self._finished(request, result, None)
+        return result
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self._started(request)
+        error: BaseException | None = None
+        try:
+            async for chunk in self.engine.stream(request):
+                yield chunk
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                raise
+            raise _as_api_error(exc) from exc
+        finally:
+            self._finished(request, None, error)
+
+    def _started(self, request: GenerationRequest) -> None:
+        try:
+            self.hooks.jarvis_request_started(request=request)
+        except Exception:
+            log.exception("a jarvis_request_started hook raised; ignored")
+
+    def _finished(self, request: GenerationRequest, result: GenerationResult | None,
+                  error: BaseException | None) -> None:
+        try:
+            self.hooks.jarvis_request_finished(request=request, result=result, error=error)
+        except Exception:
+            log.exception("a jarvis_request_finished hook raised; ignored")
+
+
+def _as_api_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, (APIError, asyncio.CancelledError, GeneratorExit)):
+        return exc
+    log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return EngineFailure(f"The engine failed while generating: {type(exc).__name__}: {exc}",
+                         code="engine_error")

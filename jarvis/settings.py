@@ -1,0 +1,114 @@
+"""Jarvis configuration: `JARVIS_*` environment variables and `.env`.
+
+Every field documents its valid values; a bad value fails at start with a
+`SettingsError` whose lines name the setting, the value, and the fix.
+Engine-specific knobs live beside their engine (e.g. `JARVIS_LLAMA_*` in
+`jarvis.backends.llama_cpp`), so this core module knows no engine by name.
+Names that need the plugin registries (engine, chat format) are checked in
+`jarvis.registry.check_settings` once plugins are loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from jarvis.errors import ConfigError
+
+ENV_PREFIX = "JARVIS_"
+
+
+def env_name(field: str, prefix: str = ENV_PREFIX) -> str:
+    return f"{prefix}{field.upper()}"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class JarvisSettings(BaseSettings):
+    """The core server's settings."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
+                                      validate_default=True)
+
+    inference_engine: str = Field(
+        "llama_cpp", description="Engine that serves requests (see `jarvis plugins`).",
+        json_schema_extra={"fix": "set JARVIS_INFERENCE_ENGINE to a registered engine name"})
+    model_name: str | None = Field(
+        None, description="Model path (a .gguf file for llama_cpp); unset = the embedded default model.",
+        json_schema_extra={"fix": "point JARVIS_MODEL_NAME at a model file or folder, or unset it"})
+    served_model_name: str | None = Field(
+        None, description="Model id clients send and /v1/models lists; default: the model file's stem.",
+        json_schema_extra={"fix": "set JARVIS_SERVED_MODEL_NAME to a non-empty id"})
+    host: str = Field("127.0.0.1", min_length=1, description="Interface to bind.",
+                      json_schema_extra={"fix": "set JARVIS_HOST to an address such as 127.0.0.1 or 0.0.0.0"})
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to bind.",
+                      json_schema_extra={"fix": "set JARVIS_PORT to an integer between 1 and 65535"})
+    chat_format: str = Field(
+        "auto", description="How chat messages become a prompt; auto = the model's own template.",
+        json_schema_extra={"fix": "set JARVIS_CHAT_FORMAT to a registered format (auto, chatml, gemma, llama3, mistral)"})
+    chat_formats: dict[str, str] = Field(
+        default_factory=dict,
+        description='Per-model override of chat_format, JSON: {"model-id": "chatml"}.',
+        json_schema_extra={"fix": 'set JARVIS_CHAT_FORMATS to a JSON object such as {"my-model": "chatml"}'})
+    max_model_len: int = Field(
+        4096, ge=16, le=1_048_576, description="Context window in tokens (prompt + completion).",
+        json_schema_extra={"fix": "set JARVIS_MAX_MODEL_LEN to an integer between 16 and 1048576"})
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty = no auth.",
+        json_schema_extra={"fix": "set JARVIS_API_KEYS to comma-separated keys, e.g. key1,key2"})
+    plugins: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Allow-list of third-party plugin entry-point names; unset = load all.",
+        json_schema_extra={"fix": "set JARVIS_PLUGINS to comma-separated names from `jarvis plugins`"})
+    data_dir: Path = Field(
+        Path.home() / ".cache" / "jarvis", description="Where Jarvis keeps caches and state.",
+        json_schema_extra={"fix": "set JARVIS_DATA_DIR to a writable folder"})
+    log_level: str = Field(
+        "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
+        json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})
+
+    @field_validator("api_keys", "plugins", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class SettingsError(Exception):
+    """One or more settings are invalid; `problems` holds one ConfigError each."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load_settings(model: type[BaseSettings] = JarvisSettings, prefix: str = ENV_PREFIX,
+                  **overrides: Any) -> Any:
+    """Build a settings object, turning pydantic's errors into named fixes."""
+    try:
+        return model(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(problems_from_validation(model, exc, prefix)) from None
+
+
+def problems_from_validation(model: type[BaseSettings], exc: ValidationError,
+                             prefix: str) -> list[ConfigError]:
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        info = model.model_fields.get(field)
+        extra = (info.json_schema_extra or {}) if info else {}
+        fix = extra.get("fix") if isinstance(extra, dict) else None
+        problems.append(ConfigError(env_name(field, prefix), err.get("input"), err["msg"],
+                                    str(fix or "see .env.example")))
+    return problems

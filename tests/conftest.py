@@ -1,0 +1,99 @@
+"""Shared fixtures: a real Jarvis server on 127.0.0.1 and the official OpenAI client.
+
+`jarvis_server(**env)` starts `python -m jarvis serve` in a subprocess on a free
+port, waits until it answers, and stops it at the end of the test module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    base_url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.base_url}/health", timeout=10).json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str | None = None,
+                 **env: str) -> RunningServer:
+    port = free_port()
+    environ = {**os.environ, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
+               "JARVIS_LOG_LEVEL": "warning", **env}
+    if extra_pythonpath:
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, environ.get("PYTHONPATH")]))
+    log_path = tmp_dir / f"server-{port}.log"
+    process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=environ, cwd=tmp_dir,
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            status = server.health()["status"]
+            if not wait_ready or status in ("ready", "failed"):
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def jarvis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningServer]]:
+    started: list[RunningServer] = []
+
+    def start(**env: str) -> RunningServer:
+        server = start_server(tmp_path_factory.mktemp("server"), **env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> Path:
+    from jarvis.embedded_model import embedded_model_path
+    from jarvis.settings import load_settings
+
+    return embedded_model_path(load_settings().data_dir)
