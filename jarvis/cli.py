@@ -21,18 +21,38 @@ from jarvis.settings import JarvisSettings, SettingsError, load_settings
 console = Console(stderr=True)
 
 
-def _settings(**overrides: Any) -> JarvisSettings:
+def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
+    """Settings as resolved, and every problem found: values, plugin names, engine settings.
+
+    A bad field falls back to its default so that the checks after it still run."""
+    from jarvis.registry import Registries, check_settings
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    problems: list[ConfigError] = []
     try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = load_settings(**overrides)
     except SettingsError as exc:
-        _die(exc.problems)
+        problems += exc.problems
+        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
+        settings = load_settings(**{**overrides, **{
+            name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
+            for name in bad if name in JarvisSettings.model_fields}})
+    try:
+        registries = Registries.from_plugins(create_plugin_manager(settings.plugins))
+        found = check_settings(settings, registries)
+        problems += found
+        if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in found):
+            registries.engines.get(settings.inference_engine)(settings)  # model path, engine settings
+    except SettingsError as exc:
+        problems += exc.problems
+    except ConfigError as exc:
+        problems.append(exc)
+    return settings, problems
 
 
-def _die(problems: list[ConfigError]) -> None:
-    console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
+def _print_problems(problems: list[ConfigError]) -> None:
     for p in problems:
         console.print(f"  [red]✗[/] [bold]{p.setting}[/]={p.value!r}: {p.problem}\n    [green]fix:[/] {p.fix}")
-    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,13 +72,12 @@ def serve(**overrides: Any) -> None:
 
     from jarvis.app import create_app
 
-    settings = _settings(**overrides)
-    try:
-        app = create_app(settings)
-    except SettingsError as exc:
-        _die(exc.problems)
-    except ConfigError as exc:
-        _die([exc])
+    settings, problems = diagnose(**overrides)
+    if problems:
+        console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
+        _print_problems(problems)
+        sys.exit(2)
+    app = create_app(settings)
     console.print(f"[bold]Jarvis[/] {__version__}: engine [cyan]{settings.inference_engine}[/] on "
                   f"http://{settings.host}:{settings.port}/v1")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -68,42 +87,18 @@ def serve(**overrides: Any) -> None:
 @cli.command()
 def doctor() -> None:
     """Print the resolved configuration and everything found wrong with it."""
-    from jarvis.registry import Registries, check_settings
-
-    problems: list[ConfigError] = []
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        problems += exc.problems
-        # Keep checking the rest: the bad fields fall back to their defaults.
-        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
-        settings = load_settings(**{name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
-                                    for name in bad if name in JarvisSettings.model_fields})
+    settings, problems = diagnose()
     table = Table(title="Jarvis configuration", show_lines=False)
     for column in ("setting", "value", "meaning"):
         table.add_column(column)
     for name, field in JarvisSettings.model_fields.items():
-        value = getattr(settings, name, field.default)
+        value = getattr(settings, name)
         shown = "***" if name == "api_keys" and value else value
         table.add_row(f"JARVIS_{name.upper()}", str(shown) if shown is not None else "(unset)",
                       field.description or "")
     Console().print(table)
-    try:
-        pm = create_plugin_manager(getattr(settings, "plugins", None))
-        registries = Registries.from_plugins(pm)
-        problems += check_settings(settings, registries)
-        factory = registries.engines.get(settings.inference_engine) if not problems else None
-        if factory is not None:
-            factory(settings)  # engine-level checks: model path, engine settings
-    except ConfigError as exc:
-        problems.append(exc)
-    except Exception as exc:  # an unknown engine name is already a problem above
-        if not problems:
-            problems.append(ConfigError("JARVIS_INFERENCE_ENGINE", settings.inference_engine,
-                                        f"{type(exc).__name__}: {exc}", "see the message"))
     if problems:
-        for p in problems:
-            console.print(f"[red]✗[/] [bold]{p.setting}[/]={p.value!r}: {p.problem}\n  [green]fix:[/] {p.fix}")
+        _print_problems(problems)
         sys.exit(1)
     console.print("[green]✓ no problems found[/]")
 
@@ -113,7 +108,9 @@ def list_plugins() -> None:
     """List the loaded plugins, their engines and chat formats."""
     from jarvis.registry import Registries
 
-    settings = _settings()
+    settings, problems = diagnose()
+    if problems:
+        _print_problems(problems)
     pm = create_plugin_manager(settings.plugins)
     registries = Registries.from_plugins(pm)
     table = Table(title="Jarvis plugins (entry-point group 'jarvis')")

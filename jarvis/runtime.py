@@ -147,7 +147,7 @@ class EngineRuntime:
             result = await self.engine.generate(request)
         except BaseException as exc:
             self._finished(request, None, exc)
-            raise _as_api_error(exc) from exc
+            raise _as_api_error(exc)
         self._finished(request, result, None)
         return result
 
@@ -159,9 +159,7 @@ class EngineRuntime:
                 yield chunk
         except BaseException as exc:
             error = exc
-            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                raise
-            raise _as_api_error(exc) from exc
+            raise _as_api_error(exc)
         finally:
             self._finished(request, None, error)
 
@@ -180,8 +178,11 @@ class EngineRuntime:
 
 
 def _as_api_error(exc: BaseException) -> BaseException:
+    """An engine's exception as the client will see it; cancellation and API errors pass as they are."""
     if isinstance(exc, (APIError, asyncio.CancelledError, GeneratorExit)):
         return exc
     log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-    return EngineFailure(f"The engine failed while generating: {type(exc).__name__}: {exc}",
-                         code="engine_error")
+    failure = EngineFailure(f"The engine failed while generating: {type(exc).__name__}: {exc}",
+                            code="engine_error")
+    failure.__cause__ = exc
+    return failure

@@ -10,11 +10,14 @@ Names that need the plugin registries (engine, chat format) are checked in
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceParseError
 
 from jarvis.errors import ConfigError
 
@@ -99,16 +102,21 @@ def load_settings(model: type[BaseSettings] = JarvisSettings, prefix: str = ENV_
         return model(**overrides)
     except ValidationError as exc:
         raise SettingsError(problems_from_validation(model, exc, prefix)) from None
+    except SourceParseError as exc:  # a JSON-valued variable that is not JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else "?"
+        raise SettingsError([_problem(model, field, os.environ.get(env_name(field, prefix)),
+                                      f"not valid JSON ({exc.__cause__})", prefix)]) from None
 
 
 def problems_from_validation(model: type[BaseSettings], exc: ValidationError,
                              prefix: str) -> list[ConfigError]:
-    problems = []
-    for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        info = model.model_fields.get(field)
-        extra = (info.json_schema_extra or {}) if info else {}
-        fix = extra.get("fix") if isinstance(extra, dict) else None
-        problems.append(ConfigError(env_name(field, prefix), err.get("input"), err["msg"],
-                                    str(fix or "see .env.example")))
-    return problems
+    return [_problem(model, str(err["loc"][0]) if err["loc"] else "?", err.get("input"), err["msg"], prefix)
+            for err in exc.errors()]
+
+
+def _problem(model: type[BaseSettings], field: str, value: Any, message: str, prefix: str) -> ConfigError:
+    info = model.model_fields.get(field)
+    extra = (info.json_schema_extra or {}) if info else {}
+    fix = extra.get("fix") if isinstance(extra, dict) else None
+    return ConfigError(env_name(field, prefix), value, message, str(fix or "see .env.example"))

@@ -97,3 +97,9 @@ def embedded_gguf() -> Path:
     from jarvis.settings import load_settings
 
     return embedded_model_path(load_settings().data_dir)
+
+
+@pytest.fixture(scope="session")
+def start_jarvis() -> Callable[..., RunningServer]:
+    """`start_jarvis(tmp_dir, **env)` for tests that manage a server's lifetime themselves."""
+    return start_server

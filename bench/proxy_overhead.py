@@ -1,0 +1,265 @@
+"""What does Jarvis cost on top of llama.cpp? Per-request overhead of the server vs the raw engine.
+
+One run measures three paths, one after the other, on the same prompts with identical settings
+(embedded gemma-3-270m, greedy / temperature 0, same max_tokens, n_threads, n_ctx and n_batch):
+
+  raw         llama-cpp-python in this process. The baseline is a `Llama.generate` loop that does
+              exactly what Jarvis's engine does (tokenize with special=True, same sampling arguments,
+              stop at an end-of-generation token or max_tokens, detokenize with special=True), not
+              `create_completion`: that adds its own per-token work (incremental detokenizing, stop
+              and logprob bookkeeping), which would hide part of Jarvis's overhead in the baseline.
+              Token counts are exact (tokens yielded by the engine).
+  jarvis      `python -m jarvis serve` in a subprocess (127.0.0.1, JARVIS_LLAMA_N_PARALLEL=1), driven
+              by the official `openai` client through /v1/completions, non-streaming ...
+  stream      ... and streaming (time to first token = first chunk that carries text).
+
+Each path gets a warm-up request first; requests are sequential, so the numbers are per-request
+overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching effects.
+
+How to read it: "added ms" is jarvis latency minus raw latency for the same prompt (paired), p50
+and p95; "tok/s vs raw" is the jarvis/raw ratio of completion tokens per second (1.00 = free).
+"texts match" counts prompts whose greedy completion is identical to raw's; anything below N/N
+is reported, never hidden. The paths run in sequence, so background load on the machine shows up
+as noise in the paired differences: rerun, or use --threads 1 on a busy machine.
+
+    python bench/proxy_overhead.py [--requests N] [--max-tokens M] [--threads T] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from openai import OpenAI
+from rich.console import Console
+from rich.table import Table
+
+N_CTX = 4096  # Jarvis's default JARVIS_MAX_MODEL_LEN
+N_BATCH = 512  # Jarvis's default JARVIS_LLAMA_N_BATCH
+WARMUP_PROMPT = "Warm-up: the quick brown fox"
+
+
+@dataclass
+class Sample:
+    latency_s: float
+    completion_tokens: int
+    text: str
+    ttft_s: float | None = None
+
+
+def make_prompts(n: int) -> list[str]:
+    """n distinct prompts, from one line to ~300 tokens of context, always the same."""
+    animals = ["otter", "heron", "lynx", "badger", "gecko", "walrus", "falcon"]
+    places = ["a river delta", "an old library", "a pine forest", "a harbor town", "a desert canyon"]
+    questions = ["Describe where the animals live.", "Which animal is the most unusual?",
+                 "Write a short story about them.", "Summarize the notes above.", "What happens next?"]
+    prompts = []
+    for i in range(n):
+        facts = [f"Note {j}: the {animals[(i + j) % len(animals)]} was seen near {places[(i * j) % len(places)]}."
+                 for j in range((i * 7) % 23)]
+        prompts.append("\n".join([*facts, f"Question {i}: {questions[i % len(questions)]}", "Answer:"]))
+    return prompts
+
+
+def run_raw(model_path: Path, prompts: list[str], max_tokens: int, threads: int) -> list[Sample]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model_path), n_ctx=N_CTX, n_batch=N_BATCH, n_threads=threads, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def complete(prompt: str) -> Sample:
+        start = time.perf_counter()
+        ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        tokens: list[int] = []
+        ttft = None
+        for token in llm.generate(ids, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, typical_p=1.0,
+                                  repeat_penalty=1.0):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            tokens.append(token)
+            if len(tokens) >= max_tokens:
+                break
+        text = llm.detokenize(tokens, special=True).decode(errors="replace")
+        return Sample(time.perf_counter() - start, len(tokens), text, ttft)
+
+    try:
+        return run_sequentially(complete, prompts)
+    finally:
+        llm.close()
+
+
+def run_sequentially(complete: Callable[[str], Sample], prompts: list[str]) -> list[Sample]:
+    complete(WARMUP_PROMPT)
+    return [complete(prompt) for prompt in prompts]
+
+
+@contextmanager
+def jarvis_server(data_dir: Path, threads: int) -> Iterator[str]:
+    """A fresh `jarvis serve` on a free port; yields its /v1 base URL once /health says ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}  # embedded model, no auth
+    env.update(JARVIS_HOST="127.0.0.1", JARVIS_PORT=str(port), JARVIS_DATA_DIR=str(data_dir),
+               JARVIS_LLAMA_N_PARALLEL="1", JARVIS_LLAMA_N_THREADS=str(threads),
+               JARVIS_LLAMA_N_BATCH=str(N_BATCH), JARVIS_MAX_MODEL_LEN=str(N_CTX), JARVIS_LOG_LEVEL="warning")
+    with tempfile.TemporaryDirectory() as workdir, open(Path(workdir) / "server.log", "w+") as log:
+        process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=env, cwd=workdir,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process, log)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, log, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=5).json().get("status") == "ready":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    log.seek(0)
+    raise RuntimeError(f"Jarvis did not become ready (exit code {process.poll()}):\n{log.read()}")
+
+
+def run_jarvis(client: OpenAI, model: str, prompts: list[str], max_tokens: int, stream: bool) -> list[Sample]:
+    def complete(prompt: str) -> Sample:
+        start = time.perf_counter()
+        response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        return Sample(time.perf_counter() - start, response.usage.completion_tokens, response.choices[0].text)
+
+    def complete_streaming(prompt: str) -> Sample:
+        start = time.perf_counter()
+        ttft, parts, tokens = None, [], 0
+        for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].text:
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                parts.append(chunk.choices[0].text)
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return Sample(time.perf_counter() - start, tokens, "".join(parts), ttft)
+
+    return run_sequentially(complete_streaming if stream else complete, prompts)
+
+
+def ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000, 2)
+
+
+def summarize(samples: list[Sample], raw: list[Sample]) -> dict:
+    total_s = sum(s.latency_s for s in samples)
+    tokens = sum(s.completion_tokens for s in samples)
+    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
+    added = [s.latency_s - r.latency_s for s, r in zip(samples, raw)]
+    raw_tps = sum(r.completion_tokens for r in raw) / sum(r.latency_s for r in raw)
+    return {"latency_p50_ms": ms([s.latency_s for s in samples], 50),
+            "latency_p95_ms": ms([s.latency_s for s in samples], 95),
+            "completion_tokens": tokens, "total_s": round(total_s, 3),
+            "tokens_per_s": round(tokens / total_s, 1),
+            "ttft_p50_ms": ms(ttfts, 50) if ttfts else None,
+            "added_p50_ms": ms(added, 50), "added_p95_ms": ms(added, 95),
+            "tokens_per_s_vs_raw": round(tokens / total_s / raw_tps, 3),
+            "texts_match": sum(s.text == r.text for s, r in zip(samples, raw))}
+
+
+def print_report(console: Console, summary: dict[str, dict], runs: dict[str, list[Sample]], config: dict) -> None:
+    n = config["requests"]
+    table = Table(title=f"Jarvis vs raw llama.cpp — {n} sequential requests, max_tokens={config['max_tokens']}, "
+                        f"n_threads={config['threads']}, greedy")
+    for column in ["path", "p50 ms", "p95 ms", "tok/s", "TTFT p50 ms", "added p50 ms", "added p95 ms",
+                   "tok/s vs raw", "texts match"]:
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for name, s in summary.items():
+        raw = name == "raw"
+        table.add_row(name, f"{s['latency_p50_ms']:.1f}", f"{s['latency_p95_ms']:.1f}", f"{s['tokens_per_s']:.1f}",
+                      "—" if s["ttft_p50_ms"] is None else f"{s['ttft_p50_ms']:.1f}",
+                      "—" if raw else f"{s['added_p50_ms']:+.1f}", "—" if raw else f"{s['added_p95_ms']:+.1f}",
+                      "—" if raw else f"{s['tokens_per_s_vs_raw']:.3f}", "—" if raw else f"{s['texts_match']}/{n}")
+    console.print(table)
+    console.print("TTFT for raw = time to the first generated token in-process; for stream = first text chunk.")
+    for name in ("jarvis", "stream"):
+        for i, (s, r) in enumerate(zip(runs[name], runs["raw"])):
+            if s.text != r.text:
+                console.print(f"[red]{name}: prompt {i} differs[/red]\n  raw:    {r.text!r}\n  {name}: {s.text!r}")
+
+
+def save_plot(runs: dict[str, list[Sample]], path: Path, console: Console) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib is not installed: skipping the plot.")
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, samples in runs.items():
+        ax.plot([s.latency_s * 1000 for s in samples], marker="o", label=name)
+    ax.set(xlabel="prompt #", ylabel="latency (ms)", title="Per-request latency, same prompt per x (paired)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20, help="distinct prompts (default 20)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=max((os.cpu_count() or 2) // 2, 1),
+                        help="n_threads for both paths (default: half the cores, llama-cpp-python's default)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    from jarvis.embedded_model import embedded_model_path
+    from jarvis.settings import load_settings
+
+    console = Console()
+    data_dir = load_settings().data_dir
+    model_path = embedded_model_path(data_dir)
+    prompts = make_prompts(args.requests)
+    config = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
+              "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count()}
+
+    runs: dict[str, list[Sample]] = {}
+    with console.status("raw llama.cpp ...") as status:
+        runs["raw"] = run_raw(model_path, prompts, args.max_tokens, args.threads)
+        status.update("starting Jarvis ...")
+        with jarvis_server(data_dir, args.threads) as base_url:
+            client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+            model = client.models.list().data[0].id
+            for name, stream in (("jarvis", False), ("stream", True)):
+                status.update(f"Jarvis {name} ...")
+                runs[name] = run_jarvis(client, model, prompts, args.max_tokens, stream)
+
+    summary = {name: summarize(samples, runs["raw"]) for name, samples in runs.items()}
+    print_report(console, summary, runs, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    per_request = [{"prompt": p, **{name: asdict(runs[name][i]) for name in runs}} for i, p in enumerate(prompts)]
+    out_json = args.out / "proxy_overhead.json"
+    out_json.write_text(json.dumps({"config": config, "summary": summary, "requests": per_request}, indent=2))
+    console.print(f"results: {out_json}")
+    save_plot(runs, args.out / "proxy_overhead.png", console)
+
+
+if __name__ == "__main__":
+    main()
