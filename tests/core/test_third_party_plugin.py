@@ -25,6 +25,9 @@ PLUGIN_CODE = '''
 """A third-party Jarvis plugin used by the test suite: a fake echo engine and a chat format."""
 import asyncio
 
+import click
+from litestar import get
+
 from jarvis import hookimpl
 from jarvis.chat_format import ChatFormat
 from jarvis.engine import Engine, GenerationChunk, ModelInfo
@@ -65,6 +68,44 @@ def render_shouty(messages, add_generation_prompt):
 @hookimpl
 def jarvis_register_engines(register):
     register("echo_test", EchoTestEngine)
+
+
+SEEN = {"started": [], "finished": [], "lifespan": []}
+
+
+@hookimpl
+def jarvis_startup(app):
+    SEEN["lifespan"].append("startup")
+
+
+@hookimpl
+def jarvis_request_started(request):
+    SEEN["started"].append(request.request_id)
+
+
+@hookimpl
+def jarvis_request_finished(request, result, error):
+    SEEN["finished"].append({"id": request.request_id, "kind": request.kind,
+                             "tokens": result.completion_tokens if result else None,
+                             "error": type(error).__name__ if error else None})
+
+
+@get("/echo-test/seen")
+async def seen() -> dict:
+    return SEEN
+
+
+@hookimpl
+def jarvis_register_routes(register):
+    register(seen)
+
+
+@hookimpl
+def jarvis_register_commands(cli):
+    @cli.command("echo-test-hello")
+    def hello():
+        """Say hello from a third-party plugin."""
+        click.echo("hello from echo_test")
 
 
 @hookimpl
@@ -115,6 +156,12 @@ def test_plugins_command_lists_the_third_party_plugin(plugin_path):
     assert "shouty_test" in next(l for l in done.stdout.splitlines() if l.startswith("chat formats:"))
 
 
+def test_the_plugin_adds_a_cli_command(plugin_path):
+    done = jarvis_cli(plugin_path, "echo-test-hello")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hello from echo_test"
+
+
 def test_allow_list_keeps_it_out(plugin_path):
     done = jarvis_cli(plugin_path, "doctor", JARVIS_PLUGINS="someone_else", JARVIS_INFERENCE_ENGINE="echo_test")
     assert done.returncode == 1
@@ -158,3 +205,17 @@ def test_a_failure_before_streaming_is_a_500(echo_server):
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(model="echo-test", prompt="a b FAIL", max_tokens=5)
     assert info.value.status_code == 500 and info.value.body["code"] == "engine_error"
+
+
+def test_request_hooks_and_plugin_routes(echo_server):
+    client = openai.OpenAI(base_url=echo_server.v1, api_key="x", max_retries=0)
+    before = httpx.get(f"{echo_server.base_url}/echo-test/seen").json()
+    assert before["lifespan"] == ["startup"]
+    client.completions.create(model="echo-test", prompt="a b c", max_tokens=2)
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="echo-test", prompt="a b FAIL", max_tokens=5)
+    seen = httpx.get(f"{echo_server.base_url}/echo-test/seen").json()
+    new = seen["finished"][len(before["finished"]):]
+    assert [(f["kind"], f["tokens"], f["error"]) for f in new] == [("completion", 2, None),
+                                                                   ("completion", None, "RuntimeError")]
+    assert [f["id"] for f in new] == seen["started"][len(before["started"]):]

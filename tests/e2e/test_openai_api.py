@@ -272,3 +272,14 @@ def test_engine_that_failed_to_load_answers_503(jarvis_server, tmp_path):
             client.completions.create(model="broken", prompt="hi")
         assert info.value.status_code == 503
     assert httpx.get(f"{server.base_url}/health/ready").status_code == 503
+
+
+def test_chat_format_can_be_chosen_per_model(jarvis_server, tokenizer):
+    from jarvis.plugins.chat_formats.families import CHATML
+
+    server = jarvis_server(JARVIS_CHAT_FORMATS='{"%s": "chatml"}' % MODEL, JARVIS_SERVED_MODEL_NAME=MODEL)
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)
+    assert reply.usage.prompt_tokens == len(tokenizer(CHATML(messages, True)))
+    assert reply.usage.prompt_tokens != len(tokenizer(GEMMA(messages, True)))
