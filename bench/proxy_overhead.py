@@ -3,24 +3,23 @@
 One run measures three paths, one after the other, on the same prompts with identical settings
 (embedded gemma-3-270m, greedy / temperature 0, same max_tokens, n_threads, n_ctx and n_batch):
 
-  raw         llama-cpp-python in this process. The baseline is a `Llama.generate` loop that does
-              exactly what Jarvis's engine does (tokenize with special=True, same sampling arguments,
-              stop at an end-of-generation token or max_tokens, detokenize with special=True), not
-              `create_completion`: that adds its own per-token work (incremental detokenizing, stop
-              and logprob bookkeeping), which would hide part of Jarvis's overhead in the baseline.
-              Token counts are exact (tokens yielded by the engine).
-  jarvis      `python -m jarvis serve` in a subprocess (127.0.0.1, JARVIS_LLAMA_N_PARALLEL=1), driven
-              by the official `openai` client through /v1/completions, non-streaming ...
-  stream      ... and streaming (time to first token = first chunk that carries text).
+  raw     llama-cpp-python in this process: a `Llama.generate` loop doing exactly what Jarvis's engine
+          does (tokenize with special=True, same sampling arguments, stop at an end-of-generation
+          token or max_tokens, detokenize with special=True). Not `create_completion`: it adds its own
+          per-token work (incremental detokenizing, stop and logprob bookkeeping) that would hide part
+          of Jarvis's overhead inside the baseline. Completion tokens are counted exactly.
+  jarvis  `python -m jarvis serve` in a subprocess (127.0.0.1, JARVIS_LLAMA_N_PARALLEL=1) through the
+          official `openai` client, /v1/completions, non-streaming;
+  stream  the same, streaming (TTFT = time to the first chunk that carries text).
 
-Each path gets a warm-up request first; requests are sequential, so the numbers are per-request
-overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching effects.
+Each path gets a warm-up request first; requests are sequential, so this measures per-request
+overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching.
 
-How to read it: "added ms" is jarvis latency minus raw latency for the same prompt (paired), p50
-and p95; "tok/s vs raw" is the jarvis/raw ratio of completion tokens per second (1.00 = free).
-"texts match" counts prompts whose greedy completion is identical to raw's; anything below N/N
-is reported, never hidden. The paths run in sequence, so background load on the machine shows up
-as noise in the paired differences: rerun, or use --threads 1 on a busy machine.
+How to read it: "added ms" = jarvis latency - raw latency for the same prompt (paired), p50 / p95;
+"tok/s vs raw" = jarvis / raw completion tokens per second (1.000 = no cost); "texts match" counts
+prompts whose greedy completion equals raw's (every mismatch is printed). The paths run in
+sequence, so background load shows up as noise in the paired differences (the load average is
+printed): rerun on a quiet machine, or with --threads 1.
 
     python bench/proxy_overhead.py [--requests N] [--max-tokens M] [--threads T] [--out DIR]
 """
@@ -39,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -54,6 +54,7 @@ WARMUP_PROMPT = "Warm-up: the quick brown fox"
 @dataclass
 class Sample:
     latency_s: float
+    prompt_tokens: int
     completion_tokens: int
     text: str
     ttft_s: float | None = None
@@ -93,7 +94,7 @@ def run_raw(model_path: Path, prompts: list[str], max_tokens: int, threads: int)
             if len(tokens) >= max_tokens:
                 break
         text = llm.detokenize(tokens, special=True).decode(errors="replace")
-        return Sample(time.perf_counter() - start, len(tokens), text, ttft)
+        return Sample(time.perf_counter() - start, len(ids), len(tokens), text, ttft)
 
     try:
         return run_sequentially(complete, prompts)
@@ -122,12 +123,16 @@ def jarvis_server(data_dir: Path, threads: int) -> Iterator[str]:
         try:
             wait_ready(f"http://127.0.0.1:{port}", process, log)
             yield f"http://127.0.0.1:{port}/v1"
+        except Exception:
+            log.seek(0)
+            print(f"--- Jarvis server log ---\n{log.read()}", file=sys.stderr)
+            raise
         finally:
             process.terminate()
             process.wait(timeout=30)
 
 
-def wait_ready(base_url: str, process: subprocess.Popen, log, timeout_s: float = 180) -> None:
+def wait_ready(base_url: str, process: subprocess.Popen, log: IO[str], timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -144,19 +149,21 @@ def run_jarvis(client: OpenAI, model: str, prompts: list[str], max_tokens: int, 
     def complete(prompt: str) -> Sample:
         start = time.perf_counter()
         response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
-        return Sample(time.perf_counter() - start, response.usage.completion_tokens, response.choices[0].text)
+        usage = response.usage
+        return Sample(time.perf_counter() - start, usage.prompt_tokens, usage.completion_tokens,
+                      response.choices[0].text)
 
     def complete_streaming(prompt: str) -> Sample:
         start = time.perf_counter()
-        ttft, parts, tokens = None, [], 0
+        ttft, parts, usage = None, [], None
         for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                                stream=True, stream_options={"include_usage": True}):
             if chunk.choices and chunk.choices[0].text:
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 parts.append(chunk.choices[0].text)
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-        return Sample(time.perf_counter() - start, tokens, "".join(parts), ttft)
+            usage = chunk.usage or usage
+        latency = time.perf_counter() - start
+        return Sample(latency, usage.prompt_tokens, usage.completion_tokens, "".join(parts), ttft)
 
     return run_sequentially(complete_streaming if stream else complete, prompts)
 
@@ -195,9 +202,13 @@ def print_report(console: Console, summary: dict[str, dict], runs: dict[str, lis
                       "—" if raw else f"{s['added_p50_ms']:+.1f}", "—" if raw else f"{s['added_p95_ms']:+.1f}",
                       "—" if raw else f"{s['tokens_per_s_vs_raw']:.3f}", "—" if raw else f"{s['texts_match']}/{n}")
     console.print(table)
+    console.print(f"load average (1 min) before/after: {config['load_before']:.2f} / {config['load_after']:.2f} "
+                  f"on {config['cpu_count']} cores — well above n_threads means the numbers are noisy.")
     console.print("TTFT for raw = time to the first generated token in-process; for stream = first text chunk.")
     for name in ("jarvis", "stream"):
         for i, (s, r) in enumerate(zip(runs[name], runs["raw"])):
+            if s.prompt_tokens != r.prompt_tokens:
+                console.print(f"[red]{name}: prompt {i} is {s.prompt_tokens} tokens, raw {r.prompt_tokens}[/red]")
             if s.text != r.text:
                 console.print(f"[red]{name}: prompt {i} differs[/red]\n  raw:    {r.text!r}\n  {name}: {s.text!r}")
 
@@ -233,12 +244,12 @@ def main() -> None:
     from jarvis.embedded_model import embedded_model_path
     from jarvis.settings import load_settings
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))  # room for the table when piped
     data_dir = load_settings().data_dir
     model_path = embedded_model_path(data_dir)
     prompts = make_prompts(args.requests)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
-              "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count()}
+              "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0]}
 
     runs: dict[str, list[Sample]] = {}
     with console.status("raw llama.cpp ...") as status:
@@ -251,6 +262,7 @@ def main() -> None:
                 status.update(f"Jarvis {name} ...")
                 runs[name] = run_jarvis(client, model, prompts, args.max_tokens, stream)
 
+    config["load_after"] = os.getloadavg()[0]
     summary = {name: summarize(samples, runs["raw"]) for name, samples in runs.items()}
     print_report(console, summary, runs, config)
     args.out.mkdir(parents=True, exist_ok=True)

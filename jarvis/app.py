@@ -25,6 +25,7 @@ import jarvis
 from jarvis.errors import APIError, AuthenticationFailed
 from jarvis.plugin_manager import JarvisPluginManager, create_plugin_manager
 from jarvis.registry import Registries, check_settings
+from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
 from jarvis.routes.openai import OpenAIController
 from jarvis.runtime import EngineRuntime
@@ -104,7 +105,7 @@ def create_app(settings: JarvisSettings | None = None,
             pm.hook.jarvis_shutdown(app=app)
 
     app = Litestar(
-        route_handlers=[OpenAIController, health, ready, *extra_routes],
+        route_handlers=[OpenAIController, AdapterController, health, ready, *extra_routes],
         lifespan=[lifespan],
         guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
         exception_handlers={APIError: api_error_response, HTTPException: http_error_response,

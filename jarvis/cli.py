@@ -125,6 +125,19 @@ def list_plugins() -> None:
     out.print(f"chat formats: {', '.join(registries.chat_formats)}")
 
 
+@cli.group()
+def models() -> None:
+    """Model files: where the embedded model lives, conversions (engines add commands here)."""
+
+
+@models.command("path")
+def model_path() -> None:
+    """Print the path of the embedded default model (assembling it on first use)."""
+    from jarvis.embedded_model import embedded_model_path
+
+    click.echo(str(embedded_model_path(load_settings().data_dir)))
+
+
 def build_cli() -> click.Group:
     """The CLI with every plugin's commands added."""
     try:

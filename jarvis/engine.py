@@ -12,7 +12,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from jarvis.adapters import AdapterInfo
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -99,6 +102,8 @@ class EngineStats:
     requests_finished: int = 0
     requests_cancelled: int = 0
     tokens_generated: int = 0
+    #: Model forward passes (prefill or decode steps); batching engines run fewer than requests × tokens.
+    forward_passes: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -147,12 +152,14 @@ class Engine:
             prompt_tokens=last.prompt_tokens or 0, completion_tokens=last.completion_tokens or 0,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    # Adapter API (LoRA), filled in by engines that support it.
-    async def load_adapter(self, name: str, path: str) -> None:
-        raise NotImplementedError(f"engine {self.name} does not serve adapters")
+    # Adapter API (LoRA). The runtime validates the folder and owns the list of served adapters;
+    # an engine only makes the weights available under `adapter.name` (and `request.adapter` picks them).
+    async def load_adapter(self, adapter: "AdapterInfo") -> None:
+        raise NotImplementedError(f"the {self.name} engine does not serve LoRA adapters")
 
     async def unload_adapter(self, name: str) -> None:
-        raise NotImplementedError(f"engine {self.name} does not serve adapters")
+        raise NotImplementedError(f"the {self.name} engine does not serve LoRA adapters")
 
-    def list_adapters(self) -> list[str]:
-        return []
+    def describe(self) -> dict[str, Any]:
+        """What `GET /v1/engine` shows beyond the model: dtype, device, batching, limits."""
+        return {}

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from jarvis.adapters import AdapterInfo, AdapterStore, InvalidAdapter, inspect_adapter
 from jarvis.chat_format import ChatFormat, ChatFormatError
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo
 from jarvis.errors import (APIError, ConfigError, ContextLengthExceeded, EngineFailure,
@@ -47,6 +48,9 @@ class EngineRuntime:
         self.started_at = int(time.time())
         self._info: ModelInfo | None = None
         self._formats: dict[str, ChatFormat] = {}
+        self.adapters: dict[str, AdapterInfo] = {}
+        self._store = AdapterStore(settings.state_path / "adapters.json")
+        self._adapter_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -63,6 +67,17 @@ class EngineRuntime:
         self.state = "ready"
         log.info("engine %s ready: model %s (context %d tokens)", self.engine.name,
                  self.model_id, self._info.max_model_len)
+        await self._restore_adapters()
+
+    async def _restore_adapters(self) -> None:
+        """Serve again what was served before a restart, plus JARVIS_LORA_MODULES."""
+        wanted = {**self._store.load(), **self.settings.lora_modules}
+        for name, path in wanted.items():
+            try:
+                await self.load_adapter(name, path, persist=False)
+            except Exception as exc:  # one bad adapter must not take the server down
+                log.error("adapter %s (%s) not loaded: %s", name, path, exc)
+        self._persist()
 
     def _fail(self, message: str) -> None:
         self.state, self.failure = "failed", message
@@ -96,8 +111,8 @@ class EngineRuntime:
     def models(self) -> list[ServedModel]:
         info = self.require_ready()
         base = ServedModel(self.model_id, self.started_at, info.max_model_len, info.owned_by)
-        adapters = [ServedModel(name, self.started_at, info.max_model_len, info.owned_by, adapter=name)
-                    for name in self.engine.list_adapters()]
+        adapters = [ServedModel(name, a.loaded_at, info.max_model_len, info.owned_by, adapter=name)
+                    for name, a in self.adapters.items()]
         return [base, *adapters]
 
     def resolve_model(self, name: str) -> ServedModel:
@@ -113,6 +128,45 @@ class EngineRuntime:
             name = self.settings.chat_formats.get(model_id, self.settings.chat_format)
             self._formats[model_id] = self.registries.chat_formats.get(name)(self.require_ready())
         return self._formats[model_id]
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
+        self.require_ready()
+        if not name or name == self.model_id:
+            raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
+        async with self._adapter_lock:
+            if name in self.adapters:
+                raise InvalidRequest(f"The lora adapter '{name}' has already been loaded; unload it first.",
+                                     param="lora_name", code="adapter_exists")
+            adapter = inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank)
+            try:
+                await self.engine.load_adapter(adapter)
+            except NotImplementedError as exc:
+                raise InvalidRequest(str(exc), code="adapters_not_supported") from None
+            except APIError:
+                raise
+            except Exception as exc:
+                raise InvalidAdapter(f"the {self.engine.name} engine could not load adapter {name!r}: "
+                                     f"{type(exc).__name__}: {exc}", code="adapter_load_failed") from exc
+            self.adapters[name] = adapter
+            if persist:
+                self._persist()
+        log.info("adapter %s loaded from %s (rank %d)", name, adapter.path, adapter.rank)
+        return adapter
+
+    async def unload_adapter(self, name: str) -> None:
+        self.require_ready()
+        async with self._adapter_lock:
+            if name not in self.adapters:
+                raise NotFound(f"The lora adapter '{name}' is not loaded.", param="lora_name",
+                               code="adapter_not_found")
+            await self.engine.unload_adapter(name)
+            del self.adapters[name]
+            self._persist()
+
+    def _persist(self) -> None:
+        self._store.save({name: a.path for name, a in self.adapters.items()})
 
     # --- requests ----------------------------------------------------------------------------
 

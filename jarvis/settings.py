@@ -72,6 +72,24 @@ class JarvisSettings(BaseSettings):
     data_dir: Path = Field(
         Path.home() / ".cache" / "jarvis", description="Where Jarvis keeps caches and state.",
         json_schema_extra={"fix": "set JARVIS_DATA_DIR to a writable folder"})
+    state_dir: Path | None = Field(
+        None, description="Where a server keeps its state (served adapters, jobs); unset = <data_dir>/state.",
+        json_schema_extra={"fix": "set JARVIS_STATE_DIR to a writable folder"})
+    dtype: str = Field(
+        "auto", pattern="^(auto|fp32|fp16|bf16)$", description="Weights/compute dtype for torch engines.",
+        json_schema_extra={"fix": "set JARVIS_DTYPE to one of auto, fp32, fp16, bf16"})
+    device: str = Field(
+        "auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="Device for torch engines; auto = cuda if present.",
+        json_schema_extra={"fix": "set JARVIS_DEVICE to auto, cpu, cuda or cuda:N"})
+    adapter_root: Path | None = Field(
+        None, description="Folder that every LoRA adapter path must be inside; unset = <data_dir>/adapters.",
+        json_schema_extra={"fix": "set JARVIS_ADAPTER_ROOT to an existing folder that holds your adapters"})
+    lora_modules: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="Adapters to load at start: name=path,name2=path2.",
+        json_schema_extra={"fix": "set JARVIS_LORA_MODULES to comma-separated name=path pairs"})
+    max_lora_rank: int = Field(
+        64, ge=1, le=1024, description="Largest LoRA rank an adapter may have.",
+        json_schema_extra={"fix": "set JARVIS_MAX_LORA_RANK between 1 and 1024"})
     log_level: str = Field(
         "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
         json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})
@@ -80,6 +98,27 @@ class JarvisSettings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs = {}
+        for item in _split_csv(value):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"{item!r} is not name=path")
+            pairs[name.strip()] = path.strip()
+        return pairs
+
+    @property
+    def state_path(self) -> Path:
+        return (self.state_dir or self.data_dir / "state").expanduser()
+
+    @property
+    def adapter_dir(self) -> Path:
+        return (self.adapter_root or self.data_dir / "adapters").expanduser()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -55,7 +55,7 @@ def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str |
                  **env: str) -> RunningServer:
     port = free_port()
     environ = {**os.environ, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
-               "JARVIS_LOG_LEVEL": "warning", **env}
+               "JARVIS_LOG_LEVEL": "warning", "JARVIS_STATE_DIR": str(tmp_dir / "state"), **env}
     if extra_pythonpath:
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, environ.get("PYTHONPATH")]))
     log_path = tmp_dir / f"server-{port}.log"

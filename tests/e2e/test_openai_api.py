@@ -1,4 +1,4 @@
-"""The OpenAI API end to end: a real server, the llama.cpp engine, the embedded model, the official client."""
+"""The OpenAI API end to end: a real server per engine (llama.cpp, transformers), the embedded model, the official client."""
 
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ MODEL = "gemma-3-270m"
 CONTEXT = 512
 
 
-@pytest.fixture(scope="module")
-def server(jarvis_server):
-    return jarvis_server(JARVIS_LLAMA_N_PARALLEL="2", JARVIS_LLAMA_N_THREADS="1",
-                         JARVIS_MAX_MODEL_LEN=str(CONTEXT))
+ENGINES = {
+    "llama_cpp": {"JARVIS_LLAMA_N_PARALLEL": "2", "JARVIS_LLAMA_N_THREADS": "1"},
+    "hf": {"JARVIS_HF_MAX_BATCH_SIZE": "8", "JARVIS_HF_BATCH_WAIT_MS": "20"},
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def server(request, jarvis_server):
+    """The same API suite runs against every engine that serves the embedded model."""
+    return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN=str(CONTEXT),
+                         **ENGINES[request.param])
 
 
 @pytest.fixture(scope="module")

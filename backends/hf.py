@@ -1,0 +1,257 @@
+"""The transformers engine: a local model folder, dynamic batching, PEFT LoRA adapters per request.
+
+`JARVIS_MODEL_NAME` is a transformers folder; unset, the embedded GGUF is
+converted once into one (`jarvis models convert`). Requests go to a
+`BatchScheduler` thread that decodes concurrent requests together; adapters
+are PEFT LoRA weights injected next to the base, and each row of a batch names
+its own (`adapter_names`), so base and adapter requests share forward passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jarvis import hookimpl
+from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo
+from jarvis.errors import ConfigError
+from jarvis.settings import JarvisSettings, load_settings
+
+log = logging.getLogger("jarvis.backends.hf")
+
+PREFIX = "JARVIS_HF_"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class HfSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=".env", extra="ignore")
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together in one wave.",
+                                json_schema_extra={"fix": "set JARVIS_HF_MAX_BATCH_SIZE between 1 and 256"})
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a wave waits to gather requests.",
+                                 json_schema_extra={"fix": "set JARVIS_HF_BATCH_WAIT_MS between 0 and 1000"})
+    quantization: str = Field("none", pattern="^(none|int8|int4)$",
+                              description="Weight quantization: none, int8 or int4 (bitsandbytes, CUDA only).",
+                              json_schema_extra={"fix": "set JARVIS_HF_QUANTIZATION to none, int8 or int4"})
+    threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads; unset = torch's default.",
+                                json_schema_extra={"fix": "set JARVIS_HF_THREADS to a positive integer or unset it"})
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("JARVIS_DEVICE", setting, "no CUDA device is visible to torch",
+                          "set JARVIS_DEVICE=cpu (or auto), or install a CUDA build of torch on a GPU host")
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> Any:
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = getattr(torch, DTYPES[setting])
+    if dtype is torch.float16 and device == "cpu":
+        raise ConfigError("JARVIS_DTYPE", setting, "float16 matmuls are not supported well on CPU",
+                          "set JARVIS_DTYPE=bf16 or fp32 on CPU, or use a CUDA device")
+    return dtype
+
+
+def quantization_config(setting: str, device: str) -> Any:
+    if setting == "none":
+        return None
+    if not device.startswith("cuda"):
+        raise ConfigError("JARVIS_HF_QUANTIZATION", setting,
+                          "int8/int4 weights need bitsandbytes on a CUDA device; this engine runs on CPU",
+                          "unset JARVIS_HF_QUANTIZATION (or set JARVIS_DTYPE=bf16 to halve memory on CPU), "
+                          "or serve a GGUF quantization with JARVIS_INFERENCE_ENGINE=llama_cpp")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError("JARVIS_HF_QUANTIZATION", setting, "bitsandbytes is not installed",
+                          "pip install bitsandbytes, or unset JARVIS_HF_QUANTIZATION") from None
+    if setting == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    import torch
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+class HfEngine(Engine):
+    name = "hf"
+
+    def __init__(self, settings: JarvisSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options: HfSettings = load_settings(HfSettings, prefix=PREFIX)
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("JARVIS_INFERENCE_ENGINE", "hf", f"transformers/torch are not installed ({exc})",
+                              "pip install 'jarvis-llm[hf]' (./run.sh test installs it)") from None
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.quantization = quantization_config(self.options.quantization, self.device)
+        self.folder: Path | None = None
+        if settings.model_name is not None:
+            self.folder = Path(settings.model_name).expanduser()
+            if not (self.folder / "config.json").is_file():
+                raise ConfigError("JARVIS_MODEL_NAME", settings.model_name, "not a transformers model folder "
+                                  "(no config.json)", "point JARVIS_MODEL_NAME at a folder written by "
+                                  "save_pretrained, or unset it to serve the embedded model")
+        self._handle: Any = None
+        self._scheduler: Any = None
+        self._info: ModelInfo | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from jarvis.backends.hf_batching import BatchScheduler, ModelHandle
+        from jarvis.backends.hf_convert import embedded_hf_model
+
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        folder = self.folder or embedded_hf_model(self.settings.data_dir)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=self.dtype, quantization_config=self.quantization,
+            device_map=self.device if self.quantization else None)
+        if not self.quantization:
+            model.to(self.device)
+        model.eval()
+        trained = getattr(model.config, "max_position_embeddings", None)
+        if trained and self.settings.max_model_len > trained:
+            raise ConfigError("JARVIS_MAX_MODEL_LEN", self.settings.max_model_len,
+                              f"the model was trained for {trained} tokens of context",
+                              f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
+        eos = model.generation_config.eos_token_id
+        eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
+                   *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+        self._handle = ModelHandle(model, tokenizer, torch.device(self.device), frozenset(eos_ids),
+                                   threading.Lock(), self.stats)
+        self._scheduler = BatchScheduler(self._handle, self.options.max_batch_size,
+                                         self.options.batch_wait_ms / 1000)
+        self._scheduler.start()
+        model_id = folder.name.removesuffix("-hf") if self.folder is None else folder.name
+        self._info = ModelInfo(
+            id=model_id, max_model_len=self.settings.max_model_len, path=str(folder),
+            architecture=getattr(model.config, "model_type", None), chat_template=tokenizer.chat_template,
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        log.info("transformers loaded %s on %s (%s)", folder, self.device, self.dtype)
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.stop)
+
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("hf engine not started")
+        return self._info
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._handle.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
+                "quantization": self.options.quantization,
+                "batching": {"kind": "dynamic (waves, per-row finishing)",
+                             "max_batch_size": self.options.max_batch_size,
+                             "batch_wait_ms": self.options.batch_wait_ms,
+                             "waves": self._scheduler.waves if self._scheduler else 0,
+                             "forward_passes": self.stats.forward_passes}}
+
+    # --- generation ------------------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+        ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
+        self.stats.requests_started += 1
+        self._scheduler.submit(request, ids, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                               cancel)
+        finished = False
+        try:
+            while not finished:
+                chunk = await queue.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            cancel.set()
+            self.stats.requests_finished += 1
+            if not finished:
+                self.stats.requests_cancelled += 1
+
+    # --- adapters --------------------------------------------------------------------------------
+
+    async def load_adapter(self, adapter: Any) -> None:
+        await asyncio.to_thread(self._load_adapter, adapter)
+
+    def _load_adapter(self, adapter: Any) -> None:
+        from peft import PeftModel
+
+        h = self._handle
+        with h.lock:
+            if hasattr(h.model, "peft_config"):
+                h.model.load_adapter(adapter.path, adapter_name=adapter.name)
+            else:
+                h.model = PeftModel.from_pretrained(h.model, adapter.path, adapter_name=adapter.name)
+            h.model.eval()
+
+    async def unload_adapter(self, name: str) -> None:
+        def unload() -> None:
+            with self._handle.lock:
+                self._handle.model.delete_adapter(name)
+
+        await asyncio.to_thread(unload)
+
+
+@hookimpl
+def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
+    register("hf", HfEngine)
+
+
+@hookimpl
+def jarvis_register_commands(cli: Any) -> None:
+    import click
+
+    models = cli.commands.get("models")
+    if models is None:
+        return
+
+    @models.command("convert")
+    @click.option("--gguf", type=click.Path(exists=True, dir_okay=False), help="GGUF file (default: embedded).")
+    @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the cache).")
+    def convert(gguf: str | None, out: str | None) -> None:
+        """Convert a GGUF model (default: the embedded one) into a transformers folder."""
+        from jarvis.backends.hf_convert import convert_gguf, converted_dir, embedded_hf_model
+
+        settings = load_settings()
+        if gguf is None and out is None:
+            folder = embedded_hf_model(settings.data_dir)
+        else:
+            from jarvis.embedded_model import embedded_model_path
+
+            source = Path(gguf) if gguf else embedded_model_path(settings.data_dir)
+            folder = convert_gguf(source, Path(out) if out else converted_dir(settings.data_dir))
+        click.echo(str(folder))

@@ -1,0 +1,261 @@
+"""Dynamic batching for the transformers engine: many requests, one forward pass per step.
+
+One scheduler thread owns the model. It waits for a request, gathers more for
+a short window (up to the batch size), then decodes them together as a wave:
+the prompts are left-padded into one prefill, and every step feeds the next
+token of every row through one forward pass over the shared KV cache. Each
+row has its own sampling settings, seed, adapter, stop sequences and token
+limit; a row that finishes is answered at once and pruned from the cache, so
+the wave shrinks as it goes. Requests that arrive during a wave start the
+next one.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jarvis.engine import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob
+from jarvis.text_stream import StopSequenceMatcher
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+Emit = Callable[[GenerationChunk | BaseException], None]
+
+
+class IncrementalDetokenizer:
+    """Token ids → text deltas that never split a character or drop a leading space.
+
+    Decodes a small window (seeded with the prompt's last tokens) and emits what
+    the newest token added, holding back while the text ends mid-character."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    emit: Emit
+    cancel: threading.Event
+    detok: IncrementalDetokenizer
+    stops: StopSequenceMatcher
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> str:
+        return self.request.adapter or BASE
+
+
+@dataclass
+class ModelHandle:
+    """What the scheduler needs from the engine; `model` may be swapped (PEFT wrapping) under `lock`."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    eos_ids: frozenset[int]
+    lock: threading.Lock
+    stats: EngineStats
+
+    @property
+    def has_adapters(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+
+class BatchScheduler:
+    def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float) -> None:
+        self.handle = handle
+        self.max_batch_size = max_batch_size
+        self.gather_seconds = gather_seconds
+        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
+        self.waves = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def submit(self, request: GenerationRequest, prompt_ids: list[int], emit: Emit,
+               cancel: threading.Event) -> None:
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator(device=self.handle.device)
+            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        self._queue.put(Sequence(request, prompt_ids, emit, cancel,
+                                 IncrementalDetokenizer(self.handle.tokenizer, prompt_ids),
+                                 StopSequenceMatcher(request.stop), generator))
+
+    # --- the scheduler thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            wave = [first]
+            deadline = time.monotonic() + self.gather_seconds
+            while len(wave) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:  # stop after this wave
+                    self._queue.put(None)
+                    break
+                wave.append(item)
+            try:
+                with torch.inference_mode():
+                    self._decode_wave(wave)
+            except BaseException as exc:  # a failed wave fails its requests, never the scheduler
+                for seq in wave:
+                    seq.emit(exc)
+            self.waves += 1
+
+    def _forward(self, **inputs: Any) -> Any:
+        h = self.handle
+        with h.lock:
+            h.stats.forward_passes += 1
+            return h.model(**inputs, use_cache=True)
+
+    def _decode_wave(self, wave: list[Sequence]) -> None:
+        from transformers import DynamicCache
+
+        h = self.handle
+        for seq in wave:
+            if seq.request.echo and seq.request.logprobs:
+                seq.emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(seq)))
+        live = [s for s in wave if not s.cancel.is_set() and self._has_budget(s)]
+        for seq in wave:
+            if seq not in live:
+                self._finish(seq, "cancelled" if seq.cancel.is_set() else "length")
+        if not live:
+            return
+        width = max(len(s.prompt_ids) for s in live)
+        pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], device=h.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live],
+                            device=h.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=h.model.config)
+        extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            logits_to_keep=1, **extra)
+        while True:
+            logits = out.logits[:, -1, :].float()
+            tokens = self._sample(logits, live)
+            keep = [i for i, (seq, token) in enumerate(zip(live, tokens))
+                    if not self._advance(seq, token, logits[i])]
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=h.device)
+                cache.batch_select_indices(index)
+                mask, positions, tokens = mask[index], positions[index], [tokens[i] for i in keep]
+                live = [live[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
+            out = self._forward(input_ids=torch.tensor(tokens, device=h.device).unsqueeze(-1),
+                                attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                logits_to_keep=1, **extra)
+
+    def _has_budget(self, seq: Sequence) -> bool:
+        return (seq.request.max_tokens or 0) > 0
+
+    # --- per row -------------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, live: list[Sequence]) -> list[int]:
+        tokens = []
+        for row, seq in zip(logits, live):
+            r = seq.request
+            if (r.presence_penalty or r.frequency_penalty) and seq.generated:
+                ids, counts = torch.tensor(seq.generated, device=row.device).unique(return_counts=True)
+                row = row.clone()
+                row[ids] -= r.presence_penalty + r.frequency_penalty * counts.to(row.dtype)
+            if r.temperature == 0 or seq.generator is None:
+                tokens.append(int(row.argmax()))
+                continue
+            probs = torch.softmax(row / r.temperature, dim=-1)
+            if r.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs > r.top_p
+                probs = probs.scatter(0, order[drop], 0.0)
+            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+        return tokens
+
+    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Take `token` for `seq`; emit what it shows; True when the sequence is finished."""
+        h, r = self.handle, seq.request
+        if seq.cancel.is_set():
+            return self._finish(seq, "cancelled")
+        if token in h.eos_ids:
+            return self._finish(seq, "stop")
+        seq.generated.append(token)
+        h.stats.tokens_generated += 1
+        piece = seq.detok.push(token)
+        text = seq.stops.feed(piece)
+        logprobs = [seq_logprob(h.tokenizer, logits, token, piece, r.top_logprobs)] if r.logprobs else []
+        if text or logprobs:
+            seq.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))
+        if seq.stops.stopped:
+            return self._finish(seq, "stop")
+        if len(seq.generated) >= (r.max_tokens or 0):
+            return self._finish(seq, "length")
+        return False
+
+    def _finish(self, seq: Sequence, reason: str) -> bool:
+        tail = "" if seq.stops.stopped else seq.stops.flush()
+        seq.emit(GenerationChunk(text=tail, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),  # type: ignore[arg-type]
+                                 completion_tokens=len(seq.generated)))
+        return True
+
+    def _score_prompt(self, seq: Sequence) -> list[TokenLogprob]:
+        """Logprob of each prompt token given the ones before it (the BOS is context, not scored)."""
+        h = self.handle
+        ids = torch.tensor([seq.prompt_ids], device=h.device)
+        extra = {"adapter_names": [seq.adapter]} if h.has_adapters else {}
+        logits = self._forward(input_ids=ids, logits_to_keep=0, **extra).logits[0].float()
+        bos = h.tokenizer.bos_token_id
+        entries = []
+        if seq.prompt_ids and seq.prompt_ids[0] != bos:
+            first = h.tokenizer.decode(seq.prompt_ids[:1])
+            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
+        detok = IncrementalDetokenizer(h.tokenizer, seq.prompt_ids[:1])
+        for pos in range(1, len(seq.prompt_ids)):
+            token = seq.prompt_ids[pos]
+            entries.append(seq_logprob(h.tokenizer, logits[pos - 1], token, detok.push(token),
+                                       seq.request.top_logprobs))
+        return entries
+
+
+def seq_logprob(tokenizer: Any, logits: torch.Tensor, token: int, text: str, top_n: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top: list[tuple[str, float]] = []
+    if top_n:
+        values, ids = logprobs.topk(top_n)
+        top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+    return TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=list(text.encode()), top=top)

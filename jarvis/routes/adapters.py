@@ -1,0 +1,55 @@
+"""The adapter API, the same for every engine: load, unload, list LoRA adapters; describe the engine.
+
+`POST /v1/load_lora_adapter {"lora_name", "lora_path"}` and
+`POST /v1/unload_lora_adapter {"lora_name"}` take the shapes vLLM's server
+uses. A loaded adapter is served under its name: `"model": "<lora_name>"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from pydantic import BaseModel, Field
+
+from jarvis.routes.openai import parse_body, runtime_of
+
+
+class LoadLoraAdapter(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
+class AdapterController(Controller):
+    path = "/v1"
+    tags = ["Adapters"]
+
+    @post("/load_lora_adapter", status_code=200, summary="Load a PEFT LoRA adapter and serve it under lora_name.")
+    async def load(self, request: Request) -> dict[str, Any]:
+        body = await parse_body(request, LoadLoraAdapter)
+        adapter = await runtime_of(request).load_adapter(body.lora_name, body.lora_path)
+        return {"object": "lora_adapter", "status": "loaded", **adapter.public()}
+
+    @post("/unload_lora_adapter", status_code=200, summary="Stop serving an adapter.")
+    async def unload(self, request: Request) -> dict[str, Any]:
+        body = await parse_body(request, UnloadLoraAdapter)
+        await runtime_of(request).unload_adapter(body.lora_name)
+        return {"object": "lora_adapter", "status": "unloaded", "name": body.lora_name}
+
+    @get("/adapters", summary="The adapters being served: name, path, base model, rank, loaded at.")
+    async def list_adapters(self, request: Request) -> dict[str, Any]:
+        runtime = runtime_of(request)
+        return {"object": "list", "base_model": runtime.model_id,
+                "data": [a.public() for a in runtime.adapters.values()]}
+
+    @get("/engine", summary="The engine behind the API: name, model, dtype, device, batching, adapters.")
+    async def engine(self, request: Request) -> dict[str, Any]:
+        runtime = runtime_of(request)
+        info = runtime.require_ready()
+        return {"engine": runtime.engine.name, "model": runtime.model_id, "model_path": info.path,
+                "max_model_len": info.max_model_len, "adapters": sorted(runtime.adapters),
+                **runtime.engine.describe()}
