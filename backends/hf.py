@@ -220,8 +220,15 @@ class HfEngine(Engine):
 
     async def unload_adapter(self, name: str) -> None:
         def unload() -> None:
-            with self._handle.lock:
-                self._handle.model.delete_adapter(name)
+            h = self._handle
+            with h.lock:
+                remaining = [n for n in h.model.peft_config if n != name]
+                if not remaining:  # back to the plain base model, LoRA layers removed
+                    h.model = h.model.unload()
+                    return
+                h.model.delete_adapter(name)
+                if h.model.active_adapter not in remaining:
+                    h.model.set_adapter(remaining[0])
 
         await asyncio.to_thread(unload)
 

@@ -225,6 +225,7 @@ def save_plot(runs: dict[str, list[Sample]], path: Path, console: Console) -> No
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, samples in runs.items():
         ax.plot([s.latency_s * 1000 for s in samples], marker="o", label=name)
+    ax.set_xticks(range(len(runs["raw"])))
     ax.set(xlabel="prompt #", ylabel="latency (ms)", title="Per-request latency, same prompt per x (paired)")
     ax.legend()
     fig.tight_layout()

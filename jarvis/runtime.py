@@ -64,10 +64,10 @@ class EngineRuntime:
         except Exception as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
+        await self._restore_adapters()  # before "ready": a restarted server answers for them at once
         self.state = "ready"
-        log.info("engine %s ready: model %s (context %d tokens)", self.engine.name,
-                 self.model_id, self._info.max_model_len)
-        await self._restore_adapters()
+        log.info("engine %s ready: model %s (context %d tokens, %d adapters)", self.engine.name,
+                 self.model_id, self._info.max_model_len, len(self.adapters))
 
     async def _restore_adapters(self) -> None:
         """Serve again what was served before a restart, plus JARVIS_LORA_MODULES."""
@@ -132,7 +132,8 @@ class EngineRuntime:
     # --- adapters ----------------------------------------------------------------------------
 
     async def load_adapter(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
-        self.require_ready()
+        if self._info is None:  # the model must be loaded; adapters restored at start come before "ready"
+            self.require_ready()
         if not name or name == self.model_id:
             raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
         async with self._adapter_lock:

@@ -19,6 +19,7 @@ def health_body(runtime: Any) -> dict[str, Any]:
         "requests_total": stats.requests_started,
         "requests_cancelled": stats.requests_cancelled,
         "tokens_generated": stats.tokens_generated,
+        "forward_passes": stats.forward_passes,
     }
 
 
