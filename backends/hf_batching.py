@@ -189,15 +189,17 @@ class BatchScheduler:
     # --- per row -------------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, live: list[Sequence]) -> list[int]:
+        greedy = logits.argmax(-1).tolist()  # one device→host copy for every greedy row
         tokens = []
-        for row, seq in zip(logits, live):
+        for row, seq, best in zip(logits, live, greedy):
             r = seq.request
             if (r.presence_penalty or r.frequency_penalty) and seq.generated:
                 ids, counts = torch.tensor(seq.generated, device=row.device).unique(return_counts=True)
                 row = row.clone()
                 row[ids] -= r.presence_penalty + r.frequency_penalty * counts.to(row.dtype)
+                best = int(row.argmax())
             if r.temperature == 0 or seq.generator is None:
-                tokens.append(int(row.argmax()))
+                tokens.append(best)
                 continue
             probs = torch.softmax(row / r.temperature, dim=-1)
             if r.top_p < 1.0:
