@@ -13,11 +13,13 @@ logprobs come from one extra pass that asks llama.cpp for every row.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,10 @@ class LlamaCppEngine(Engine):
         self._executor: ThreadPoolExecutor | None = None
         self._count_lock = threading.Lock()
         self._info: ModelInfo | None = None
+        # LoRA: name → one llama.cpp adapter handle per pool context (each context has its own model),
+        # and which adapter each context currently has applied (its KV cache belongs to those weights).
+        self._adapters: dict[str, list[Any]] = {}
+        self._applied: dict[int, str | None] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -116,6 +122,12 @@ class LlamaCppEngine(Engine):
         log.info("llama.cpp loaded %s (%s, %d context(s))", self.path.name, arch, len(self._contexts))
 
     async def stop(self) -> None:
+        import llama_cpp
+
+        for handles in self._adapters.values():
+            for handle in handles:
+                llama_cpp.llama_adapter_lora_free(handle)
+        self._adapters.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         for llm in self._contexts:
@@ -167,6 +179,7 @@ class LlamaCppEngine(Engine):
                 emit: Callable[[GenerationChunk | BaseException], None]) -> None:
         """Runs in a worker thread that owns `llm` until it returns."""
         try:
+            self._apply_adapter(llm, req.adapter)
             ids = req.prompt_token_ids or self.tokenize(req.prompt or "")
             llm.set_seed((req.seed if req.seed is not None else random.getrandbits(32)) & 0xFFFFFFFF)
             if req.echo and req.logprobs:
@@ -203,6 +216,69 @@ class LlamaCppEngine(Engine):
                                  completion_tokens=count))
         except BaseException as exc:  # surfaced to the request, never kills the worker pool
             emit(exc)
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _every_context(self) -> AsyncIterator[list[Any]]:
+        """Hold every pool context: no request is decoding while adapters change."""
+        assert self._free is not None
+        taken: list[Any] = []
+        try:
+            for _ in self._contexts:
+                taken.append(await self._free.get())
+            yield taken
+        finally:
+            for llm in taken:
+                self._free.put_nowait(llm)
+
+    async def load_adapter(self, adapter: Any) -> None:
+        import llama_cpp
+
+        from jarvis.backends.llama_lora import convert_peft_to_gguf
+
+        meta = self._vocab.metadata
+        arch = meta["general.architecture"]
+        path = await asyncio.to_thread(convert_peft_to_gguf, adapter, arch, int(meta[f"{arch}.block_count"]),
+                                       self.settings.data_dir / "lora-gguf")
+        async with self._every_context() as contexts:
+            handles = []
+            for llm in contexts:
+                handle = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
+                if not handle:
+                    for h in handles:
+                        llama_cpp.llama_adapter_lora_free(h)
+                    raise RuntimeError(f"llama.cpp rejected {path.name}: its tensors do not fit this model "
+                                       "(an adapter trained for another base model?)")
+                handles.append(handle)
+            self._adapters[adapter.name] = handles
+
+    async def unload_adapter(self, name: str) -> None:
+        import llama_cpp
+
+        async with self._every_context() as contexts:
+            for llm in contexts:
+                if self._applied.get(id(llm)) == name:
+                    self._apply_adapter(llm, None)
+            for handle in self._adapters.pop(name, []):
+                llama_cpp.llama_adapter_lora_free(handle)
+
+    def _apply_adapter(self, llm: Any, name: str | None) -> None:
+        """Put `name`'s LoRA (or none) on this context; a change invalidates its cached prompt."""
+        import llama_cpp
+
+        if self._applied.get(id(llm), None) == name:
+            return
+        if name is None:
+            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+        else:
+            handle = self._adapters[name][self._contexts.index(llm)]
+            rc = llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle),
+                                                   1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not apply adapter {name!r} (code {rc})")
+        llm.reset()
+        self._applied[id(llm)] = name
 
     # --- logprobs ------------------------------------------------------------------------------
 

@@ -103,3 +103,55 @@ def embedded_gguf() -> Path:
 def start_jarvis() -> Callable[..., RunningServer]:
     """`start_jarvis(tmp_dir, **env)` for tests that manage a server's lifetime themselves."""
     return start_server
+
+
+# --- a real LoRA adapter for the served model, shared by the engine tests ------------------------------
+
+LORA_PROMPT = "The best thing about Jarvis is"
+
+
+@pytest.fixture(scope="session")
+def hf_folder():
+    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.settings import load_settings
+
+    return embedded_hf_model(load_settings().data_dir)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def trained_lora(hf_folder, adapter_root):
+    """A LoRA trained for a few steps, and the base's and the adapter's greedy answers from PEFT offline."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    inputs = tokenizer(LORA_PROMPT, return_tensors="pt")
+
+    def greedy(m) -> str:
+        with torch.inference_mode():
+            out = m.generate(**inputs, max_new_tokens=12, do_sample=False)
+        return tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+    base_text = greedy(model)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0))
+    batch = tokenizer(LORA_PROMPT + " that it answers every question with pirate talk, arr!", return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    peft_model.train()
+    for _ in range(4):
+        loss = peft_model(**batch, labels=batch.input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    path = adapter_root / "pirate"
+    peft_model.save_pretrained(path)
+    return {"path": path, "prompt": LORA_PROMPT, "base_text": base_text, "adapter_text": greedy(peft_model)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 
 import httpx
 import openai
@@ -17,54 +18,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 MODEL = "gemma-3-270m"
-PROMPT = "The best thing about Jarvis is"
-
-
-@pytest.fixture(scope="module")
-def hf_folder():
-    from jarvis.backends.hf_convert import embedded_hf_model
-    from jarvis.settings import load_settings
-
-    return embedded_hf_model(load_settings().data_dir)
-
-
-@pytest.fixture(scope="module")
-def adapter_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("adapters")
-
-
-@pytest.fixture(scope="module")
-def trained_adapter(hf_folder, adapter_root):
-    """A LoRA trained for a few steps, and the base's and the adapter's greedy answers from PEFT offline."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
-    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
-    inputs = tokenizer(PROMPT, return_tensors="pt")
-
-    def greedy(m) -> str:
-        with torch.inference_mode():
-            out = m.generate(**inputs, max_new_tokens=12, do_sample=False)
-        return tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-
-    base_text = greedy(model)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0))
-    batch = tokenizer(PROMPT + " that it answers every question with pirate talk, arr!", return_tensors="pt")
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
-    peft_model.train()
-    for _ in range(4):
-        loss = peft_model(**batch, labels=batch.input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    peft_model.eval()
-    path = adapter_root / "pirate"
-    peft_model.save_pretrained(path)
-    return {"path": path, "base_text": base_text, "adapter_text": greedy(peft_model)}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +40,7 @@ def client(server):
     return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=300)
 
 
-def greedy(client, model: str, prompt: str = PROMPT, n: int = 12) -> str:
+def greedy(client, model: str, prompt: str = "The best thing about Jarvis is", n: int = 12) -> str:
     return client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
 
 
@@ -108,9 +61,10 @@ def test_batching_shares_forward_passes(server, client):
     assert passes < one_at_a_time / 2, f"{passes} forward passes for {len(prompts)} concurrent requests"
 
 
-def test_adapter_loads_serves_and_matches_peft(server, client, trained_adapter):
-    assert trained_adapter["adapter_text"] != trained_adapter["base_text"]
-    r = load(server, "pirate", trained_adapter["path"])
+def test_adapter_loads_serves_and_matches_peft(server, client, trained_lora):
+    assert greedy.__defaults__[0] == trained_lora["prompt"]
+    assert trained_lora["adapter_text"] != trained_lora["base_text"]
+    r = load(server, "pirate", trained_lora["path"])
     assert r.status_code == 200, r.text
     assert r.json()["rank"] == 8 and r.json()["target_modules"] == ["q_proj", "v_proj"]
     models = {m.id: m for m in client.models.list().data}
@@ -119,37 +73,37 @@ def test_adapter_loads_serves_and_matches_peft(server, client, trained_adapter):
     listed = httpx.get(f"{server.v1}/adapters").json()["data"]
     assert [(a["name"], a["rank"]) for a in listed] == [("pirate", 8)]
     assert httpx.get(f"{server.v1}/engine").json()["adapters"] == ["pirate"]
-    assert greedy(client, MODEL) == trained_adapter["base_text"]
-    assert greedy(client, "pirate") == trained_adapter["adapter_text"]
+    assert greedy(client, MODEL) == trained_lora["base_text"]
+    assert greedy(client, "pirate") == trained_lora["adapter_text"]
 
 
-def test_base_and_adapter_requests_in_flight_together(server, client, trained_adapter):
+def test_base_and_adapter_requests_in_flight_together(server, client, trained_lora):
     jobs = [MODEL, "pirate"] * 4
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda m: greedy(client, m), jobs))
-    expected = {MODEL: trained_adapter["base_text"], "pirate": trained_adapter["adapter_text"]}
+    expected = {MODEL: trained_lora["base_text"], "pirate": trained_lora["adapter_text"]}
     assert answers == [expected[m] for m in jobs]
 
 
-def test_bad_adapters_get_400_with_the_reason(server, client, trained_adapter, adapter_root, tmp_path):
+def test_bad_adapters_get_400_with_the_reason(server, client, trained_lora, adapter_root, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    for f in trained_adapter["path"].iterdir():
+    for f in trained_lora["path"].iterdir():
         (outside / f.name).write_bytes(f.read_bytes())
     (adapter_root / "escape").symlink_to(outside, target_is_directory=True)
     no_weights = adapter_root / "no-weights"
     no_weights.mkdir()
-    (no_weights / "adapter_config.json").write_text((trained_adapter["path"] / "adapter_config.json").read_text())
+    (no_weights / "adapter_config.json").write_text((trained_lora["path"] / "adapter_config.json").read_text())
     too_big = adapter_root / "too-big"
     too_big.mkdir()
-    config = json.loads((trained_adapter["path"] / "adapter_config.json").read_text())
+    config = json.loads((trained_lora["path"] / "adapter_config.json").read_text())
     (too_big / "adapter_config.json").write_text(json.dumps({**config, "r": 4096}))
     (too_big / "adapter_model.safetensors").write_bytes(b"")
     wrong_model = adapter_root / "wrong-model"
     wrong_model.mkdir()
     (wrong_model / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["attn_c_proj"]}))
     (wrong_model / "adapter_model.safetensors").write_bytes(
-        (trained_adapter["path"] / "adapter_model.safetensors").read_bytes())
+        (trained_lora["path"] / "adapter_model.safetensors").read_bytes())
 
     cases = [
         ("a", str(outside), "path_outside_root"),
@@ -159,22 +113,22 @@ def test_bad_adapters_get_400_with_the_reason(server, client, trained_adapter, a
         ("e", str(no_weights), "invalid_adapter"),
         ("f", str(too_big), "rank_too_large"),
         ("g", str(wrong_model), "adapter_load_failed"),
-        ("pirate", str(trained_adapter["path"]), "adapter_exists"),
+        ("pirate", str(trained_lora["path"]), "adapter_exists"),
     ]
     for name, path, code in cases:
         r = load(server, name, path)
         assert r.status_code == 400, (name, r.text)
         assert r.json()["error"]["code"] == code, (name, r.json())
     assert {m.id for m in client.models.list().data} == {MODEL, "pirate"}
-    assert greedy(client, "pirate") == trained_adapter["adapter_text"]
+    assert greedy(client, "pirate") == trained_lora["adapter_text"]
 
 
-def test_adapters_survive_a_restart(start_jarvis, adapter_root, state_dir, trained_adapter, tmp_path):
+def test_adapters_survive_a_restart(start_jarvis, adapter_root, state_dir, trained_lora, tmp_path):
     again = start_jarvis(tmp_path, **hf_env(adapter_root, state_dir))
     try:
         client = openai.OpenAI(base_url=again.v1, api_key="x", max_retries=0, timeout=300)
         assert {m.id for m in client.models.list().data} == {MODEL, "pirate"}
-        assert greedy(client, "pirate") == trained_adapter["adapter_text"]
+        assert greedy(client, "pirate") == trained_lora["adapter_text"]
     finally:
         again.stop()
 
@@ -187,3 +141,36 @@ def test_unloaded_adapter_is_gone(server, client):
     again = httpx.post(f"{server.v1}/unload_lora_adapter", json={"lora_name": "pirate"})
     assert again.status_code == 404 and again.json()["error"]["code"] == "adapter_not_found"
     assert greedy(client, MODEL)
+
+
+def run_cli(*args: str, **env: str):
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
+    return subprocess.run([sys.executable, "-m", "jarvis", *args], env={**environ, "COLUMNS": "200", **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("env, setting, fix", [
+    ({"JARVIS_HF_QUANTIZATION": "int8"}, "JARVIS_HF_QUANTIZATION", "unset JARVIS_HF_QUANTIZATION"),
+    ({"JARVIS_HF_QUANTIZATION": "int4"}, "JARVIS_HF_QUANTIZATION", "llama_cpp"),
+    ({"JARVIS_DTYPE": "fp16"}, "JARVIS_DTYPE", "bf16 or fp32"),
+    ({"JARVIS_DEVICE": "cuda"}, "JARVIS_DEVICE", "JARVIS_DEVICE=cpu"),
+    ({"JARVIS_MODEL_NAME": "/nonexistent"}, "JARVIS_MODEL_NAME", "save_pretrained"),
+])
+def test_what_this_machine_cannot_do_fails_at_start_with_a_fix(env, setting, fix):
+    import torch
+
+    if setting == "JARVIS_DEVICE" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    done = run_cli("serve", JARVIS_INFERENCE_ENGINE="hf", **env)
+    assert done.returncode == 2, done.stderr
+    assert setting in done.stderr and fix in done.stderr
+
+
+def test_models_convert_prints_the_converted_folder(hf_folder):
+    done = run_cli("models", "convert")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(hf_folder)
+    assert (hf_folder / "model.safetensors").is_file() and (hf_folder / "tokenizer.json").is_file()
