@@ -1,6 +1,6 @@
 """What does Jarvis cost on top of llama.cpp? Per-request overhead of the server vs the raw engine.
 
-One run measures three paths, one after the other, on the same prompts with identical settings
+One run measures three paths side by side on the same prompts with identical settings
 (embedded gemma-3-270m, greedy / temperature 0, same max_tokens, n_threads, n_ctx and n_batch):
 
   raw     llama-cpp-python in this process: a `Llama.generate` loop doing exactly what Jarvis's engine
@@ -13,13 +13,14 @@ One run measures three paths, one after the other, on the same prompts with iden
   stream  the same, streaming (TTFT = time to the first chunk that carries text).
 
 Each path gets a warm-up request first; requests are sequential, so this measures per-request
-overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching.
+overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching. For each prompt the three
+paths run back to back, in an order that rotates from prompt to prompt, so a burst of background
+load hits all three alike instead of skewing one path's whole run.
 
 How to read it: "added ms" = jarvis latency - raw latency for the same prompt (paired), p50 / p95;
 "tok/s vs raw" = jarvis / raw completion tokens per second (1.000 = no cost); "texts match" counts
-prompts whose greedy completion equals raw's (every mismatch is printed). The paths run in
-sequence, so background load shows up as noise in the paired differences (the load average is
-printed): rerun on a quiet machine, or with --threads 1.
+prompts whose greedy completion equals raw's (every mismatch is printed). Background load still
+shows up as noise in the paired differences (the load average is printed).
 
     python bench/proxy_overhead.py [--requests N] [--max-tokens M] [--threads T] [--out DIR]
 """
@@ -74,7 +75,8 @@ def make_prompts(n: int) -> list[str]:
     return prompts
 
 
-def run_raw(model_path: Path, prompts: list[str], max_tokens: int, threads: int) -> list[Sample]:
+@contextmanager
+def raw_engine(model_path: Path, max_tokens: int, threads: int) -> Iterator[Callable[[str], Sample]]:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(model_path), n_ctx=N_CTX, n_batch=N_BATCH, n_threads=threads, verbose=False)
@@ -97,14 +99,21 @@ def run_raw(model_path: Path, prompts: list[str], max_tokens: int, threads: int)
         return Sample(time.perf_counter() - start, len(ids), len(tokens), text, ttft)
 
     try:
-        return run_sequentially(complete, prompts)
+        yield complete
     finally:
         llm.close()
 
 
-def run_sequentially(complete: Callable[[str], Sample], prompts: list[str]) -> list[Sample]:
-    complete(WARMUP_PROMPT)
-    return [complete(prompt) for prompt in prompts]
+def run_interleaved(paths: dict[str, Callable[[str], Sample]], prompts: list[str]) -> dict[str, list[Sample]]:
+    """Every prompt through every path back to back; the order rotates so no path always goes first."""
+    for complete in paths.values():
+        complete(WARMUP_PROMPT)
+    names = list(paths)
+    runs: dict[str, list[Sample]] = {name: [] for name in names}
+    for i, prompt in enumerate(prompts):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            runs[name].append(paths[name](prompt))
+    return runs
 
 
 @contextmanager
@@ -145,7 +154,7 @@ def wait_ready(base_url: str, process: subprocess.Popen, log: IO[str], timeout_s
     raise RuntimeError(f"Jarvis did not become ready (exit code {process.poll()}):\n{log.read()}")
 
 
-def run_jarvis(client: OpenAI, model: str, prompts: list[str], max_tokens: int, stream: bool) -> list[Sample]:
+def jarvis_client(client: OpenAI, model: str, max_tokens: int, stream: bool) -> Callable[[str], Sample]:
     def complete(prompt: str) -> Sample:
         start = time.perf_counter()
         response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
@@ -165,7 +174,7 @@ def run_jarvis(client: OpenAI, model: str, prompts: list[str], max_tokens: int, 
         latency = time.perf_counter() - start
         return Sample(latency, usage.prompt_tokens, usage.completion_tokens, "".join(parts), ttft)
 
-    return run_sequentially(complete_streaming if stream else complete, prompts)
+    return complete_streaming if stream else complete
 
 
 def ms(values: list[float], q: float) -> float:
@@ -252,16 +261,14 @@ def main() -> None:
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
               "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0]}
 
-    runs: dict[str, list[Sample]] = {}
-    with console.status("raw llama.cpp ...") as status:
-        runs["raw"] = run_raw(model_path, prompts, args.max_tokens, args.threads)
-        status.update("starting Jarvis ...")
-        with jarvis_server(data_dir, args.threads) as base_url:
-            client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-            model = client.models.list().data[0].id
-            for name, stream in (("jarvis", False), ("stream", True)):
-                status.update(f"Jarvis {name} ...")
-                runs[name] = run_jarvis(client, model, prompts, args.max_tokens, stream)
+    with console.status(f"{len(prompts)} prompts through raw llama.cpp, Jarvis and Jarvis streaming ..."), \
+            raw_engine(model_path, args.max_tokens, args.threads) as raw, \
+            jarvis_server(data_dir, args.threads) as base_url:
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        runs = run_interleaved({"raw": raw,
+                                "jarvis": jarvis_client(client, model, args.max_tokens, stream=False),
+                                "stream": jarvis_client(client, model, args.max_tokens, stream=True)}, prompts)
 
     config["load_after"] = os.getloadavg()[0]
     summary = {name: summarize(samples, runs["raw"]) for name, samples in runs.items()}

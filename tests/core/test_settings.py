@@ -122,3 +122,17 @@ def test_doctor_passes_on_the_defaults():
     done = run_cli("doctor", env={"COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "no problems found" in done.stderr
+
+
+def test_env_example_lists_every_setting():
+    from pathlib import Path
+
+    from jarvis.backends.hf import PREFIX as HF, HfSettings
+    from jarvis.backends.llama_cpp import PREFIX as LLAMA, LlamaCppSettings
+
+    text = (Path(__file__).parents[2] / ".env.example").read_text()
+    listed = {line.lstrip("# ").split("=", 1)[0] for line in text.splitlines() if "JARVIS_" in line.split("=", 1)[0]}
+    expected = {f"JARVIS_{n.upper()}" for n in JarvisSettings.model_fields}
+    expected |= {f"{LLAMA}{n.upper()}" for n in LlamaCppSettings.model_fields}
+    expected |= {f"{HF}{n.upper()}" for n in HfSettings.model_fields}
+    assert expected - listed == set(), "settings missing from .env.example"

@@ -1,0 +1,1 @@
+"""Training plugin: datasets, LoRA/QLoRA/DoRA fine-tuning with PEFT, tracking, publishing adapters."""
