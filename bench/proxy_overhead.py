@@ -10,7 +10,11 @@ One run measures three paths side by side on the same prompts with identical set
           of Jarvis's overhead inside the baseline. Completion tokens are counted exactly.
   jarvis  `python -m jarvis serve` in a subprocess (127.0.0.1, JARVIS_LLAMA_N_PARALLEL=1) through the
           official `openai` client, /v1/completions, non-streaming;
-  stream  the same, streaming (TTFT = time to the first chunk that carries text).
+  stream  the same on a second server, streaming (TTFT = time to the first chunk that carries text).
+
+Each path has its own llama.cpp context and sees the same prompts in the same order, so prompt-prefix
+caching helps every path alike (and greedy texts stay comparable: a context that re-uses a cached
+prefix computes slightly different floats than one that evaluates it afresh).
 
 Each path gets a warm-up request first; requests are sequential, so this measures per-request
 overhead (HTTP, JSON, asyncio hand-offs, text decoding), not batching. For each prompt the three
@@ -263,12 +267,13 @@ def main() -> None:
 
     with console.status(f"{len(prompts)} prompts through raw llama.cpp, Jarvis and Jarvis streaming ..."), \
             raw_engine(model_path, args.max_tokens, args.threads) as raw, \
-            jarvis_server(data_dir, args.threads) as base_url:
-        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
-        model = client.models.list().data[0].id
+            jarvis_server(data_dir, args.threads) as plain_url, jarvis_server(data_dir, args.threads) as stream_url:
+        plain, streaming = (OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+                            for url in (plain_url, stream_url))
+        model = plain.models.list().data[0].id
         runs = run_interleaved({"raw": raw,
-                                "jarvis": jarvis_client(client, model, args.max_tokens, stream=False),
-                                "stream": jarvis_client(client, model, args.max_tokens, stream=True)}, prompts)
+                                "jarvis": jarvis_client(plain, model, args.max_tokens, stream=False),
+                                "stream": jarvis_client(streaming, model, args.max_tokens, stream=True)}, prompts)
 
     config["load_after"] = os.getloadavg()[0]
     summary = {name: summarize(samples, runs["raw"]) for name, samples in runs.items()}

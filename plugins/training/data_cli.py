@@ -24,7 +24,7 @@ def data() -> None:
               help="Chat format that renders the examples.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any example is invalid.")
 def check(file: str, chat_format: str, strict: bool) -> None:
-    """Count FILE's records per kind and list each invalid one with what is wrong."""
+    """Report FILE's records per kind and every invalid one, with what is wrong."""
     console = Console(soft_wrap=True)  # built here so that click's runner captures it; ids never wrap
     try:
         report = prepare_dataset(file, FAMILIES[chat_format])
