@@ -20,7 +20,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo
+from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, WorkerRelay
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 
@@ -181,26 +181,11 @@ class HfEngine(Engine):
     # --- generation ------------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
+        relay = WorkerRelay(self.stats)
         ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
-        self.stats.requests_started += 1
-        self._scheduler.submit(request, ids, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
-                               cancel)
-        finished = False
-        try:
-            while not finished:
-                chunk = await queue.get()
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                finished = chunk.finish_reason is not None
-                yield chunk
-        finally:
-            cancel.set()
-            self.stats.requests_finished += 1
-            if not finished:
-                self.stats.requests_cancelled += 1
+        self._scheduler.submit(request, ids, relay.emit, relay.cancelled)
+        async for chunk in relay.chunks():
+            yield chunk
 
     # --- adapters --------------------------------------------------------------------------------
 

@@ -16,17 +16,15 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from jarvis.engine import EngineStats, GenerationChunk, GenerationRequest, TokenLogprob
+from jarvis.engine import Emit, EngineStats, GenerationChunk, GenerationRequest, TokenLogprob
 from jarvis.text_stream import StopSequenceMatcher
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-Emit = Callable[[GenerationChunk | BaseException], None]
 
 
 class IncrementalDetokenizer:

@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.embedded_model import MODEL_ID, EmbeddedModelMissing, embedded_model_path
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob
+from jarvis.engine import Emit, Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob, WorkerRelay
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
@@ -146,37 +146,21 @@ class LlamaCppEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         assert self._free is not None and self._executor is not None, "engine not started"
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
+        relay = WorkerRelay(self.stats)
         llm = await self._free.get()
-        self.stats.requests_started += 1
-        finished = False
         try:
-            work = loop.run_in_executor(self._executor, self._decode, llm, request, cancel,
-                                        lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+            work = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, llm, request,
+                                                              relay.cancelled, relay.emit)
         except BaseException:
             self._free.put_nowait(llm)
             raise
         # The context goes back to the pool only when its thread is done with it.
         work.add_done_callback(lambda _: self._free.put_nowait(llm))  # type: ignore[union-attr]
-        try:
-            while not finished:
-                chunk = await queue.get()
-                while not isinstance(chunk, BaseException) and chunk.finish_reason is None and not queue.empty():
-                    chunk = _merge(chunk, queue.get_nowait())  # coalesce what a slow reader missed
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                finished = chunk.finish_reason is not None
-                yield chunk
-        finally:
-            cancel.set()
-            self.stats.requests_finished += 1
-            if not finished:
-                self.stats.requests_cancelled += 1
+        async for chunk in relay.chunks():
+            yield chunk
 
     def _decode(self, llm: Any, req: GenerationRequest, cancel: threading.Event,
-                emit: Callable[[GenerationChunk | BaseException], None]) -> None:
+                emit: Emit) -> None:
         """Runs in a worker thread that owns `llm` until it returns."""
         try:
             self._apply_adapter(llm, req.adapter)
@@ -347,15 +331,6 @@ def _is_end_of_generation(vocab: Any, token: int) -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_vocab_is_eog(vocab, token))
-
-
-def _merge(a: GenerationChunk, b: GenerationChunk | BaseException) -> GenerationChunk | BaseException:
-    if isinstance(b, BaseException):
-        return b
-    return GenerationChunk(
-        text=a.text + b.text, token_count=a.token_count + b.token_count, logprobs=[*a.logprobs, *b.logprobs],
-        finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens, completion_tokens=b.completion_tokens,
-        prompt_logprobs=a.prompt_logprobs or b.prompt_logprobs)
 
 
 @hookimpl

@@ -9,8 +9,10 @@ generation path and may override `generate` where it has a faster one.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -71,6 +73,14 @@ class GenerationChunk:
     # Filled on the first chunk only, when the request asked for echo with logprobs.
     prompt_logprobs: list[TokenLogprob] | None = None
 
+    def then(self, later: "GenerationChunk") -> "GenerationChunk":
+        """This chunk followed by `later`, as one chunk."""
+        return GenerationChunk(
+            text=self.text + later.text, token_count=self.token_count + later.token_count,
+            logprobs=[*self.logprobs, *later.logprobs], finish_reason=later.finish_reason,
+            prompt_tokens=later.prompt_tokens, completion_tokens=later.completion_tokens,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
+
 
 @dataclass
 class GenerationResult:
@@ -108,6 +118,46 @@ class EngineStats:
     @property
     def in_flight(self) -> int:
         return self.requests_started - self.requests_finished
+
+
+Emit = Callable[[GenerationChunk | BaseException], None]
+
+
+class WorkerRelay:
+    """Carries chunks from an engine's worker thread to the request's async generator.
+
+    The worker calls `emit(chunk)` (thread-safe) and checks `cancelled`; the
+    request iterates `chunks()`, which merges what piled up while the client
+    was slow, re-raises a worker's exception, and on exit — finished, failed
+    or abandoned by a disconnecting client — sets `cancelled` and counts it."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.stats = stats
+
+    def emit(self, item: GenerationChunk | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
+        self.stats.requests_started += 1
+        finished = False
+        try:
+            while not finished:
+                item = await self._queue.get()
+                while isinstance(item, GenerationChunk) and item.finish_reason is None and not self._queue.empty():
+                    later = self._queue.get_nowait()
+                    item = later if isinstance(later, BaseException) else item.then(later)
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self.cancelled.set()
+            self.stats.requests_finished += 1
+            if not finished:
+                self.stats.requests_cancelled += 1
 
 
 class Engine:
