@@ -200,3 +200,32 @@ def test_train_publish_serve_with_mlflow(hf_folder, jarvis_server, tmp_path):
     assert {"checkpoints", "adapter"} <= artifacts
     assert {a.path for a in tracking.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/step-8"}
     assert httpx.get(f"{server.v1}/adapters").json()["data"][0]["name"] == "facts"
+
+
+def test_dora_trains_and_merge_writes_a_full_model(hf_folder, tmp_path):
+    """DoRA is an option of the same loop; `jarvis adapters merge` writes a model that generates what
+    base + adapter generates."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapters = tmp_path / "adapters"
+    done = jarvis("train", "--data", str(DATA / "train_small.jsonl"), "--name", "dora", "--dora", "--max-steps", "4",
+                  "--learning-rate", "2e-3", "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(adapters))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((adapters / "dora" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == 8
+    merged_dir = tmp_path / "merged"
+    merged = jarvis("adapters", "merge", str(adapters / "dora"), "--out", str(merged_dir), cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    inputs = tokenizer(GEMMA([{"role": "user", "content": "What colour is grass?"}], True), return_tensors="pt")
+
+    def greedy(model) -> list[int]:
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()
+
+    full = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert not any("lora" in n for n, _ in full.named_parameters())
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32),
+                                             adapters / "dora")
+    assert greedy(full) == greedy(with_adapter)
