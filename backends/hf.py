@@ -40,6 +40,10 @@ class HfSettings(BaseSettings):
     quantization: str = Field("none", pattern="^(none|int8|int4)$",
                               description="Weight quantization: none, int8 or int4 (bitsandbytes, CUDA only).",
                               json_schema_extra={"fix": "set JARVIS_HF_QUANTIZATION to none, int8 or int4"})
+    decode: str = Field("auto", pattern="^(auto|dynamic|static|graphs)$",
+                        description="Decode loop: dynamic cache, static cache, or static + CUDA graphs; "
+                                    "auto = graphs on CUDA, dynamic on CPU.",
+                        json_schema_extra={"fix": "set JARVIS_HF_DECODE to auto, dynamic, static or graphs"})
     threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads; unset = torch's default.",
                                 json_schema_extra={"fix": "set JARVIS_HF_THREADS to a positive integer or unset it"})
 
@@ -104,6 +108,12 @@ class HfEngine(Engine):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.quantization = quantization_config(self.options.quantization, self.device)
+        self.decode = self.options.decode
+        if self.decode == "auto":
+            self.decode = "graphs" if self.device.startswith("cuda") else "dynamic"
+        if self.decode == "graphs" and not self.device.startswith("cuda"):
+            raise ConfigError("JARVIS_HF_DECODE", "graphs", "CUDA graphs need a CUDA device",
+                              "set JARVIS_HF_DECODE=static or dynamic on CPU")
         self.folder: Path | None = None
         if settings.model_name is not None:
             self.folder = Path(settings.model_name).expanduser()
@@ -148,7 +158,8 @@ class HfEngine(Engine):
         self._handle = ModelHandle(model, tokenizer, torch.device(self.device), frozenset(eos_ids),
                                    threading.Lock(), self.stats)
         self._scheduler = BatchScheduler(self._handle, self.options.max_batch_size,
-                                         self.options.batch_wait_ms / 1000)
+                                         self.options.batch_wait_ms / 1000, decode=self.decode,
+                                         max_len=self.settings.max_model_len)
         self._scheduler.start()
         model_id = folder.name.removesuffix("-hf") if self.folder is None else folder.name
         self._info = ModelInfo(
@@ -172,7 +183,8 @@ class HfEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
                 "quantization": self.options.quantization,
-                "batching": {"kind": "dynamic (waves, per-row finishing)",
+                "batching": {"kind": "dynamic (waves, per-row finishing)", "decode": self._scheduler.decode
+                             if self._scheduler else None,
                              "max_batch_size": self.options.max_batch_size,
                              "batch_wait_ms": self.options.batch_wait_ms,
                              "waves": self._scheduler.waves if self._scheduler else 0,

@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--decode", default=None, help="dynamic | static | graphs (default: graphs on CUDA)")
     parser.add_argument("--out", default=str(HERE / "results" / "hf_batching.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -107,10 +108,13 @@ def main() -> None:
     model = load_model(args)
     stats = EngineStats()
     handle = ModelHandle(model, NoTokenizer(), torch.device(args.device), frozenset(), threading.Lock(), stats)
-    scheduler = BatchScheduler(handle, max_batch_size=max(levels), gather_seconds=0.005)
+    decode = args.decode or ("graphs" if args.device.startswith("cuda") else "dynamic")
+    scheduler = BatchScheduler(handle, max_batch_size=max(levels), gather_seconds=0.005, decode=decode,
+                               max_len=args.prompt_len + args.max_tokens + 8)
     scheduler.start()
     data = prompts(max(levels), args.prompt_len, model.config.vocab_size)
-    run_scheduler(scheduler, data[:2], 4)  # warm-up
+    for c in levels:  # warm-up at full length: in "graphs" mode this is where the decode step compiles
+        run_scheduler(scheduler, data[:c], args.max_tokens)
 
     rows = []
     with torch.inference_mode():
@@ -142,7 +146,7 @@ def main() -> None:
     plain_rate = rows[0]["tokens_per_s"]
     print(f"\nmodel: {'random-weight ' if args.random_weights else ''}Gemma-3-270M, {args.dtype} on {args.device}"
           f" ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
-          f"{args.max_tokens} new tokens, {args.prompt_len}-token prompts")
+          f"{args.max_tokens} new tokens, {args.prompt_len}-token prompts, decode={decode}")
     print(f"{'path':34} {'C':>3} {'tokens/s':>10} {'vs 1-at-a-time':>15} {'vs generate':>12} {'passes/token':>13}")
     for row in rows:
         row["speedup_vs_one_at_a_time"] = row["tokens_per_s"] / single

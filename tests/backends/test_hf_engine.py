@@ -166,6 +166,7 @@ def run_cli(*args: str, **env: str):
     ({"JARVIS_DTYPE": "fp16"}, "JARVIS_DTYPE", "bf16 or fp32"),
     ({"JARVIS_DEVICE": "cuda"}, "JARVIS_DEVICE", "JARVIS_DEVICE=cpu"),
     ({"JARVIS_MODEL_NAME": "/nonexistent"}, "JARVIS_MODEL_NAME", "save_pretrained"),
+    ({"JARVIS_HF_DECODE": "graphs"}, "JARVIS_HF_DECODE", "static or dynamic"),
 ])
 def test_what_this_machine_cannot_do_fails_at_start_with_a_fix(env, setting, fix):
     import torch
@@ -182,3 +183,18 @@ def test_models_convert_prints_the_converted_folder(hf_folder):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(hf_folder)
     assert (hf_folder / "model.safetensors").is_file() and (hf_folder / "tokenizer.json").is_file()
+
+
+def test_static_cache_decode_matches_the_dynamic_one(server, client, jarvis_server, adapter_root, tmp_path):
+    """The static-cache loop (what CUDA graphs replay on a GPU) gives the dynamic loop's answers, also for
+    waves of uneven prompts, padded rows and rows that finish early."""
+    static = jarvis_server(**{**hf_env(adapter_root, tmp_path / "state"), "JARVIS_HF_DECODE": "static"})
+    static_client = openai.OpenAI(base_url=static.v1, api_key="x", max_retries=0, timeout=300)
+    assert httpx.get(f"{static.v1}/engine").json()["batching"]["decode"] == "static"
+    jobs = [(f"Fact {i}: {'the deep ' * i}ocean is", 3 + 2 * i) for i in range(5)]
+
+    def answers(c):
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            return list(pool.map(lambda job: greedy(c, MODEL, job[0], job[1]), jobs))
+
+    assert answers(static_client) == answers(client)
