@@ -171,7 +171,7 @@ def run_cli(*args: str, **env: str):
 def test_what_this_machine_cannot_do_fails_at_start_with_a_fix(env, setting, fix):
     import torch
 
-    if setting == "JARVIS_DEVICE" and torch.cuda.is_available():
+    if setting in ("JARVIS_DEVICE", "JARVIS_HF_DECODE") and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     done = run_cli("serve", JARVIS_INFERENCE_ENGINE="hf", **env)
     assert done.returncode == 2, done.stderr
