@@ -251,6 +251,12 @@ def train(model: Any, tokenizer: Any, train_items: list[Item], eval_items: list[
     if eval_after is not None:
         on_eval(steps, eval_after)
     model.save_pretrained(output_dir)
+    if config.qlora:  # the adapter was trained against a 4-bit base: say so beside it
+        quantization = getattr(model.config, "quantization_config", None)
+        (output_dir / "quantization_config.json").write_text(json.dumps(
+            quantization.to_dict() if hasattr(quantization, "to_dict") else {"load_in_4bit": True,
+                                                                            "bnb_4bit_quant_type": "nf4"},
+            indent=2, default=str))
     (output_dir / "training.json").write_text(json.dumps({"config": json.loads(config.model_dump_json()),
                                                           "losses": losses}, indent=2))
     return TrainResult(str(output_dir), steps, losses[0] if losses else None, losses[-1] if losses else None,
