@@ -49,6 +49,7 @@ class EngineRuntime:
         self._info: ModelInfo | None = None
         self._formats: dict[str, ChatFormat] = {}
         self.adapters: dict[str, AdapterInfo] = {}
+        self._unrestored: dict[str, str] = {}  # registered adapters that failed to load at this start
         self._store = AdapterStore(settings.state_path / "adapters.json")
         self._adapter_lock = asyncio.Lock()
 
@@ -71,12 +72,14 @@ class EngineRuntime:
 
     async def _restore_adapters(self) -> None:
         """Serve again what was served before a restart, plus JARVIS_LORA_MODULES."""
-        wanted = {**self._store.load(), **self.settings.lora_modules}
-        for name, path in wanted.items():
+        stored = self._store.load()
+        for name, path in {**stored, **self.settings.lora_modules}.items():
             try:
                 await self.load_adapter(name, path, persist=False)
             except Exception as exc:  # one bad adapter must not take the server down
                 log.error("adapter %s (%s) not loaded: %s", name, path, exc)
+                if name in stored:  # keep it registered: a missing disk or file may come back
+                    self._unrestored[name] = stored[name]
         self._persist()
 
     def _fail(self, message: str) -> None:
@@ -151,6 +154,7 @@ class EngineRuntime:
                 raise InvalidAdapter(f"the {self.engine.name} engine could not load adapter {name!r}: "
                                      f"{type(exc).__name__}: {exc}", code="adapter_load_failed") from exc
             self.adapters[name] = adapter
+            self._unrestored.pop(name, None)
             if persist:
                 self._persist()
         log.info("adapter %s loaded from %s (rank %d)", name, adapter.path, adapter.rank)
@@ -159,6 +163,9 @@ class EngineRuntime:
     async def unload_adapter(self, name: str) -> None:
         self.require_ready()
         async with self._adapter_lock:
+            if self._unrestored.pop(name, None) is not None and name not in self.adapters:
+                self._persist()  # unregistering one that could not be restored
+                return
             if name not in self.adapters:
                 raise NotFound(f"The lora adapter '{name}' is not loaded.", param="lora_name",
                                code="adapter_not_found")
@@ -167,7 +174,7 @@ class EngineRuntime:
             self._persist()
 
     def _persist(self) -> None:
-        self._store.save({name: a.path for name, a in self.adapters.items()})
+        self._store.save({**self._unrestored, **{name: a.path for name, a in self.adapters.items()}})
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ final `data: {"error": ...}` event, as vLLM's server does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -105,8 +106,8 @@ class OpenAIController(Controller):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(completion_events(runtime, gens[0], include_usage))
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, gen in enumerate(gens):
-            result = await runtime.generate(gen)
+        results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
+        for index, (gen, result) in enumerate(zip(gens, results)):
             text = (gen.prompt or "") + result.text if gen.echo else result.text
             choices.append(wire.CompletionChoice(
                 index=index, text=text, finish_reason=result.finish_reason,

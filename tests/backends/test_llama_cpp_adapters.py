@@ -48,3 +48,21 @@ def test_peft_adapter_served_by_llama_cpp_matches_peft(server, trained_lora):
     assert greedy(client, MODEL, prompt) == base
     with pytest.raises(openai.NotFoundError):
         greedy(client, "pirate", prompt)
+
+
+def test_a_registered_adapter_that_fails_to_load_stays_registered(start_jarvis, adapter_root, tmp_path):
+    """Nothing is lost: an adapter whose folder is missing at start is skipped, not forgotten."""
+    import json
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "adapters.json").write_text(json.dumps({"gone": str(adapter_root / "not-there-yet")}))
+    server = start_jarvis(tmp_path, JARVIS_ADAPTER_ROOT=str(adapter_root), JARVIS_STATE_DIR=str(state))
+    try:
+        assert server.health()["status"] == "ready"
+        assert httpx.get(f"{server.v1}/adapters").json()["data"] == []
+        assert json.loads((state / "adapters.json").read_text()) == {"gone": str(adapter_root / "not-there-yet")}
+        assert httpx.post(f"{server.v1}/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200
+        assert json.loads((state / "adapters.json").read_text()) == {}
+    finally:
+        server.stop()
