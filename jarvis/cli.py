@@ -21,22 +21,23 @@ from jarvis.settings import JarvisSettings, SettingsError, load_settings
 console = Console(stderr=True)
 
 
-def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
-    """Settings as resolved, and every problem found: values, plugin names, engine settings.
+def resolve_settings(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
+    """Settings as resolved; a bad field falls back to its default so that later checks still run."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return load_settings(**overrides), []
+    except SettingsError as exc:
+        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
+        return load_settings(**{**overrides, **{
+            name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
+            for name in bad if name in JarvisSettings.model_fields}}), exc.problems
 
-    A bad field falls back to its default so that the checks after it still run."""
+
+def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
+    """Settings as resolved, and every problem found: values, plugin names, engine settings."""
     from jarvis.registry import Registries, check_settings
 
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    problems: list[ConfigError] = []
-    try:
-        settings = load_settings(**overrides)
-    except SettingsError as exc:
-        problems += exc.problems
-        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
-        settings = load_settings(**{**overrides, **{
-            name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
-            for name in bad if name in JarvisSettings.model_fields}})
+    settings, problems = resolve_settings(**overrides)
     try:
         registries = Registries.from_plugins(create_plugin_manager(settings.plugins))
         found = check_settings(settings, registries)
@@ -108,7 +109,7 @@ def list_plugins() -> None:
     """List the loaded plugins, their engines and chat formats."""
     from jarvis.registry import Registries
 
-    settings, problems = diagnose()
+    settings, problems = resolve_settings()  # listing needs no engine: `doctor` checks the rest
     if problems:
         _print_problems(problems)
     pm = create_plugin_manager(settings.plugins)

@@ -99,6 +99,18 @@ def embedded_gguf() -> Path:
     return embedded_model_path(load_settings().data_dir)
 
 
+def run_jarvis_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`python -m jarvis ARGS` with no inherited JARVIS_* settings, plus `env`; wide output for asserts."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
+    return subprocess.run([sys.executable, "-m", "jarvis", *args], cwd=cwd,
+                          env={**environ, "COLUMNS": "200", **env}, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def jarvis_cli() -> Callable[..., subprocess.CompletedProcess]:
+    return run_jarvis_cli
+
+
 @pytest.fixture(scope="session")
 def start_jarvis() -> Callable[..., RunningServer]:
     """`start_jarvis(tmp_dir, **env)` for tests that manage a server's lifetime themselves."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 
 import httpx
 import openai
@@ -151,15 +150,6 @@ def test_unloaded_adapter_is_gone(server, client, pirate):
     assert greedy(client, MODEL)
 
 
-def run_cli(*args: str, **env: str):
-    import subprocess
-    import sys
-
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    return subprocess.run([sys.executable, "-m", "jarvis", *args], env={**environ, "COLUMNS": "200", **env},
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("env, setting, fix", [
     ({"JARVIS_HF_QUANTIZATION": "int8"}, "JARVIS_HF_QUANTIZATION", "unset JARVIS_HF_QUANTIZATION"),
     ({"JARVIS_HF_QUANTIZATION": "int4"}, "JARVIS_HF_QUANTIZATION", "llama_cpp"),
@@ -168,18 +158,18 @@ def run_cli(*args: str, **env: str):
     ({"JARVIS_MODEL_NAME": "/nonexistent"}, "JARVIS_MODEL_NAME", "save_pretrained"),
     ({"JARVIS_HF_DECODE": "graphs"}, "JARVIS_HF_DECODE", "static or dynamic"),
 ])
-def test_what_this_machine_cannot_do_fails_at_start_with_a_fix(env, setting, fix):
+def test_what_this_machine_cannot_do_fails_at_start_with_a_fix(jarvis_cli, env, setting, fix):
     import torch
 
     if setting in ("JARVIS_DEVICE", "JARVIS_HF_DECODE") and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    done = run_cli("serve", JARVIS_INFERENCE_ENGINE="hf", **env)
+    done = jarvis_cli("serve", JARVIS_INFERENCE_ENGINE="hf", **env)
     assert done.returncode == 2, done.stderr
     assert setting in done.stderr and fix in done.stderr
 
 
-def test_models_convert_prints_the_converted_folder(hf_folder):
-    done = run_cli("models", "convert")
+def test_models_convert_prints_the_converted_folder(jarvis_cli, hf_folder):
+    done = jarvis_cli("models", "convert")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(hf_folder)
     assert (hf_folder / "model.safetensors").is_file() and (hf_folder / "tokenizer.json").is_file()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
@@ -87,39 +85,29 @@ def test_per_model_chat_format_is_checked(registries):
     assert problem.setting == "JARVIS_CHAT_FORMATS['m']" and "llama3" in problem.fix
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    return subprocess.run([sys.executable, "-m", "jarvis", *args], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_serve_refuses_to_start_with_the_fix(tmp_path):
-    done = run_cli("serve", env={"JARVIS_INFERENCE_ENGINE": "lama_cpp", "JARVIS_PORT": "0",
-                                 "COLUMNS": "200"})
+def test_serve_refuses_to_start_with_the_fix(jarvis_cli):
+    done = jarvis_cli("serve", JARVIS_INFERENCE_ENGINE="lama_cpp", JARVIS_PORT="0")
     assert done.returncode == 2
     assert "JARVIS_INFERENCE_ENGINE" in done.stderr and "set JARVIS_INFERENCE_ENGINE=llama_cpp" in done.stderr
     assert "JARVIS_PORT" in done.stderr
 
 
-def test_serve_rejects_a_missing_model_file(tmp_path):
-    done = run_cli("serve", env={"JARVIS_MODEL_NAME": str(tmp_path / "nope.gguf"), "COLUMNS": "200"})
+def test_serve_rejects_a_missing_model_file(jarvis_cli, tmp_path):
+    done = jarvis_cli("serve", JARVIS_MODEL_NAME=str(tmp_path / "nope.gguf"))
     assert done.returncode == 2
     assert "JARVIS_MODEL_NAME" in done.stderr and "no such file" in done.stderr
 
 
-def test_doctor_reports_every_problem(tmp_path):
-    done = run_cli("doctor", env={"JARVIS_CHAT_FORMAT": "chatlm", "JARVIS_MAX_MODEL_LEN": "1",
-                                  "COLUMNS": "200"})
+def test_doctor_reports_every_problem(jarvis_cli):
+    done = jarvis_cli("doctor", JARVIS_CHAT_FORMAT="chatlm", JARVIS_MAX_MODEL_LEN="1")
     assert done.returncode == 1
     assert "JARVIS_CHAT_FORMAT" in done.stderr and "set JARVIS_CHAT_FORMAT=chatml" in done.stderr
     assert "JARVIS_MAX_MODEL_LEN" in done.stderr
     assert "JARVIS_INFERENCE_ENGINE" in done.stdout  # the resolved configuration is printed too
 
 
-def test_doctor_passes_on_the_defaults():
-    done = run_cli("doctor", env={"COLUMNS": "200"})
+def test_doctor_passes_on_the_defaults(jarvis_cli):
+    done = jarvis_cli("doctor")
     assert done.returncode == 0, done.stderr
     assert "no problems found" in done.stderr
 

@@ -9,7 +9,6 @@ and the HTTP layer's handling of a stream that fails midway, not generation.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -139,15 +138,8 @@ def plugin_path(tmp_path_factory) -> str:
     return str(target)
 
 
-def jarvis_cli(plugin_path: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    environ.update(PYTHONPATH=plugin_path, COLUMNS="200", **env)
-    return subprocess.run([sys.executable, "-m", "jarvis", *args], env=environ, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_plugins_command_lists_the_third_party_plugin(plugin_path):
-    done = jarvis_cli(plugin_path, "plugins")
+def test_plugins_command_lists_the_third_party_plugin(plugin_path, jarvis_cli):
+    done = jarvis_cli("plugins", PYTHONPATH=plugin_path)
     assert done.returncode == 0, done.stderr
     line = next(l for l in done.stdout.splitlines() if "echo_test" in l and "jarvis-echo-test-plugin" in l)
     assert "0.0.1" in line and "third-party" in line
@@ -155,14 +147,14 @@ def test_plugins_command_lists_the_third_party_plugin(plugin_path):
     assert "shouty_test" in next(l for l in done.stdout.splitlines() if l.startswith("chat formats:"))
 
 
-def test_the_plugin_adds_a_cli_command(plugin_path):
-    done = jarvis_cli(plugin_path, "echo-test-hello")
+def test_the_plugin_adds_a_cli_command(plugin_path, jarvis_cli):
+    done = jarvis_cli("echo-test-hello", PYTHONPATH=plugin_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "hello from echo_test"
 
 
-def test_allow_list_keeps_it_out(plugin_path):
-    done = jarvis_cli(plugin_path, "doctor", JARVIS_PLUGINS="someone_else", JARVIS_INFERENCE_ENGINE="echo_test")
+def test_allow_list_keeps_it_out(plugin_path, jarvis_cli):
+    done = jarvis_cli("doctor", PYTHONPATH=plugin_path, JARVIS_PLUGINS="someone_else", JARVIS_INFERENCE_ENGINE="echo_test")
     assert done.returncode == 1
     assert "JARVIS_INFERENCE_ENGINE" in done.stderr and "echo_test" in done.stderr
 

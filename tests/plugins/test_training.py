@@ -4,9 +4,6 @@ same curve, accumulation equals a bigger batch, MLflow holds the run, and train 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -133,27 +130,21 @@ def test_config_file_and_flags_are_validated(tmp_path):
     assert "--tracker none" in info.value.fix
 
 
-def jarvis(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    return subprocess.run([sys.executable, "-m", "jarvis", *args], cwd=cwd, env={**environ, "COLUMNS": "200", **env},
-                          capture_output=True, text=True, timeout=900)
-
-
-def test_cli_reports_invalid_rows_and_refuses_qlora_on_cpu(tmp_path):
-    done = jarvis("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--name", "mixed", "--max-steps", "1",
+def test_cli_reports_invalid_rows_and_refuses_qlora_on_cpu(jarvis_cli, tmp_path):
+    done = jarvis_cli("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--name", "mixed", "--max-steps", "1",
                   "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(tmp_path / "adapters"))
     assert done.returncode == 0, done.stderr
     assert "skipped line 8: not valid JSON" in done.stderr and "skipped bad-role:" in done.stderr
     assert "6 examples (12 invalid skipped)" in done.stderr
-    strict = jarvis("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--strict", "--tracker", "none",
+    strict = jarvis_cli("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--strict", "--tracker", "none",
                     cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(tmp_path / "adapters"))
     assert strict.returncode == 2 and "--data" in strict.stderr
-    qlora = jarvis("train", "--data", str(DATA / "train_small.jsonl"), "--qlora", "--tracker", "none",
+    qlora = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--qlora", "--tracker", "none",
                    cwd=tmp_path, JARVIS_DEVICE="cpu")
     assert qlora.returncode == 2 and "CUDA" in qlora.stderr and "drop --qlora" in qlora.stderr
 
 
-def test_train_publish_serve_with_mlflow(hf_folder, jarvis_server, tmp_path):
+def test_train_publish_serve_with_mlflow(jarvis_cli, hf_folder, jarvis_server, tmp_path):
     from mlflow import MlflowClient
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,7 +156,7 @@ def test_train_publish_serve_with_mlflow(hf_folder, jarvis_server, tmp_path):
     base_answer = client.chat.completions.create(model="gemma-3-270m", messages=question, max_tokens=12,
                                                  temperature=0).choices[0].message.content
 
-    done = jarvis("train", "--data", str(DATA / "train_small.jsonl"), "--name", "facts", "--max-steps", "16",
+    done = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--name", "facts", "--max-steps", "16",
                   "--learning-rate", "1e-3", "--save-every", "8", "--log-every", "2", "--publish", server.base_url,
                   cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(adapters))
     assert done.returncode == 0, done.stderr
@@ -202,20 +193,20 @@ def test_train_publish_serve_with_mlflow(hf_folder, jarvis_server, tmp_path):
     assert httpx.get(f"{server.v1}/adapters").json()["data"][0]["name"] == "facts"
 
 
-def test_dora_trains_and_merge_writes_a_full_model(hf_folder, tmp_path):
+def test_dora_trains_and_merge_writes_a_full_model(jarvis_cli, hf_folder, tmp_path):
     """DoRA is an option of the same loop; `jarvis adapters merge` writes a model that generates what
     base + adapter generates."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapters = tmp_path / "adapters"
-    done = jarvis("train", "--data", str(DATA / "train_small.jsonl"), "--name", "dora", "--dora", "--max-steps", "4",
+    done = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--name", "dora", "--dora", "--max-steps", "4",
                   "--learning-rate", "2e-3", "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(adapters))
     assert done.returncode == 0, done.stderr
     config = json.loads((adapters / "dora" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["r"] == 8
     merged_dir = tmp_path / "merged"
-    merged = jarvis("adapters", "merge", str(adapters / "dora"), "--out", str(merged_dir), cwd=tmp_path)
+    merged = jarvis_cli("adapters", "merge", str(adapters / "dora"), "--out", str(merged_dir), cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     inputs = tokenizer(GEMMA([{"role": "user", "content": "What colour is grass?"}], True), return_tensors="pt")
