@@ -171,10 +171,7 @@ class BatchScheduler:
         longest = width + max(s.request.max_tokens or 0 for s in live)
         if self.decode != "dynamic" and not h.has_adapters and longest <= self.max_len:
             return self._decode_static(live, width)
-        pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], device=h.device)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live],
-                            device=h.device)
+        ids, mask = self._left_padded(live, width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=h.model.config)
         extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
@@ -208,11 +205,9 @@ class BatchScheduler:
         bucket = self.max_batch_size if self.decode == "graphs" else \
             min(self.max_batch_size, 1 << (len(live) - 1).bit_length())
         rows = live + [live[0]] * (bucket - len(live))  # padding rows repeat a real prompt; their output is dropped
-        pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in rows], device=h.device)
+        ids, prompt_mask = self._left_padded(rows, width)
         mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
-        for i, s in enumerate(rows):
-            mask[i, width - len(s.prompt_ids):width] = 1
+        mask[:, :width] = prompt_mask
         prefill_positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         positions = prefill_positions[:, -1:]
         cache = self._static.get(bucket)
@@ -240,6 +235,15 @@ class BatchScheduler:
                 h.stats.forward_passes += 1
                 out = self._step_fn()(input_ids=feed, attention_mask=mask, position_ids=positions,
                                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids left-padded to `width`, and the attention mask that hides the padding."""
+        h = self.handle
+        pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else 0
+        gaps = [width - len(s.prompt_ids) for s in rows]
+        ids = torch.tensor([[pad] * g + s.prompt_ids for g, s in zip(gaps, rows)], device=h.device)
+        mask = torch.tensor([[0] * g + [1] * (width - g) for g in gaps], device=h.device)
+        return ids, mask
 
     def _step_fn(self) -> Any:
         """The decode forward: compiled into a replayed CUDA graph in "graphs" mode, else eager."""
