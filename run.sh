@@ -74,7 +74,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    ensure_project "llama,hf,train,dev"
+    ensure_project "llama,hf,train,otel,eval,dev"
     exec "$PY" -m pytest "$@"
     ;;
   *)

@@ -32,6 +32,11 @@ async def parse_body(request: Request, model: type[M]) -> M:
         data = json.loads(raw or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    return validate_body(data, model)
+
+
+def validate_body(data: Any, model: type[M]) -> M:
+    """Validate a decoded JSON body into `model`, raising the 400 the HTTP route would return."""
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     try:
@@ -71,52 +76,72 @@ class OpenAIController(Controller):
     async def chat_completions(self, request: Request) -> Response:
         runtime = runtime_of(request)
         body = await parse_body(request, wire.ChatCompletionRequest)
-        gen = runtime.prepare(GenerationRequest(
-            prompt=None, model=body.model, kind="chat",
-            messages=[m.normalised() for m in body.messages],
-            max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            stop=body.stop, seed=body.seed, logprobs=body.logprobs,
-            top_logprobs=body.top_logprobs or 0))
         if body.stream:
+            gen = chat_generation(runtime, body)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(chat_events(runtime, gen, include_usage))
-        result = await runtime.generate(gen)
-        return Response(wire.dump(wire.ChatCompletion(
-            id=wire.new_id("chatcmpl"), created=wire.now(), model=body.model,
-            choices=[wire.ChatChoice(index=0, message=wire.AssistantMessage(content=result.text),
-                                     finish_reason=result.finish_reason,
-                                     logprobs=chat_logprobs(result.logprobs) if body.logprobs else None)],
-            usage=usage(result.prompt_tokens, result.completion_tokens))))
+        return Response(await create_chat_completion(runtime, body))
 
     @post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible).")
     async def completions(self, request: Request) -> Response:
         runtime = runtime_of(request)
         body = await parse_body(request, wire.CompletionRequest)
-        if body.stream and len(body.prompts) > 1:
-            raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
-        want_logprobs = body.logprobs is not None
-        gens = [runtime.prepare(GenerationRequest(
-            prompt=prompt, model=body.model, kind="completion", max_tokens=body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, stop=body.stop, seed=body.seed,
-            logprobs=want_logprobs, top_logprobs=body.logprobs or 0, echo=body.echo))
-            for prompt in body.prompts]
         if body.stream:
+            if len(body.prompts) > 1:
+                raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(completion_events(runtime, gens[0], include_usage))
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
-        for index, (gen, result) in enumerate(zip(gens, results)):
-            text = (gen.prompt or "") + result.text if gen.echo else result.text
-            choices.append(wire.CompletionChoice(
-                index=index, text=text, finish_reason=result.finish_reason,
-                logprobs=completion_logprobs(result, gen.echo) if want_logprobs else None))
-            prompt_tokens += result.prompt_tokens
-            completion_tokens += result.completion_tokens
-        return Response(wire.dump(wire.Completion(
-            id=wire.new_id("cmpl"), created=wire.now(), model=body.model, choices=choices,
-            usage=usage(prompt_tokens, completion_tokens))))
+            return sse_response(completion_events(runtime, completion_generations(runtime, body)[0], include_usage))
+        return Response(await create_completion(runtime, body))
+
+
+# --- the non-streaming calls, shared with plugins (the batch runner) --------------------------------
+
+
+def chat_generation(runtime: EngineRuntime, body: wire.ChatCompletionRequest) -> GenerationRequest:
+    return runtime.prepare(GenerationRequest(
+        prompt=None, model=body.model, kind="chat",
+        messages=[m.normalised() for m in body.messages],
+        max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        stop=body.stop, seed=body.seed, logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0))
+
+
+def completion_generations(runtime: EngineRuntime, body: wire.CompletionRequest) -> list[GenerationRequest]:
+    return [runtime.prepare(GenerationRequest(
+        prompt=prompt, model=body.model, kind="completion", max_tokens=body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, stop=body.stop, seed=body.seed,
+        logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo))
+        for prompt in body.prompts]
+
+
+async def create_chat_completion(runtime: EngineRuntime, body: wire.ChatCompletionRequest) -> dict[str, Any]:
+    """Run one chat completion to the end and return the OpenAI response body."""
+    result = await runtime.generate(chat_generation(runtime, body))
+    return wire.dump(wire.ChatCompletion(
+        id=wire.new_id("chatcmpl"), created=wire.now(), model=body.model,
+        choices=[wire.ChatChoice(index=0, message=wire.AssistantMessage(content=result.text),
+                                 finish_reason=result.finish_reason,
+                                 logprobs=chat_logprobs(result.logprobs) if body.logprobs else None)],
+        usage=usage(result.prompt_tokens, result.completion_tokens)))
+
+
+async def create_completion(runtime: EngineRuntime, body: wire.CompletionRequest) -> dict[str, Any]:
+    """Run a text completion (every prompt, concurrently) and return the OpenAI response body."""
+    gens = completion_generations(runtime, body)
+    results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for index, (gen, result) in enumerate(zip(gens, results)):
+        text = (gen.prompt or "") + result.text if gen.echo else result.text
+        choices.append(wire.CompletionChoice(
+            index=index, text=text, finish_reason=result.finish_reason,
+            logprobs=completion_logprobs(result, gen.echo) if gen.logprobs else None))
+        prompt_tokens += result.prompt_tokens
+        completion_tokens += result.completion_tokens
+    return wire.dump(wire.Completion(
+        id=wire.new_id("cmpl"), created=wire.now(), model=body.model, choices=choices,
+        usage=usage(prompt_tokens, completion_tokens)))
 
 
 # --- rendering ------------------------------------------------------------------------------------

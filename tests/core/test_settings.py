@@ -112,15 +112,42 @@ def test_doctor_passes_on_the_defaults(jarvis_cli):
     assert "no problems found" in done.stderr
 
 
+def _jarvis_settings_classes():
+    """Every pydantic-settings class the core, the engines and the plugins define (found by walking them)."""
+    import importlib
+    import pkgutil
+
+    from pydantic_settings import BaseSettings
+
+    import jarvis
+
+    found = set()
+    names = [i.name for i in pkgutil.walk_packages(jarvis.__path__, "jarvis.")]
+    for pkg in ("jarvis.backends", "jarvis.plugins"):
+        mod = importlib.import_module(pkg)
+        names += [i.name for i in pkgutil.walk_packages(mod.__path__, pkg + ".")]
+    for name in names:
+        if name.endswith("__main__"):
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an optional engine's module whose dependency this machine lacks
+            continue
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, BaseSettings) and value is not BaseSettings \
+                    and value.__module__ == name:
+                found.add(value)
+    return found
+
+
 def test_env_example_lists_every_setting():
     from pathlib import Path
 
-    from jarvis.backends.hf import PREFIX as HF, HfSettings
-    from jarvis.backends.llama_cpp import PREFIX as LLAMA, LlamaCppSettings
-
     text = (Path(__file__).parents[2] / ".env.example").read_text()
     listed = {line.lstrip("# ").split("=", 1)[0] for line in text.splitlines() if "JARVIS_" in line.split("=", 1)[0]}
-    expected = {f"JARVIS_{n.upper()}" for n in JarvisSettings.model_fields}
-    expected |= {f"{LLAMA}{n.upper()}" for n in LlamaCppSettings.model_fields}
-    expected |= {f"{HF}{n.upper()}" for n in HfSettings.model_fields}
+    classes = _jarvis_settings_classes()
+    assert JarvisSettings in classes
+    expected = {f"{cls.model_config.get('env_prefix', '')}{n}".upper()
+                for cls in classes for n in cls.model_fields}
+    assert len(classes) >= 3  # core, llama.cpp, transformers at least
     assert expected - listed == set(), "settings missing from .env.example"

@@ -1,0 +1,1 @@
+"""Evaluation plugin: perplexity, base vs adapter, task metrics, serving benchmark and cost reports."""

@@ -1,0 +1,1 @@
+"""Telemetry plugin: OpenTelemetry traces and metrics, Prometheus /metrics, alerts."""
