@@ -90,6 +90,8 @@ def create_app(settings: JarvisSettings | None = None,
 
     extra_routes: list[Any] = []
     pm.hook.jarvis_register_routes(register=extra_routes.append)
+    middleware: list[Any] = []
+    pm.hook.jarvis_register_middleware(register=middleware.append)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -107,6 +109,7 @@ def create_app(settings: JarvisSettings | None = None,
     app = Litestar(
         route_handlers=[OpenAIController, AdapterController, health, ready, *extra_routes],
         lifespan=[lifespan],
+        middleware=middleware,
         guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
         exception_handlers={APIError: api_error_response, HTTPException: http_error_response,
                             Exception: unexpected_error_response},

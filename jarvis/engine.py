@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,6 +58,16 @@ class GenerationRequest:
     adapter: str | None = None
     kind: Literal["completion", "chat"] = "completion"
     request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
+    #: Set by the runtime: the name of the engine that serves the request (for hooks, logs).
+    engine: str | None = None
+    #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
+    #: stream and by `Engine.generate` (an engine that overrides `generate` may set it itself).
+    first_token_at: float | None = None
+
+    def mark_first_token(self, chunk: "GenerationChunk") -> None:
+        """Record the arrival time of the first chunk that carries generated tokens."""
+        if self.first_token_at is None and (chunk.token_count or chunk.text):
+            self.first_token_at = time.monotonic()
 
 
 @dataclass
@@ -191,6 +202,7 @@ class Engine:
         last: GenerationChunk | None = None
         prompt_logprobs: list[TokenLogprob] | None = None
         async for chunk in self.stream(request):
+            request.mark_first_token(chunk)
             parts.append(chunk.text)
             logprobs.extend(chunk.logprobs)
             prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs

@@ -39,6 +39,11 @@ def jarvis_register_routes(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def jarvis_register_middleware(register: Callable[[Any], None]) -> None:
+    """Call `register(middleware)` with a Litestar middleware (ASGI factory `app -> app`) wrapping every request."""
+
+
+@hookspec
 def jarvis_register_commands(cli: "click.Group") -> None:
     """Add click commands or groups to the `jarvis` CLI (`cli.add_command(...)`)."""
 
@@ -61,7 +66,7 @@ def jarvis_request_started(request: "GenerationRequest") -> None:
 @hookspec
 def jarvis_request_finished(request: "GenerationRequest", result: "GenerationResult | None",
                             error: BaseException | None) -> None:
-    """A generation ended with `result` or `error` (cancelled streams arrive with an error)."""
+    """A generation ended with `result` or `error` (cancelled streams arrive with an error; no logprobs on streams)."""
 
 
 @hookspec

@@ -52,6 +52,8 @@ class EngineRuntime:
         self._unrestored: dict[str, str] = {}  # registered adapters that failed to load at this start
         self._store = AdapterStore(settings.state_path / "adapters.json")
         self._adapter_lock = asyncio.Lock()
+        #: Generations between the request hooks (handed to the engine, not yet finished).
+        self.in_flight = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +128,11 @@ class EngineRuntime:
                        f"{', '.join(m.id for m in self.models())}.", param="model",
                        code="model_not_found")
 
+    @property
+    def queue_depth(self) -> int:
+        """Generations handed to the engine that it has not begun decoding (waiting for a slot)."""
+        return max(0, self.in_flight - self.engine.stats.in_flight)
+
     def chat_format(self, model_id: str) -> ChatFormat:
         if model_id not in self._formats:
             name = self.settings.chat_formats.get(model_id, self.settings.chat_format)
@@ -183,6 +190,7 @@ class EngineRuntime:
         info = self.require_ready()
         served = self.resolve_model(request.model)
         request.adapter = served.adapter
+        request.engine = self.engine.name
         if request.kind == "chat" and not self.engine.applies_chat_template:
             fmt = self.chat_format(served.id)
             try:
@@ -214,18 +222,29 @@ class EngineRuntime:
         return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The engine's chunks; the finished hook gets the text and usage (no logprobs) of the stream."""
         self._started(request)
         error: BaseException | None = None
+        parts: list[str] = []
+        last: GenerationChunk | None = None
         try:
             async for chunk in self.engine.stream(request):
+                request.mark_first_token(chunk)
+                parts.append(chunk.text)
+                last = chunk
                 yield chunk
         except BaseException as exc:
             error = exc
             raise _as_api_error(exc)
         finally:
-            self._finished(request, None, error)
+            result = None
+            if error is None and last is not None and last.finish_reason is not None:
+                result = GenerationResult("".join(parts), last.finish_reason, last.prompt_tokens or 0,
+                                          last.completion_tokens or 0)
+            self._finished(request, result, error)
 
     def _started(self, request: GenerationRequest) -> None:
+        self.in_flight += 1
         try:
             self.hooks.jarvis_request_started(request=request)
         except Exception:
@@ -233,6 +252,7 @@ class EngineRuntime:
 
     def _finished(self, request: GenerationRequest, result: GenerationResult | None,
                   error: BaseException | None) -> None:
+        self.in_flight -= 1
         try:
             self.hooks.jarvis_request_finished(request=request, result=result, error=error)
         except Exception:
