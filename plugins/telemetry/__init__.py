@@ -1,1 +1,82 @@
-"""Telemetry plugin: OpenTelemetry traces and metrics, Prometheus /metrics, alerts."""
+"""Telemetry plugin: OpenTelemetry traces and metrics, Prometheus /metrics, alerts.
+
+Built only on hooks: `jarvis_request_started/finished` observe every
+generation, `jarvis_register_middleware` adds the HTTP server span (when OTLP
+export is on), `jarvis_register_routes` mounts GET /metrics, and the lifespan
+hooks run the status line, the alert checks and the OTLP metric pushes.
+Settings are `JARVIS_TELEMETRY_*` (see .env.example); with the `otel` extra
+missing the plugin says so once and stays out of the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jarvis import hookimpl
+
+log = logging.getLogger("jarvis.telemetry")
+
+#: The recorder of the app being built or served (one app per process).
+_current: Any = None
+
+
+def _new_recorder() -> Any:
+    from jarvis.plugins.telemetry.settings import PREFIX, TelemetrySettings
+    from jarvis.settings import load_settings
+
+    settings = load_settings(TelemetrySettings, prefix=PREFIX)
+    if not settings.enabled:
+        return None
+    try:
+        from jarvis.plugins.telemetry.recorder import TelemetryRecorder
+
+        return TelemetryRecorder(settings)
+    except ImportError as exc:
+        log.warning("telemetry off: %s (install the extra: pip install 'jarvis-llm[otel]')", exc)
+        return None
+
+
+@hookimpl
+def jarvis_register_routes(register: Any) -> None:
+    global _current
+    _current = _new_recorder()
+    if _current is not None:
+        from jarvis.plugins.telemetry.endpoint import metrics_endpoint
+
+        register(metrics_endpoint)
+
+
+@hookimpl
+def jarvis_register_middleware(register: Any) -> None:
+    if _current is not None and _current.tracing is not None:
+        register(_current.tracing.middleware)
+
+
+@hookimpl
+def jarvis_startup(app: Any) -> None:
+    app.state.telemetry = _current
+    if _current is not None:
+        if _current.settings.metrics_require_api_key and not app.state.settings.api_keys:
+            log.warning("JARVIS_TELEMETRY_METRICS_REQUIRE_API_KEY is on but JARVIS_API_KEYS is empty: "
+                        "GET /metrics refuses every request")
+        _current.start(app.state.runtime)
+
+
+@hookimpl
+def jarvis_shutdown(app: Any) -> None:
+    recorder = getattr(app.state, "telemetry", None)
+    if recorder is not None:
+        recorder.stop()
+
+
+@hookimpl
+def jarvis_request_started(request: Any) -> None:
+    if _current is not None:
+        _current.started(request)
+
+
+@hookimpl
+def jarvis_request_finished(request: Any, result: Any, error: BaseException | None) -> None:
+    if _current is not None:
+        _current.finished(request, result, error)
