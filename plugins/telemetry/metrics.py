@@ -20,6 +20,10 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 TOKENS_PER_SECOND_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 ALERTS = ("p95_latency", "error_rate", "p95_ttft", "memory", "queue_depth")
+#: Gauges read at collection time; the GPU ones appear only where NVML sees a GPU.
+LIVE_METRICS = ("jarvis_requests_in_flight", "jarvis_queue_depth", "jarvis_process_resident_memory_bytes",
+                "jarvis_machine_memory_bytes", "jarvis_gpu_utilization_percent", "jarvis_gpu_memory_used_bytes",
+                "jarvis_gpu_memory_total_bytes")
 
 
 def adapter_label(adapter: str | None) -> str:
