@@ -20,7 +20,8 @@ def _fix(text: str) -> dict[str, str]:
 class TelemetrySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=".env", extra="ignore")
 
-    enabled: bool = Field(True, description="Metrics at GET /metrics, the periodic status line and alerts.",
+    enabled: bool = Field(True, description="The plugin's switch: metrics at GET /metrics, the status line, "
+                                            "alerts (and OTLP export when JARVIS_TELEMETRY_OTLP is on).",
                           json_schema_extra=_fix("set JARVIS_TELEMETRY_ENABLED to true or false"))
     otlp: bool = Field(False, description="Export traces and metrics over OTLP (OTEL_EXPORTER_OTLP_* "
                                           "variables pick endpoint and protocol: http/protobuf or grpc).",

@@ -205,7 +205,8 @@ def known_metric_series() -> set[str]:
 def test_dashboard_panels_query_existing_metrics_through_provisioned_datasources():
     dashboard = json.loads(DASHBOARD.read_text())
     provisioned = DATASOURCES.read_text()
-    uids = dict(zip(re.findall(r"^\s+uid: (\S+)$", provisioned, re.M), re.findall(r"^\s+type: (\S+)$", provisioned, re.M)))
+    uids = dict(zip(re.findall(r"^\s+uid: (\S+)$", provisioned, re.M),
+                    re.findall(r"^\s+type: (\S+)$", provisioned, re.M)))
     assert uids == {"prometheus": "prometheus", "tempo": "tempo"}
     known = known_metric_series()
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
