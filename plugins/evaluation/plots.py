@@ -121,9 +121,10 @@ def cost_breakdown(configs: Sequence[dict[str, Any]], losses: Sequence[float] | 
     if priced:
         ax = axes.pop(0)
         bottom = [0.0] * len(priced)
+        names = [f"{c['label']}\n{c['instance']}" for c in priced]
         for resource in ("gpu", "cpu", "ram", "storage"):
             values = [c["per_1m_output_tokens"][resource] for c in priced]
-            ax.bar([c["label"] for c in priced], values, bottom=bottom, label=resource)
+            ax.bar(names, values, bottom=bottom, label=resource)
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_ylabel("USD per 1M output tokens")
         ax.set_title("inference cost by resource")

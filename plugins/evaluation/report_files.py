@@ -48,7 +48,7 @@ def cell(value: Any) -> str:
             return "nan"
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
             return f"{value:.3e}"
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
 
 

@@ -2,8 +2,9 @@
 
 Checks (each returns a score in [0, 1]; pass/fail ones give 0 or 1):
 
-- `exact`: equal after normalising (case, surrounding/inner whitespace,
-  punctuation at the ends, and a trailing end-of-turn marker);
+- `exact`: equal after normalising as SQuAD does (lower case, punctuation and
+  the articles a/an/the removed, whitespace collapsed), end-of-turn markers
+  dropped first;
 - `contains`: the normalised expected text occurs in the normalised output;
 - `regex`: `pattern` (else the expected text) matches somewhere in the output;
 - `numeric`: the first number in the output is within `tolerance` (absolute,
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
+PUNCTUATION = set(string.punctuation)
 END_MARKERS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "</s>", "<eos>")
 
 
@@ -30,8 +32,9 @@ def normalise(text: Any) -> str:
     text = str(text)
     for marker in END_MARKERS:
         text = text.replace(marker, "")
-    text = " ".join(text.lower().split())
-    return text.strip(string.punctuation + " ")
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
 
 
 def check_exact(output: str, expected: Any, options: dict[str, Any]) -> float:
