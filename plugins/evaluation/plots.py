@@ -91,6 +91,8 @@ def perplexity_comparison(runs: dict[str, dict[str, Any]], path: Path) -> Path |
         values = [with_ppl[k]["perplexity"]["perplexity"] for k in labels]
         bars = ax.bar(labels, values, color=colors[:len(labels)])
         ax.bar_label(bars, fmt="%.2f")
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")  # an adapter can move perplexity by orders of magnitude
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title("perplexity")
     if with_tasks:
