@@ -43,8 +43,8 @@ def parse_input(data: bytes, endpoint: str) -> list[BatchLine]:
             continue
         if raw.strip():
             parsed = parse_line(number, raw, endpoint, seen)
-            if parsed.error is None and parsed.custom_id is not None:
-                seen[parsed.custom_id] = number
+            if parsed.custom_id is not None:  # the first line naming an id owns it, even if malformed
+                seen.setdefault(parsed.custom_id, number)
             lines.append(parsed)
     return lines
 

@@ -179,8 +179,9 @@ class BatchJobRunner:
             done = self.store.done_lines(batch_id)
             for line in lines:
                 if line.line not in done:
+                    error = {"code": code, "message": f"Line {line.line}: {message}"}
                     self.store.record_result(batch_id, line.line, line.custom_id, False,
-                                             line_error_record(line.custom_id, {"code": code, "message": f"Line {line.line}: {message}"}))
+                                             line_error_record(line.custom_id, error))
         final = reason or "completed"
         if final == "completed":
             self.store.set_status(batch_id, "finalizing")
