@@ -102,9 +102,10 @@ class OtlpMetricsPusher:
         while not self._stopped.wait(self._interval_s):
             self.push()
 
-    def push(self) -> None:
+    def push(self, timeout_s: float = 10.0) -> None:
         try:
-            self._exporter.export(registry_as_metrics_data(self._registry, self._resource, self._start_ns))
+            self._exporter.export(registry_as_metrics_data(self._registry, self._resource, self._start_ns),
+                                  timeout_millis=timeout_s * 1000)
         except Exception as exc:  # a collector that is down must not take the server with it
             log.warning("OTLP metrics export failed: %s", exc)
 
@@ -112,5 +113,5 @@ class OtlpMetricsPusher:
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self.push()
+        self.push(timeout_s=3.0)  # the last figures, without holding a stopping server for long
         self._exporter.shutdown()

@@ -113,8 +113,8 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def scraped(jarvis_server, prometheus_tools, tmp_path_factory):
-    server = jarvis_server(JARVIS_TELEMETRY_ALERT_P95_LATENCY_S="0.01", JARVIS_TELEMETRY_ALERT_MIN_REQUESTS="3",
-                           JARVIS_TELEMETRY_ALERT_WINDOW_S="5", JARVIS_TELEMETRY_ALERT_CHECK_INTERVAL_S="0.25",
+    server = jarvis_server(JARVIS_TELEMETRY_ALERT_P95_LATENCY_S="0.01", JARVIS_TELEMETRY_ALERT_MIN_REQUESTS="1",
+                           JARVIS_TELEMETRY_ALERT_WINDOW_S="4", JARVIS_TELEMETRY_ALERT_CHECK_INTERVAL_S="0.25",
                            JARVIS_LLAMA_N_THREADS="1")
     prometheus = Prometheus(prometheus_tools["prometheus"], tmp_path_factory.mktemp("prometheus"),
                             server.base_url.removeprefix("http://"))
@@ -170,7 +170,7 @@ def test_prometheus_scrapes_requests_latency_tokens_and_alerts(scraped):
     firing = re.search(r"alert p95_latency firing: .*", log)
     assert firing and "over the threshold 0.01s" in firing.group(0) and "slowest gen-" in firing.group(0), log
     assert "model=gemma-3-270m" in firing.group(0)
-    # Recovery: no requests for longer than the 5 s window empties it and clears the alert.
+    # Recovery: no requests for longer than the 4 s window empties it and clears the alert.
     deadline = time.monotonic() + 15
     while "alert p95_latency recovered" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.25)

@@ -94,7 +94,7 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def traced_server(jarvis_server, receiver):
+def traced_server(receiver, jarvis_server):  # the receiver outlives the server: its last export lands
     return jarvis_server(JARVIS_TELEMETRY_OTLP="true", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
                          OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", JARVIS_TELEMETRY_SPAN_EXPORT_DELAY_MS="100",
                          JARVIS_TELEMETRY_METRICS_EXPORT_INTERVAL_S="1", JARVIS_API_KEYS=API_KEY,
