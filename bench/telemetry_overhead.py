@@ -14,9 +14,12 @@ back to back, in an order that alternates from prompt to prompt, so background l
 
 How to read it: "added ms" = on latency - off latency for the same prompt (paired), p50 / p95;
 "tok/s on/off" = completion tokens per second with telemetry / without (1.000 = no cost; the goal is
-at least 0.97); "texts match" counts prompts whose greedy completion is the same on both.
+at least 0.97); "texts match" counts prompts whose greedy completion is the same on both. On a shared or busy machine
+the paired numbers are noisy; the last line adds a deterministic figure: the request-path cost of the
+telemetry hooks per generation measured in-process (µs), and its share of the median request.
 
-    python bench/telemetry_overhead.py [--requests N] [--max-tokens M] [--threads T] [--stream] [--out DIR]
+    python bench/telemetry_overhead.py [--requests N] [--max-tokens M] [--threads T] [--stream]
+                                       [--hook-iterations K] [--out DIR]
 """
 
 from __future__ import annotations
@@ -126,6 +129,37 @@ class Scraper:
         self._thread.join()
 
 
+def hook_cost_us(iterations: int) -> dict[str, float]:
+    """In-process cost of the telemetry request hooks per generation (µs), without and with span recording.
+
+    The same `TelemetryRecorder` code the server runs, on real `GenerationRequest`s; spans go to the SDK's
+    in-memory exporter through the batch processor, so this is the request path's cost, not the export's.
+    """
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from jarvis.engine import GenerationRequest, GenerationResult
+    from jarvis.plugins.telemetry.recorder import TelemetryRecorder
+    from jarvis.plugins.telemetry.settings import TelemetrySettings
+    from jarvis.plugins.telemetry.tracing import Tracing
+
+    result = GenerationResult("text", "length", 20, 32)
+    costs = {}
+    for name in ("metrics", "metrics+spans"):
+        recorder = TelemetryRecorder(TelemetrySettings(_env_file=None, gpu=False))
+        if name == "metrics+spans":
+            recorder.tracing = Tracing("bench", 1000, exporter=InMemorySpanExporter())
+        requests = [GenerationRequest(prompt="p", model="m", engine="llama_cpp") for _ in range(iterations)]
+        start = time.perf_counter()
+        for request in requests:
+            recorder.started(request)
+            request.first_token_at = time.monotonic()
+            recorder.finished(request, result, None)
+        costs[name] = round((time.perf_counter() - start) / iterations * 1e6, 1)
+        if recorder.tracing is not None:
+            recorder.tracing.shutdown()
+    return costs
+
+
 def ms(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2)
 
@@ -151,6 +185,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=max((os.cpu_count() or 2) // 2, 1))
     parser.add_argument("--stream", action="store_true", help="streaming requests (adds TTFT)")
+    parser.add_argument("--hook-iterations", type=int, default=5000,
+                        help="generations for the in-process hook cost measurement (default 5000)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
@@ -205,6 +241,12 @@ def main() -> None:
     console.print(f"'on' exported {sum(sink.posts.values())} OTLP posts ({sink.bytes} bytes: {sink.posts}) and was "
                   f"scraped {scraper.scrapes} times. Load average before/after: {config['load_before']:.2f} / "
                   f"{config['load_after']:.2f} on {config['cpu_count']} cores.")
+    hooks = hook_cost_us(args.hook_iterations)
+    median_ms = summary["off"]["latency_p50_ms"]
+    config["hook_cost_us"] = hooks
+    console.print(f"Request-path cost of the hooks per generation: {hooks['metrics']} µs with metrics, "
+                  f"{hooks['metrics+spans']} µs with metrics and spans = "
+                  f"{hooks['metrics+spans'] / 1000 / median_ms:.5%} of the median request ({median_ms:.0f} ms).")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "telemetry_overhead.json"
     out.write_text(json.dumps({"config": config, "summary": summary,
