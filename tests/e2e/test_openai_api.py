@@ -1,4 +1,7 @@
-"""The OpenAI API end to end: a real server per engine (llama.cpp, transformers), the embedded model, the official client."""
+"""The OpenAI API end to end: a real server per engine, the embedded model, the official client.
+
+Engines: llama.cpp, transformers, vLLM, and the upstream engine (a Jarvis in front of a llama.cpp Jarvis).
+"""
 
 from __future__ import annotations
 
@@ -20,12 +23,20 @@ CONTEXT = 512
 ENGINES = {
     "llama_cpp": {"JARVIS_LLAMA_N_PARALLEL": "2", "JARVIS_LLAMA_N_THREADS": "1"},
     "hf": {"JARVIS_HF_MAX_BATCH_SIZE": "8", "JARVIS_HF_BATCH_WAIT_MS": "20"},
+    "vllm": {},  # the session's vLLM server (conftest.vllm_server)
+    "openai": {},  # upstream engine: this Jarvis forwards to a llama.cpp Jarvis
 }
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+@pytest.fixture(scope="module", params=list(ENGINES), ids=lambda name: "upstream" if name == "openai" else name)
 def server(request, jarvis_server):
     """The same API suite runs against every engine that serves the embedded model."""
+    if request.param == "vllm":
+        return request.getfixturevalue("vllm_server")
+    if request.param == "openai":
+        upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN=str(CONTEXT),
+                                 **ENGINES["llama_cpp"])
+        return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
     return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN=str(CONTEXT),
                          **ENGINES[request.param])
 

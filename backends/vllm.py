@@ -1,0 +1,259 @@
+"""The vLLM engine, in process, through vLLM's public API (`AsyncLLMEngine`, `SamplingParams`, `LoRARequest`).
+
+vLLM schedules and batches on its own (continuous batching, paged KV cache);
+this delegate only translates: a `GenerationRequest` becomes token ids plus
+`SamplingParams`, each delta `RequestOutput` becomes a `GenerationChunk`, and a
+client that goes away aborts its request inside vLLM. Adapters are
+`LoRARequest`s added and removed at run time; `JARVIS_VLLM_MERGE_ADAPTER`
+serves one adapter merged into the weights instead. Configuration and the
+diagnosis of a layout that cannot work live in `vllm_config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from jarvis import hookimpl
+from jarvis.adapters import InvalidAdapter, inspect_adapter
+from jarvis.backends.vllm_config import PREFIX, Platform, VllmSettings, plan_engine, read_model_config
+from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob
+from jarvis.errors import ConfigError, InvalidRequest
+from jarvis.settings import JarvisSettings, SettingsError, load_settings
+
+log = logging.getLogger("jarvis.backends.vllm")
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, settings: JarvisSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options: VllmSettings = load_settings(VllmSettings, prefix=PREFIX)
+        self.platform = Platform.detect()
+        self.model_dir: Path | None = None
+        if settings.model_name is not None:
+            self.model_dir = Path(settings.model_name).expanduser()
+            if not (self.model_dir / "config.json").is_file():
+                raise ConfigError("JARVIS_MODEL_NAME", settings.model_name, "not a transformers model folder "
+                                  "(no config.json); vLLM serves safetensors folders",
+                                  "point JARVIS_MODEL_NAME at a folder written by save_pretrained, or unset it "
+                                  "to serve the embedded model (converted once)")
+        self.merge_source: Path | None = None
+        if self.options.merge_adapter:
+            try:
+                info = inspect_adapter("merge", self.options.merge_adapter, settings.adapter_dir,
+                                       settings.max_lora_rank)
+            except InvalidAdapter as exc:
+                raise ConfigError("JARVIS_VLLM_MERGE_ADAPTER", self.options.merge_adapter, exc.message,
+                                  "point it at a PEFT LoRA folder inside JARVIS_ADAPTER_ROOT") from None
+            self.merge_source = Path(info.path)
+        problems = self.diagnose()
+        if problems:
+            raise SettingsError(problems)
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._info: ModelInfo | None = None
+        self._served_dir: Path | None = None
+        self._loras: dict[str, Any] = {}
+        self._lora_ids = itertools.count(1)
+
+    def _base_dir(self) -> Path | None:
+        if self.model_dir is not None:
+            return self.model_dir
+        from jarvis.backends.hf_convert import converted_dir, is_converted
+
+        folder = converted_dir(self.settings.data_dir)
+        return folder if is_converted(folder) else None  # not converted yet: checked once it is
+
+    def diagnose(self, model_dir: Path | None = None) -> list[ConfigError]:
+        """Every problem with this configuration on this machine (empty: nothing found)."""
+        return plan_engine(self.settings, self.options, self.platform, model_dir or self._base_dir()).problems
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        folder = await asyncio.to_thread(self._model_folder)
+        plan = plan_engine(self.settings, self.options, self.platform, folder)
+        if plan.problems:
+            raise SettingsError(plan.problems)
+        os.environ.update(plan.env)
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
+        args = AsyncEngineArgs(**plan.engine_args)
+        log.info("starting vLLM on %s: %s", self.platform.device,
+                 {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")})
+        try:
+            self._engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+        except Exception as exc:
+            raise RuntimeError(f"vLLM could not start ({type(exc).__name__}: {exc}). The configuration checks "
+                               f"found nothing wrong; run `jarvis doctor --engine vllm`, lower "
+                               f"JARVIS_VLLM_MAX_MODEL_LEN or the memory settings, or serve with "
+                               f"JARVIS_INFERENCE_ENGINE=hf") from exc
+        self._served_dir = folder
+        config = read_model_config(folder)
+        if self.merge_source is not None:
+            model_id = self.merge_source.name
+        else:
+            model_id = folder.name.removesuffix("-hf") if self.model_dir is None else folder.name
+        self._info = ModelInfo(
+            id=model_id, max_model_len=plan.engine_args["max_model_len"], path=str(folder),
+            architecture=config.get("model_type"), chat_template=self._tokenizer.chat_template,
+            bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "")
+
+    def _model_folder(self) -> Path:
+        """The folder vLLM loads: the model, the embedded one converted, or either merged with an adapter."""
+        base = self.model_dir
+        if base is None:
+            from jarvis.backends.hf_convert import embedded_hf_model
+
+            base = embedded_hf_model(self.settings.data_dir)
+        if self.merge_source is None:
+            return base
+        from jarvis.backends.lora_merge import merged_model
+
+        merged = merged_model(base, self.merge_source, self.settings.data_dir / "models" / "merged")
+        log.info("serving %s merged into %s: %s", self.merge_source, base.name, merged)
+        return merged
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await asyncio.to_thread(engine.shutdown)
+
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("vllm engine not started")
+        return self._info
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.platform.device, "gpus": self.platform.gpus,
+                "tensor_parallel_size": self.options.tensor_parallel_size,
+                "pipeline_parallel_size": self.options.pipeline_parallel_size,
+                "distributed_executor": self.options.distributed_executor or "vllm default",
+                "quantization": self.options.quantization, "lora": self.options.enable_lora,
+                "max_loras": self.options.max_loras,
+                "merged_adapter": str(self.merge_source) if self.merge_source else None,
+                "batching": {"kind": "continuous (vLLM scheduler, paged KV cache)"}}
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        max_tokens = request.max_tokens
+        return SamplingParams(
+            max_tokens=max(1, max_tokens) if max_tokens is not None else None,  # 0 = score the prompt only
+            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            stop=list(request.stop) or None, logprobs=request.top_logprobs if request.logprobs else None,
+            prompt_logprobs=request.top_logprobs if request.echo and request.logprobs else None,
+            output_kind=RequestOutputKind.DELTA)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm import TokensPrompt
+
+        if self._engine is None:
+            raise RuntimeError("vllm engine not started")
+        ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
+        lora = None
+        if request.adapter is not None:
+            lora = self._loras.get(request.adapter)
+            if lora is None:
+                raise InvalidRequest(f"adapter {request.adapter!r} is not loaded in vLLM", param="model")
+        score_only = request.max_tokens == 0
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique per engine
+        outputs = self._engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(request),
+                                        request_id, lora_request=lora)
+        self.stats.requests_started += 1
+        finished, produced, first = False, 0, True
+        try:
+            async with aclosing(outputs):  # closing it aborts the request inside vLLM
+                async for output in outputs:
+                    out = output.outputs[0]
+                    chunk = GenerationChunk(text="", token_count=0)
+                    if not score_only:
+                        produced += len(out.token_ids)
+                        chunk = GenerationChunk(text=out.text, token_count=len(out.token_ids),
+                                                logprobs=self._logprobs(out.token_ids, out.logprobs, request))
+                    if first and request.echo and request.logprobs:
+                        chunk.prompt_logprobs = self._prompt_logprobs(ids, output.prompt_logprobs, request)
+                    first = False
+                    if out.finish_reason is not None:
+                        finished = True
+                        chunk.finish_reason = "length" if score_only else FINISH_REASONS.get(out.finish_reason, "stop")
+                        chunk.prompt_tokens, chunk.completion_tokens = len(ids), produced
+                    self.stats.tokens_generated += chunk.token_count
+                    yield chunk
+        finally:
+            self.stats.requests_finished += 1
+            if not finished:
+                self.stats.requests_cancelled += 1
+
+    def _prompt_logprobs(self, ids: list[int], entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
+        """The echoed prompt's tokens; a BOS the tokenizer added is context, not prompt text."""
+        scored = self._logprobs(ids, entries, request)
+        if ids and ids[0] == self._tokenizer.bos_token_id and not (request.prompt or "").startswith(
+                self._tokenizer.bos_token or "\0"):
+            scored = scored[1:]
+        return scored
+
+    def _logprobs(self, token_ids: Any, entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
+        """vLLM's {token id: Logprob} per position → TokenLogprob (the chosen token and the top ones)."""
+        if not entries:
+            return []
+        result = []
+        for position, token_id in enumerate(token_ids):
+            entry = entries[position] if position < len(entries) else None
+            if entry is None:  # the first prompt token has no logprob
+                text = self._tokenizer.decode([token_id])
+                result.append(TokenLogprob(text, None, list(text.encode())))
+                continue
+            chosen = entry.get(token_id)
+            text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
+                else self._tokenizer.decode([token_id])
+            top = sorted(((lp.decoded_token or "", lp.logprob) for lp in entry.values()
+                          if lp.rank is not None and lp.rank <= request.top_logprobs),
+                         key=lambda pair: -pair[1])[:request.top_logprobs]
+            result.append(TokenLogprob(text, chosen.logprob if chosen is not None else None,
+                                       list(text.encode()), top))
+        return result
+
+    # --- adapters --------------------------------------------------------------------------------
+
+    async def load_adapter(self, adapter: Any) -> None:
+        if not self.options.enable_lora:
+            raise InvalidRequest("this vLLM engine was started without LoRA support; set "
+                                 "JARVIS_VLLM_ENABLE_LORA=true and restart", code="adapters_not_supported")
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(adapter.name, next(self._lora_ids), adapter.path)
+        if not await self._engine.add_lora(lora):
+            raise RuntimeError(f"vLLM refused adapter {adapter.name!r}")
+        self._loras[adapter.name] = lora
+
+    async def unload_adapter(self, name: str) -> None:
+        lora = self._loras.pop(name, None)
+        if lora is not None:
+            await self._engine.remove_lora(lora.lora_int_id)
+
+
+@hookimpl
+def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
+    register("vllm", VllmEngine)

