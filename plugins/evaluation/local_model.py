@@ -74,11 +74,16 @@ class LocalModel:
         import torch
 
         ids = torch.tensor([list(window)], device=self.device)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
         index = torch.tensor(list(positions), device=self.device)
-        return logprobs[index - 1, ids[0, index]].tolist()
+        with torch.inference_mode():
+            try:  # the output projection only where a token is scored (a 262k vocabulary is costly)
+                logits = self.model(input_ids=ids, logits_to_keep=index - 1).logits[0].float()
+                rows = torch.arange(len(positions), device=self.device)
+            except TypeError:
+                logits = self.model(input_ids=ids).logits[0].float()
+                rows = index - 1
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs[rows, ids[0, index]].tolist()
 
     def perplexity(self, texts: Sequence[ScoringText], max_length: int | None = None, stride: int | None = None,
                    progress: Any = None) -> PerplexityResult:
