@@ -24,7 +24,8 @@ API_KEY = click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer token 
 CHAT_FORMAT = click.option("--chat-format", help="Render chat/instruction records with this format "
                            "(local default: auto = the model's own; needed with --url).")
 WINDOW = [click.option("--max-length", type=int, help="Window in tokens (local; default: the model's context)."),
-          click.option("--stride", type=int, help="New tokens per window for long texts (default: half the window).")]
+          click.option("--stride", type=int, help="New tokens per window for long texts (local; default: half the "
+                       "window). An endpoint scores each text whole.")]
 DECODING = [click.option("--max-tokens", type=int, default=32, show_default=True),
             click.option("--temperature", type=float, default=0.0, show_default=True),
             click.option("--top-p", type=float, default=1.0, show_default=True),

@@ -3,7 +3,9 @@
 Scoring sends the text as a completion prompt with `echo: true`,
 `logprobs: 1` and `max_tokens: 0`, and reads back the prompt's token
 logprobs (the first is null: it has no context). With an adapter served
-under its own name, `model` is that name.
+under its own name, `model` is that name. Each text is scored whole, so it
+must fit the server's context; windows for longer texts are a local feature
+(the client does not know the server's tokenizer to cut them).
 """
 
 from __future__ import annotations

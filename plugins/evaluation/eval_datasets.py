@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jarvis.chat_format import ChatFormat
+from jarvis.plugins.evaluation.task_metrics import CHECKS
 
 DEFAULT_CHECKS = ("exact", "rouge")
 
@@ -110,8 +111,6 @@ def load_task_cases(path: str | Path) -> list[TaskCase]:
             raise EvalDataError(f"{path}: case {record.id} has no 'expected' (or 'output') result")
         checks = f.get("check") or f.get("checks") or list(DEFAULT_CHECKS)
         checks = [checks] if isinstance(checks, str) else list(checks)
-        from jarvis.plugins.evaluation.task_metrics import CHECKS
-
         unknown = [c for c in checks if c not in CHECKS]
         if unknown:
             raise EvalDataError(f"{path}: case {record.id}: unknown check {unknown}; use {', '.join(CHECKS)}")

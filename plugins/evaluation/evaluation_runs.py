@@ -66,7 +66,7 @@ def click_error(message: str) -> Exception:
     return click.ClickException(message)
 
 
-def perplexity_of(target: Any, texts: Sequence[ScoringText], label: str, **window: Any) -> dict[str, Any]:
+def score_perplexity(target: Any, texts: Sequence[ScoringText], label: str, **window: Any) -> dict[str, Any]:
     with progress_bar() as bar:
         task = bar.add_task(f"perplexity {label}", total=len(texts))
         started = time.monotonic()
@@ -145,7 +145,7 @@ def run_local(base: Path, adapter: Path | None, data: Path | None, tasks: Sequen
         run: dict[str, Any] = {"model": str(adapter if label == "adapter" else base)}
         with model.base_only() if label == "base" else contextlib.nullcontext():
             if texts:
-                run["perplexity"] = perplexity_of(model, texts, label, max_length=max_length, stride=stride)
+                run["perplexity"] = score_perplexity(model, texts, label, max_length=max_length, stride=stride)
             if tasks:
                 run["tasks"] = tasks_of(local_generator(model, fmt, decoding), tasks, label)
         runs[label] = run
@@ -163,7 +163,7 @@ def run_endpoint(url: str, models: dict[str, str | None], data: Path | None, tas
         run: dict[str, Any] = {"model": target.model, "url": target.url}
         try:
             if texts:
-                run["perplexity"] = perplexity_of(target, texts, label)
+                run["perplexity"] = score_perplexity(target, texts, label)
             if tasks:
                 run["tasks"] = tasks_of(endpoint_generator(target, decoding), tasks, label)
         finally:

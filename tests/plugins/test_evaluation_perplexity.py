@@ -87,6 +87,7 @@ def test_endpoint_logprobs_skip_the_null_first_token_and_the_prompt():
     assert (nll, count) == (2.5, 2)
 
 
+@pytest.mark.slow
 def test_local_perplexity_equals_the_models_own_logits(tiny_random_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,6 +129,7 @@ def test_local_perplexity_equals_the_models_own_logits(tiny_random_llama):
     assert both.perplexity != pytest.approx((result.perplexity + pair.perplexity) / 2, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_perplexity_command_writes_the_reports(tiny_random_llama, tmp_path, jarvis_cli):
     data = tmp_path / "texts.jsonl"
     data.write_text("\n".join(json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate([SHORT_TEXT, LONG_TEXT])))
