@@ -39,7 +39,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 
 def api_error_response(_: Request, exc: APIError) -> Response:
-    return Response(exc.to_body(), status_code=exc.status_code)
+    return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers or None)
 
 
 def http_error_response(_: Request, exc: HTTPException) -> Response:
@@ -57,12 +57,13 @@ def unexpected_error_response(_: Request, exc: Exception) -> Response:
                     status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def api_key_guard(keys: list[str]):
-    """Every /v1 route requires `Authorization: Bearer <key>` when keys are configured."""
+def api_key_guard(keys: list[str], protect_health: bool = False):
+    """Every /v1 route (and /health when `protect_health`) requires `Authorization: Bearer <key>`."""
     encoded = [k.encode() for k in keys]
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        if not connection.url.path.startswith("/v1"):
+        path = connection.url.path
+        if not (path.startswith("/v1") or (protect_health and path.startswith("/health"))):
             return
         header = connection.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -110,7 +111,8 @@ def create_app(settings: JarvisSettings | None = None,
         route_handlers=[OpenAIController, AdapterController, health, ready, *extra_routes],
         lifespan=[lifespan],
         middleware=middleware,
-        guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
+        guards=[api_key_guard(keys, settings.protect_health)] if (keys := settings.all_api_keys) else [],
+        request_max_body_size=settings.max_request_bytes,
         exception_handlers={APIError: api_error_response, HTTPException: http_error_response,
                             Exception: unexpected_error_response},
         openapi_config=OpenAPIConfig(title="Jarvis", version=jarvis.__version__,

@@ -6,6 +6,7 @@ Heavy modules (engines, uvicorn) load inside the commands that need them, so
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -81,8 +82,11 @@ def serve(**overrides: Any) -> None:
     app = create_app(settings)
     console.print(f"[bold]Jarvis[/] {__version__}: engine [cyan]{settings.inference_engine}[/] on "
                   f"http://{settings.host}:{settings.port}/v1")
+    # SIGTERM: stop accepting, let in-flight requests and streams finish (up to the drain timeout), then stop.
+    # uvicorn re-raises the signal after its shutdown; this handler makes that a clean exit (status 0).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=settings.drain_timeout)
 
 
 @cli.command()

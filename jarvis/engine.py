@@ -60,6 +60,8 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
     #: Set by the runtime: the name of the engine that serves the request (for hooks, logs).
     engine: str | None = None
+    #: Who asked (an API key's fingerprint or the peer address; never a key): rate limits, logs.
+    client: str | None = None
     #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
     #: stream and by `Engine.generate` (an engine that overrides `generate` may set it itself).
     first_token_at: float | None = None

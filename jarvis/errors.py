@@ -19,11 +19,13 @@ class APIError(Exception):
     error_type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status_code: int | None = None, error_type: str | None = None) -> None:
+                 status_code: int | None = None, error_type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
         if status_code is not None:
             self.status_code = status_code
         if error_type is not None:
@@ -58,6 +60,16 @@ class ContextLengthExceeded(APIError):
             f"{max_tokens} for the completion). Please reduce the length of the prompt or "
             f"max_tokens, or raise JARVIS_MAX_MODEL_LEN.",
             param="messages", code="context_length_exceeded")
+
+
+class RateLimited(APIError):
+    """429: too many requests in flight or per minute; `Retry-After` says when to come back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: float, code: str) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
 class EngineUnavailable(APIError):

@@ -20,6 +20,7 @@ from jarvis.chat_format import ChatFormat, ChatFormatError
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo
 from jarvis.errors import (APIError, ConfigError, ContextLengthExceeded, EngineFailure,
                            EngineUnavailable, InvalidRequest, NotFound)
+from jarvis.limits import Admission, ClientRateLimiter
 from jarvis.registry import Registries
 from jarvis.settings import JarvisSettings
 
@@ -54,6 +55,8 @@ class EngineRuntime:
         self._adapter_lock = asyncio.Lock()
         #: Generations between the request hooks (handed to the engine, not yet finished).
         self.in_flight = 0
+        self.admission = Admission(settings.max_concurrent, settings.max_queue)
+        self.rate_limiter = ClientRateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -185,6 +188,12 @@ class EngineRuntime:
 
     # --- requests ----------------------------------------------------------------------------
 
+    def admit(self, client: str) -> None:
+        """An HTTP request may start: raise 429 if the server is full or `client` used up its minute."""
+        self.require_ready()
+        self.admission.check()
+        self.rate_limiter.admit(client)
+
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Resolve the model, render chat, tokenize, and check the context window."""
         info = self.require_ready()
@@ -199,6 +208,10 @@ class EngineRuntime:
                 raise InvalidRequest(f"cannot render the conversation with chat format "
                                      f"{fmt.name!r}: {exc}", param="messages") from None
             request.stop = [*request.stop, *(s for s in fmt.stop if s not in request.stop)]
+        cap = self.settings.max_tokens_cap
+        if cap is not None and request.max_tokens is not None and request.max_tokens > cap:
+            raise InvalidRequest(f"max_tokens is {request.max_tokens}, above this server's limit of {cap} "
+                                 f"(JARVIS_MAX_TOKENS_CAP).", param="max_tokens", code="max_tokens_too_large")
         if request.prompt is not None and self.engine.counts_tokens:
             ids = self.engine.tokenize(request.prompt)
             request.prompt_token_ids = ids
@@ -206,15 +219,18 @@ class EngineRuntime:
             if request.max_tokens is None:
                 if budget < 1:
                     raise ContextLengthExceeded(len(ids), 1, info.max_model_len)
-                request.max_tokens = budget
+                request.max_tokens = min(budget, cap or budget)
             elif request.max_tokens > budget:
                 raise ContextLengthExceeded(len(ids), request.max_tokens, info.max_model_len)
+        if request.max_tokens is None and cap is not None:  # an engine that counts remotely
+            request.max_tokens = cap
         return request
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._started(request)
         try:
-            result = await self.engine.generate(request)
+            async with self.admission.slot():
+                result = await self.engine.generate(request)
         except BaseException as exc:
             self._finished(request, None, exc)
             raise _as_api_error(exc)
@@ -228,11 +244,12 @@ class EngineRuntime:
         parts: list[str] = []
         last: GenerationChunk | None = None
         try:
-            async for chunk in self.engine.stream(request):
-                request.mark_first_token(chunk)
-                parts.append(chunk.text)
-                last = chunk
-                yield chunk
+            async with self.admission.slot():
+                async for chunk in self.engine.stream(request):
+                    request.mark_first_token(chunk)
+                    parts.append(chunk.text)
+                    last = chunk
+                    yield chunk
         except BaseException as exc:
             error = exc
             raise _as_api_error(exc)
@@ -253,6 +270,8 @@ class EngineRuntime:
     def _finished(self, request: GenerationRequest, result: GenerationResult | None,
                   error: BaseException | None) -> None:
         self.in_flight -= 1
+        if result is not None:
+            self.rate_limiter.record(request.client, result.prompt_tokens + result.completion_tokens)
         try:
             self.hooks.jarvis_request_finished(request=request, result=result, error=error)
         except Exception:

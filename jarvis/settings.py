@@ -90,6 +90,33 @@ class JarvisSettings(BaseSettings):
     max_lora_rank: int = Field(
         64, ge=1, le=1024, description="Largest LoRA rank an adapter may have.",
         json_schema_extra={"fix": "set JARVIS_MAX_LORA_RANK between 1 and 1024"})
+    api_keys_file: Path | None = Field(
+        None, description="A file of bearer keys, one per line (# comments), added to JARVIS_API_KEYS.",
+        json_schema_extra={"fix": "point JARVIS_API_KEYS_FILE at a readable file with one key per line"})
+    protect_health: bool = Field(
+        False, description="Require an API key on /health too (default: open, for load balancers).",
+        json_schema_extra={"fix": "set JARVIS_PROTECT_HEALTH to true or false"})
+    max_request_bytes: int = Field(
+        10 * 2**20, ge=1024, le=2**31, description="Largest request body in bytes; larger gets 413.",
+        json_schema_extra={"fix": "set JARVIS_MAX_REQUEST_BYTES to a number of bytes, e.g. 10485760"})
+    max_tokens_cap: int | None = Field(
+        None, ge=1, le=1_048_576, description="Largest max_tokens a request may ask for; unset = the context.",
+        json_schema_extra={"fix": "set JARVIS_MAX_TOKENS_CAP to a positive integer, or unset it"})
+    max_concurrent: int | None = Field(
+        None, ge=1, le=100_000, description="Generations running at once; unset = no limit (the engine queues).",
+        json_schema_extra={"fix": "set JARVIS_MAX_CONCURRENT to a positive integer, or unset it"})
+    max_queue: int = Field(
+        256, ge=0, le=1_000_000, description="Requests that may wait for a slot; beyond that, 429 + Retry-After.",
+        json_schema_extra={"fix": "set JARVIS_MAX_QUEUE to 0 or more"})
+    rate_limit_rpm: int | None = Field(
+        None, ge=1, description="Requests per minute per API key (or per address without keys); unset = none.",
+        json_schema_extra={"fix": "set JARVIS_RATE_LIMIT_RPM to a positive integer, or unset it"})
+    rate_limit_tpm: int | None = Field(
+        None, ge=1, description="Tokens (prompt + completion) per minute per API key; unset = none.",
+        json_schema_extra={"fix": "set JARVIS_RATE_LIMIT_TPM to a positive integer, or unset it"})
+    drain_timeout: float = Field(
+        30, ge=0, le=86_400, description="On SIGTERM, seconds in-flight requests and streams may take to finish.",
+        json_schema_extra={"fix": "set JARVIS_DRAIN_TIMEOUT to a number of seconds"})
     log_level: str = Field(
         "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
         json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})
@@ -111,6 +138,24 @@ class JarvisSettings(BaseSettings):
                 raise ValueError(f"{item!r} is not name=path")
             pairs[name.strip()] = path.strip()
         return pairs
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @property
+    def all_api_keys(self) -> list[str]:
+        """JARVIS_API_KEYS plus the keys in JARVIS_API_KEYS_FILE."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.expanduser().read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line and line not in keys:
+                    keys.append(line)
+        return keys
 
     @property
     def state_path(self) -> Path:

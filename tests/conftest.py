@@ -52,8 +52,9 @@ class RunningServer:
 
 
 def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str | None = None,
-                 ready_within: float = 120, **env: str) -> RunningServer:
-    port = free_port()
+                 ready_within: float = 120, port: int | None = None, **env: str) -> RunningServer:
+    """`port`: None = a free one; a given port serves a restart at the same address."""
+    port = port or free_port()
     environ = {**os.environ, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
                "JARVIS_LOG_LEVEL": "warning", "JARVIS_STATE_DIR": str(tmp_dir / "state"), **env}
     if extra_pythonpath:
@@ -67,8 +68,8 @@ def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str |
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
         try:
-            status = server.health()["status"]
-            if not wait_ready or status in ("ready", "failed"):
+            status = server.health().get("status", "protected")  # JARVIS_PROTECT_HEALTH answers 401
+            if not wait_ready or status in ("ready", "failed", "protected"):
                 return server
         except httpx.HTTPError:
             pass

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
 from jarvis.errors import APIError, InvalidRequest
+from jarvis.limits import client_id
 from jarvis.runtime import EngineRuntime
 
 M = TypeVar("M", bound=BaseModel)
@@ -52,6 +53,16 @@ def runtime_of(request: Request) -> EngineRuntime:
     return request.app.state.runtime
 
 
+def admit(request: Request) -> tuple[EngineRuntime, str]:
+    """The runtime, once it agrees to take one more request from this client (else 429 or 503)."""
+    runtime = runtime_of(request)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    client = client_id(token.strip() if scheme.lower() == "bearer" else None,
+                       request.client.host if request.client else None)
+    runtime.admit(client)
+    return runtime, client
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["OpenAI"]
@@ -74,32 +85,34 @@ class OpenAIController(Controller):
     @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible).",
           responses=None)
     async def chat_completions(self, request: Request) -> Response:
-        runtime = runtime_of(request)
         body = await parse_body(request, wire.ChatCompletionRequest)
+        runtime, client = admit(request)
         if body.stream:
-            gen = chat_generation(runtime, body)
+            gen = chat_generation(runtime, body, client)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return sse_response(chat_events(runtime, gen, include_usage))
-        return Response(await create_chat_completion(runtime, body))
+        return Response(await create_chat_completion(runtime, body, client))
 
     @post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible).")
     async def completions(self, request: Request) -> Response:
-        runtime = runtime_of(request)
         body = await parse_body(request, wire.CompletionRequest)
+        if body.stream and len(body.prompts) > 1:
+            raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
+        runtime, client = admit(request)
         if body.stream:
-            if len(body.prompts) > 1:
-                raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(completion_events(runtime, completion_generations(runtime, body)[0], include_usage))
-        return Response(await create_completion(runtime, body))
+            gen = completion_generations(runtime, body, client)[0]
+            return sse_response(completion_events(runtime, gen, include_usage))
+        return Response(await create_completion(runtime, body, client))
 
 
 # --- the non-streaming calls, shared with plugins (the batch runner) --------------------------------
 
 
-def chat_generation(runtime: EngineRuntime, body: wire.ChatCompletionRequest) -> GenerationRequest:
+def chat_generation(runtime: EngineRuntime, body: wire.ChatCompletionRequest,
+                    client: str | None = None) -> GenerationRequest:
     return runtime.prepare(GenerationRequest(
-        prompt=None, model=body.model, kind="chat",
+        prompt=None, model=body.model, kind="chat", client=client,
         messages=[m.normalised() for m in body.messages],
         max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
@@ -107,18 +120,20 @@ def chat_generation(runtime: EngineRuntime, body: wire.ChatCompletionRequest) ->
         top_logprobs=body.top_logprobs or 0))
 
 
-def completion_generations(runtime: EngineRuntime, body: wire.CompletionRequest) -> list[GenerationRequest]:
+def completion_generations(runtime: EngineRuntime, body: wire.CompletionRequest,
+                           client: str | None = None) -> list[GenerationRequest]:
     return [runtime.prepare(GenerationRequest(
-        prompt=prompt, model=body.model, kind="completion", max_tokens=body.max_tokens,
+        prompt=prompt, model=body.model, kind="completion", max_tokens=body.max_tokens, client=client,
         temperature=body.temperature, top_p=body.top_p, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, stop=body.stop, seed=body.seed,
         logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo))
         for prompt in body.prompts]
 
 
-async def create_chat_completion(runtime: EngineRuntime, body: wire.ChatCompletionRequest) -> dict[str, Any]:
+async def create_chat_completion(runtime: EngineRuntime, body: wire.ChatCompletionRequest,
+                                 client: str | None = None) -> dict[str, Any]:
     """Run one chat completion to the end and return the OpenAI response body."""
-    result = await runtime.generate(chat_generation(runtime, body))
+    result = await runtime.generate(chat_generation(runtime, body, client))
     return wire.dump(wire.ChatCompletion(
         id=wire.new_id("chatcmpl"), created=wire.now(), model=body.model,
         choices=[wire.ChatChoice(index=0, message=wire.AssistantMessage(content=result.text),
@@ -127,9 +142,10 @@ async def create_chat_completion(runtime: EngineRuntime, body: wire.ChatCompleti
         usage=usage(result.prompt_tokens, result.completion_tokens)))
 
 
-async def create_completion(runtime: EngineRuntime, body: wire.CompletionRequest) -> dict[str, Any]:
+async def create_completion(runtime: EngineRuntime, body: wire.CompletionRequest,
+                            client: str | None = None) -> dict[str, Any]:
     """Run a text completion (every prompt, concurrently) and return the OpenAI response body."""
-    gens = completion_generations(runtime, body)
+    gens = completion_generations(runtime, body, client)
     results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for index, (gen, result) in enumerate(zip(gens, results)):

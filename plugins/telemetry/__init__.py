@@ -57,7 +57,7 @@ def jarvis_register_middleware(register: Any) -> None:
 def jarvis_startup(app: Any) -> None:
     app.state.telemetry = _current
     if _current is not None:
-        if _current.settings.metrics_require_api_key and not app.state.settings.api_keys:
+        if _current.settings.metrics_require_api_key and not app.state.settings.all_api_keys:
             log.warning("JARVIS_TELEMETRY_METRICS_REQUIRE_API_KEY is on but JARVIS_API_KEYS is empty: "
                         "GET /metrics refuses every request")
         _current.start(app.state.runtime)

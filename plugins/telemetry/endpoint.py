@@ -21,7 +21,7 @@ def metrics_allowed(request: Request, recorder: Any) -> bool:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     supplied = token.strip().encode()
     matched = False
-    for key in request.app.state.settings.api_keys:  # every key compared: timing does not tell which
+    for key in request.app.state.settings.all_api_keys:  # every key compared: timing does not tell which
         matched |= hmac.compare_digest(supplied, key.encode())
     return scheme.lower() == "bearer" and matched
 

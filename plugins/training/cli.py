@@ -157,7 +157,7 @@ def run_training(config: Any, *, resume: bool = False, publish: str | None = Non
     adapter = inspect_adapter(config.name, output_dir, output_dir.parent, max_rank=4096)
     pm.hook.jarvis_adapter_published(adapter=adapter)
     if publish:
-        publish_adapter(publish, config.name, output_dir, api_key=(settings.api_keys or [None])[0])
+        publish_adapter(publish, config.name, output_dir, api_key=(settings.all_api_keys or [None])[0])
         console.print(f"[green]✓[/] published: {publish} now serves model {config.name!r}")
     click.echo(json.dumps({**result.__dict__, "tracker_run_id": tracker.run_id}))
     return result
@@ -177,7 +177,7 @@ def publish_command(folder: Path, server: str, name: str | None) -> None:
     from jarvis.settings import load_settings
 
     settings = load_settings()
-    info = publish_adapter(server, name or folder.name, folder.resolve(), api_key=(settings.api_keys or [None])[0])
+    info = publish_adapter(server, name or folder.name, folder.resolve(), api_key=(settings.all_api_keys or [None])[0])
     click.echo(json.dumps(info))
 
 
