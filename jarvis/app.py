@@ -27,6 +27,7 @@ from jarvis.plugin_manager import JarvisPluginManager, create_plugin_manager
 from jarvis.registry import Registries, check_settings
 from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
+from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.openai import OpenAIController
 from jarvis.runtime import EngineRuntime
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
@@ -119,6 +120,7 @@ def create_app(settings: JarvisSettings | None = None,
                                      description="OpenAI-compatible LLM server."),
         debug=False,
     )
+    document_errors(app)
     app.state.runtime = runtime
     app.state.settings = settings
     app.state.plugin_manager = pm

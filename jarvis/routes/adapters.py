@@ -13,6 +13,7 @@ from litestar import Controller, Request, get, post
 from pydantic import BaseModel, Field
 
 from jarvis.routes.openai import parse_body, runtime_of
+from jarvis.routes.openapi_docs import json_body
 
 
 class LoadLoraAdapter(BaseModel):
@@ -28,13 +29,15 @@ class AdapterController(Controller):
     path = "/v1"
     tags = ["Adapters"]
 
-    @post("/load_lora_adapter", status_code=200, summary="Load a PEFT LoRA adapter and serve it under lora_name.")
+    @post("/load_lora_adapter", status_code=200, summary="Load a PEFT LoRA adapter and serve it under lora_name.",
+          operation_class=json_body(LoadLoraAdapter))
     async def load(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, LoadLoraAdapter)
         adapter = await runtime_of(request).load_adapter(body.lora_name, body.lora_path)
         return {"object": "lora_adapter", "status": "loaded", **adapter.public()}
 
-    @post("/unload_lora_adapter", status_code=200, summary="Stop serving an adapter.")
+    @post("/unload_lora_adapter", status_code=200, summary="Stop serving an adapter.",
+          operation_class=json_body(UnloadLoraAdapter))
     async def unload(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, UnloadLoraAdapter)
         await runtime_of(request).unload_adapter(body.lora_name)

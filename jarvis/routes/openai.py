@@ -22,6 +22,7 @@ from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
 from jarvis.errors import APIError, InvalidRequest
 from jarvis.limits import client_id
+from jarvis.routes.openapi_docs import json_body
 from jarvis.runtime import EngineRuntime
 
 M = TypeVar("M", bound=BaseModel)
@@ -83,7 +84,7 @@ class OpenAIController(Controller):
                               parent=runtime.model_id if m.adapter else None, root=runtime.model_id)
 
     @post("/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible).",
-          responses=None)
+          operation_class=json_body(wire.ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, wire.ChatCompletionRequest)
         runtime, client = admit(request)
@@ -93,7 +94,8 @@ class OpenAIController(Controller):
             return sse_response(chat_events(runtime, gen, include_usage))
         return Response(await create_chat_completion(runtime, body, client))
 
-    @post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible).")
+    @post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible).",
+          operation_class=json_body(wire.CompletionRequest))
     async def completions(self, request: Request) -> Response:
         body = await parse_body(request, wire.CompletionRequest)
         if body.stream and len(body.prompts) > 1:

@@ -1,0 +1,85 @@
+"""What the OpenAPI schema says about routes that parse their own bodies.
+
+The OpenAI routes read and validate the JSON body themselves, so that a bad
+field comes back in OpenAI's error shape with `param` naming it. Litestar
+therefore cannot see their request models; `json_body(Model)` gives such a
+handler an `operation_class` that documents the body with the pydantic model's
+own JSON schema, and `document_errors(app)` documents the OpenAI error object
+for every status any route (plugins' too) answers with. Clients, generated SDKs and schema
+fuzzers then see what the server really accepts and returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Litestar
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody, Schema
+from pydantic import BaseModel
+
+from jarvis import protocol as wire
+
+ERROR_STATUSES = {400: "Invalid request (the `param` names the field), or the context window is exceeded.",
+                  401: "Missing or wrong API key.", 404: "Unknown model, adapter or route.",
+                  413: "Request body too large.", 429: "Server at capacity or rate limit reached (see Retry-After).",
+                  503: "The engine is loading or unavailable."}
+
+
+class JsonSchema(Schema):
+    """A schema given as plain JSON Schema (a pydantic model's), emitted as is."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        super().__init__()
+        self.raw = raw
+
+    def to_schema(self) -> dict[str, Any]:
+        return self.raw
+
+
+def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with every `#/$defs/...` reference replaced by its definition (the models are not recursive)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(dict(definitions[ref.removeprefix("#/$defs/")]))
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+def json_body(model: type[BaseModel]) -> type[Operation]:
+    """An `operation_class` documenting a JSON request body of `model`."""
+    body = RequestBody(content={"application/json": OpenAPIMediaType(
+        schema=JsonSchema(inline_definitions(model.model_json_schema())))}, required=True)
+
+    @dataclass
+    class JsonBodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = body
+
+    JsonBodyOperation.__name__ = f"{model.__name__}Operation"
+    return JsonBodyOperation
+
+
+def document_errors(app: Litestar) -> None:
+    """Every operation's error statuses, with the OpenAI error object Jarvis really sends for them."""
+    schema = app.openapi_schema
+    error = JsonSchema(inline_definitions(wire.ErrorResponse.model_json_schema()))
+    for path, item in (schema.paths or {}).items():
+        if path.startswith("/schema"):
+            continue
+        for method in ("get", "post", "put", "patch", "delete"):
+            operation = getattr(item, method, None)
+            if operation is None:
+                continue
+            operation.responses = operation.responses or {}
+            for status, text in ERROR_STATUSES.items():
+                operation.responses[str(status)] = OpenAPIResponse(
+                    description=text, content={"application/json": OpenAPIMediaType(schema=error)})

@@ -1,0 +1,53 @@
+"""Jarvis's own OpenAPI schema, fuzzed against a real server: no 5xx, and every response is what the schema says.
+
+Schemathesis generates requests for every operation in /schema/openapi.json (the
+core's and the plugins'), valid and invalid, and checks each response: no server
+error, a documented status code, the documented content type and headers, and a
+body that validates against the documented schema (OpenAI's error object for
+errors). Schema-valid requests that the server still refuses for a reason the
+schema cannot express (an unknown model, the context window, the max_tokens cap)
+are allowed, so the positive-acceptance check is not among them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
+                                 response_schema_conformance, status_code_conformance)
+
+pytestmark = pytest.mark.slow
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(jarvis_server, adapter_root):
+    # a small max_tokens cap keeps thousands of generated requests cheap on a real engine
+    return jarvis_server(JARVIS_MAX_TOKENS_CAP="4", JARVIS_MAX_MODEL_LEN="512", JARVIS_LLAMA_N_THREADS="1",
+                         JARVIS_ADAPTER_ROOT=str(adapter_root))
+
+
+def test_every_operation_keeps_its_contract(fuzzed_server):
+    schema = schemathesis.openapi.from_url(f"{fuzzed_server.base_url}/schema/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:  # one Hypothesis run per operation, so a failure names its operation
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+                  database=None)
+        def keeps_contract(case):
+            case.call_and_validate(base_url=fuzzed_server.base_url, checks=CHECKS, timeout=60)
+
+        keeps_contract()
+
+
+def test_the_server_still_serves_after_the_fuzzing(fuzzed_server):
+    import openai
+
+    client = openai.OpenAI(base_url=fuzzed_server.v1, api_key="x", max_retries=0)
+    assert client.completions.create(model="gemma-3-270m", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert fuzzed_server.health()["status"] == "ready"
