@@ -133,6 +133,11 @@ class VllmEngine(Engine):
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.shutdown)
 
+    def health_problem(self) -> str | None:
+        if self._engine is not None and self._engine.errored:
+            return "the vLLM engine core process is dead"
+        return None
+
     def model_info(self) -> ModelInfo:
         if self._info is None:
             raise RuntimeError("vllm engine not started")

@@ -40,9 +40,12 @@ def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
 
     settings, problems = resolve_settings(**overrides)
     try:
-        registries = Registries.from_plugins(create_plugin_manager(settings.plugins))
+        pm = create_plugin_manager(settings.plugins)
+        registries = Registries.from_plugins(pm)
         found = check_settings(settings, registries)
         problems += found
+        for plugin_problems in pm.hook.jarvis_check_settings(settings=settings):
+            problems += plugin_problems
         if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in found):
             registries.engines.get(settings.inference_engine)(settings)  # model path, engine settings
     except SettingsError as exc:

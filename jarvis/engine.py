@@ -229,3 +229,7 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """What `GET /v1/engine` shows beyond the model: dtype, device, batching, limits."""
         return {}
+
+    def health_problem(self) -> str | None:
+        """Why the engine can no longer serve (the runtime then restarts it); None while it is healthy."""
+        return None

@@ -49,6 +49,11 @@ def jarvis_register_commands(cli: "click.Group") -> None:
 
 
 @hookspec
+def jarvis_check_settings(settings: Any) -> list[Any]:
+    """Return a list of `ConfigError`s for the plugin's own settings (empty if fine); `doctor` and `serve` print them."""
+
+
+@hookspec
 def jarvis_startup(app: "Litestar") -> None:
     """The server is starting (engine loading in the background): acquire the plugin's resources."""
 

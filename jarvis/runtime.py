@@ -26,7 +26,10 @@ from jarvis.settings import JarvisSettings
 
 log = logging.getLogger("jarvis.runtime")
 
-State = Literal["loading", "ready", "failed", "stopped"]
+State = Literal["loading", "ready", "restarting", "failed", "stopped"]
+#: Seconds between engine health checks, and the waits between restart attempts.
+HEALTH_CHECK_INTERVAL = 2.0
+RESTART_BACKOFF = (1.0, 5.0, 15.0)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class EngineRuntime:
         self._adapter_lock = asyncio.Lock()
         #: Generations between the request hooks (handed to the engine, not yet finished).
         self.in_flight = 0
+        self.restarts = 0
+        self._watchdog: asyncio.Task | None = None
         self.admission = Admission(settings.max_concurrent, settings.max_queue)
         self.rate_limiter = ClientRateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
@@ -74,6 +79,46 @@ class EngineRuntime:
         self.state = "ready"
         log.info("engine %s ready: model %s (context %d tokens, %d adapters)", self.engine.name,
                  self.model_id, self._info.max_model_len, len(self.adapters))
+        self._watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")
+
+    async def _watch(self) -> None:
+        """Restart the engine when it reports itself dead (e.g. vLLM's engine process was killed)."""
+        while self.state in ("ready", "restarting"):
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL)
+            problem = self.engine.health_problem() if self.state == "ready" else None
+            if problem is None:
+                continue
+            self.state, self.failure = "restarting", problem
+            log.error("engine %s failed while serving (%s); restarting it", self.engine.name, problem)
+            for attempt, wait in enumerate(RESTART_BACKOFF, 1):
+                try:
+                    await self._restart_engine()
+                    break
+                except Exception as exc:
+                    self.failure = f"{problem}; restart {attempt} failed: {type(exc).__name__}: {exc}"
+                    log.error("engine restart %d failed: %s", attempt, exc)
+                    await asyncio.sleep(wait)
+            else:
+                self._fail(self.failure or problem)
+
+    async def _restart_engine(self) -> None:
+        try:
+            await self.engine.stop()
+        except Exception as exc:  # the dead engine may not stop cleanly
+            log.warning("stopping the failed engine: %s", exc)
+        self.engine = self.registries.engines.get(self.settings.inference_engine)(self.settings)
+        await self.engine.start()
+        self._info = self.engine.model_info()
+        for adapter in list(self.adapters.values()):  # serve the same adapters again
+            try:
+                await self.engine.load_adapter(adapter)
+            except Exception as exc:
+                log.error("adapter %s not reloaded after the restart: %s", adapter.name, exc)
+                del self.adapters[adapter.name]
+                self._unrestored[adapter.name] = adapter.path
+        self.restarts += 1
+        self.state, self.failure = "ready", None
+        log.info("engine %s restarted (%d so far)", self.engine.name, self.restarts)
 
     async def _restore_adapters(self) -> None:
         """Serve again what was served before a restart, plus JARVIS_LORA_MODULES."""
@@ -92,6 +137,9 @@ class EngineRuntime:
         log.error("engine %s failed to start: %s", self.engine.name, message)
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         if self.state != "stopped":
             self.state = "stopped"
             await self.engine.stop()
@@ -106,6 +154,9 @@ class EngineRuntime:
         if self.state == "loading":
             raise EngineUnavailable("The model is still loading; retry in a few seconds.",
                                     code="engine_loading")
+        if self.state == "restarting":
+            raise EngineUnavailable(f"The engine failed ({self.failure}) and is restarting; retry shortly.",
+                                    code="engine_restarting")
         raise EngineUnavailable(f"The engine is not available: {self.failure or self.state}.",
                                 code="engine_unavailable")
 

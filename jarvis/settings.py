@@ -43,6 +43,9 @@ class JarvisSettings(BaseSettings):
     inference_engine: str = Field(
         "llama_cpp", description="Engine that serves requests (see `jarvis plugins`).",
         json_schema_extra={"fix": "set JARVIS_INFERENCE_ENGINE to a registered engine name"})
+    model_root: Path | None = Field(
+        None, description="When set, JARVIS_MODEL_NAME must lie inside this folder (symlinks resolved).",
+        json_schema_extra={"fix": "set JARVIS_MODEL_ROOT to the folder that holds your models, or unset it"})
     model_name: str | None = Field(
         None, description="Model path (a .gguf file for llama_cpp); unset = the embedded default model.",
         json_schema_extra={"fix": "point JARVIS_MODEL_NAME at a model file or folder, or unset it"})
@@ -138,6 +141,18 @@ class JarvisSettings(BaseSettings):
                 raise ValueError(f"{item!r} is not name=path")
             pairs[name.strip()] = path.strip()
         return pairs
+
+    @field_validator("model_name")
+    @classmethod
+    def _inside_model_root(cls, value: str | None, info: Any) -> str | None:
+        root = info.data.get("model_root")
+        if value and root is not None:
+            real_root = root.expanduser().resolve()
+            path = Path(value).expanduser()
+            real = (path if path.is_absolute() else real_root / path).resolve()
+            if real != real_root and real_root not in real.parents:
+                raise ValueError(f"{value} is outside JARVIS_MODEL_ROOT ({root}); models must lie inside it")
+        return value
 
     @field_validator("api_keys_file")
     @classmethod

@@ -20,6 +20,7 @@ def health_body(runtime: Any) -> dict[str, Any]:
         "requests_cancelled": stats.requests_cancelled,
         "tokens_generated": stats.tokens_generated,
         "forward_passes": stats.forward_passes,
+        "engine_restarts": runtime.restarts,
     }
 
 

@@ -15,6 +15,17 @@ def batch_settings() -> Any:
 
 
 @hookimpl
+def jarvis_check_settings(settings: Any) -> list[Any]:
+    from jarvis.settings import SettingsError
+
+    try:
+        batch_settings()
+    except SettingsError as exc:
+        return exc.problems
+    return []
+
+
+@hookimpl
 def jarvis_register_routes(register: Any) -> None:
     from jarvis.plugins.batch.routes import BatchesController, FilesController
 

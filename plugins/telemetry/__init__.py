@@ -38,6 +38,18 @@ def _new_recorder() -> Any:
 
 
 @hookimpl
+def jarvis_check_settings(settings: Any) -> list[Any]:
+    from jarvis.plugins.telemetry.settings import PREFIX, TelemetrySettings
+    from jarvis.settings import SettingsError, load_settings
+
+    try:
+        load_settings(TelemetrySettings, prefix=PREFIX)
+    except SettingsError as exc:
+        return exc.problems
+    return []
+
+
+@hookimpl
 def jarvis_register_routes(register: Any) -> None:
     global _current
     _current = _new_recorder()

@@ -66,3 +66,33 @@ def test_bad_configuration_stops_the_start_with_the_fix(jarvis_cli, vllm_install
     doctor = jarvis_cli("doctor", "--engine", "vllm", JARVIS_VLLM_MAX_LORA_RANK="12")
     assert doctor.returncode == 1 and "JARVIS_VLLM_MAX_LORA_RANK" in doctor.stderr
     assert "1, 8, 16, 32, 64" in doctor.stderr
+
+
+def test_engine_process_killed_is_restarted_with_its_adapters(vllm_server, trained_lora):
+    """SIGKILL vLLM's engine process: requests get 503 meanwhile, then the runtime restarts the engine."""
+    import signal
+    import time
+
+    import psutil
+
+    prompt = trained_lora["prompt"]
+    loaded = httpx.post(f"{vllm_server.v1}/load_lora_adapter",
+                        json={"lora_name": "pirate2", "lora_path": str(trained_lora["path"])}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    cores = [p for p in psutil.Process(vllm_server.process.pid).children(recursive=True)
+             if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert cores, "no vLLM engine process found"
+    for core in cores:
+        core.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    seen = set()
+    while time.monotonic() < deadline:
+        health = vllm_server.health()
+        seen.add(health["status"])
+        if health["status"] == "ready" and health["engine_restarts"] >= 1:
+            break
+        time.sleep(0.5)
+    assert "restarting" in seen and health["engine_restarts"] == 1, (seen, health)
+    assert greedy(vllm_server, MODEL, prompt) == trained_lora["base_text"]
+    assert greedy(vllm_server, "pirate2", prompt) == trained_lora["adapter_text"]
+    assert httpx.post(f"{vllm_server.v1}/unload_lora_adapter", json={"lora_name": "pirate2"}).status_code == 200

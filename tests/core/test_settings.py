@@ -151,3 +151,36 @@ def test_env_example_lists_every_setting():
                 for cls in classes for n in cls.model_fields}
     assert len(classes) >= 3  # core, llama.cpp, transformers at least
     assert expected - listed == set(), "settings missing from .env.example"
+
+
+def test_model_path_confined_to_the_model_root(tmp_path):
+    root = tmp_path / "models"
+    (root / "m").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    assert load_settings(model_root=root, model_name=str(root / "m")).model_name == str(root / "m")
+    assert load_settings(model_root=root, model_name="m").model_name == "m"  # relative to the root
+    for bad in (str(outside), "../elsewhere", str(root / "escape"), str(root / "m" / ".." / ".." / "elsewhere")):
+        with pytest.raises(SettingsError) as info:
+            load_settings(model_root=root, model_name=bad)
+        (problem,) = info.value.problems
+        assert problem.setting == "JARVIS_MODEL_NAME" and "outside JARVIS_MODEL_ROOT" in problem.problem
+
+
+def test_api_keys_file_adds_keys_and_must_exist(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# team a\nkey-one\n\nkey-two  # team b\nkey-one\n")
+    settings = load_settings(api_keys="key-zero", api_keys_file=keys)
+    assert settings.all_api_keys == ["key-zero", "key-one", "key-two"]
+    with pytest.raises(SettingsError) as info:
+        load_settings(api_keys_file=tmp_path / "missing")
+    assert info.value.problems[0].setting == "JARVIS_API_KEYS_FILE"
+
+
+def test_plugin_settings_problems_are_reported_like_the_core_ones(jarvis_cli):
+    done = jarvis_cli("doctor", JARVIS_TELEMETRY_LOG_INTERVAL_S="soon", JARVIS_BATCH_CONCURRENCY="0")
+    assert done.returncode == 1
+    assert "JARVIS_TELEMETRY_LOG_INTERVAL_S" in done.stderr and "JARVIS_BATCH_CONCURRENCY" in done.stderr
+    served = jarvis_cli("serve", JARVIS_BATCH_CONCURRENCY="0")
+    assert served.returncode == 2 and "JARVIS_BATCH_CONCURRENCY" in served.stderr and "Traceback" not in served.stderr
