@@ -21,20 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from jarvis_process import jarvis_server  # noqa: E402
 
 
 def make_questions(n: int) -> list[str]:
@@ -48,38 +45,11 @@ def chat_body(model: str, question: str, max_tokens: int) -> dict:
             "temperature": 0}
 
 
-@contextmanager
-def jarvis_server(parallel: int, concurrency: int, threads: int | None) -> Iterator[str]:
-    """A fresh `jarvis serve` with its own state dir; yields its /v1 base URL once /health says ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_") or k == "JARVIS_DATA_DIR"}
-    with tempfile.TemporaryDirectory() as workdir, open(Path(workdir) / "server.log", "w+") as log:
-        env.update(JARVIS_HOST="127.0.0.1", JARVIS_PORT=str(port), JARVIS_STATE_DIR=str(Path(workdir) / "state"),
-                   JARVIS_LLAMA_N_PARALLEL=str(parallel), JARVIS_BATCH_CONCURRENCY=str(concurrency),
-                   JARVIS_LOG_LEVEL="warning", **({"JARVIS_LLAMA_N_THREADS": str(threads)} if threads else {}))
-        process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=env, cwd=workdir,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while process.poll() is None and time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json().get("status") == "ready":
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("Jarvis did not become ready")
-            yield f"http://127.0.0.1:{port}/v1"
-        except Exception:
-            log.seek(0)
-            print(f"--- Jarvis server log ---\n{log.read()}", file=sys.stderr)
-            raise
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
+def server_settings(parallel: int, concurrency: int, threads: int | None) -> dict[str, str]:
+    settings = {"JARVIS_LLAMA_N_PARALLEL": str(parallel), "JARVIS_BATCH_CONCURRENCY": str(concurrency)}
+    if threads:
+        settings["JARVIS_LLAMA_N_THREADS"] = str(threads)
+    return settings
 
 
 def run_sequential(client: OpenAI, model: str, questions: list[str], max_tokens: int) -> dict:
@@ -129,7 +99,7 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0]}
     rounds = []
     with console.status(f"{args.requests} requests x {args.rounds} round(s), sequential and as a batch ..."), \
-            jarvis_server(args.parallel, concurrency, args.threads) as url:
+            jarvis_server(**server_settings(args.parallel, concurrency, args.threads)) as url:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
         model = client.models.list().data[0].id
         client.chat.completions.create(**chat_body(model, "Warm-up.", args.max_tokens))

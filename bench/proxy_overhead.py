@@ -34,22 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
-
-import httpx
 import numpy as np
 from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from jarvis_process import jarvis_server  # noqa: E402
 
 N_CTX = 4096  # Jarvis's default JARVIS_MAX_MODEL_LEN
 N_BATCH = 512  # Jarvis's default JARVIS_LLAMA_N_BATCH
@@ -120,42 +117,10 @@ def run_interleaved(paths: dict[str, Callable[[str], Sample]], prompts: list[str
     return runs
 
 
-@contextmanager
-def jarvis_server(data_dir: Path, threads: int) -> Iterator[str]:
-    """A fresh `jarvis serve` on a free port; yields its /v1 base URL once /health says ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}  # embedded model, no auth
-    env.update(JARVIS_HOST="127.0.0.1", JARVIS_PORT=str(port), JARVIS_DATA_DIR=str(data_dir),
-               JARVIS_LLAMA_N_PARALLEL="1", JARVIS_LLAMA_N_THREADS=str(threads),
-               JARVIS_LLAMA_N_BATCH=str(N_BATCH), JARVIS_MAX_MODEL_LEN=str(N_CTX), JARVIS_LOG_LEVEL="warning")
-    with tempfile.TemporaryDirectory() as workdir, open(Path(workdir) / "server.log", "w+") as log:
-        process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=env, cwd=workdir,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process, log)
-            yield f"http://127.0.0.1:{port}/v1"
-        except Exception:
-            log.seek(0)
-            print(f"--- Jarvis server log ---\n{log.read()}", file=sys.stderr)
-            raise
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
-
-
-def wait_ready(base_url: str, process: subprocess.Popen, log: IO[str], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).json().get("status") == "ready":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    log.seek(0)
-    raise RuntimeError(f"Jarvis did not become ready (exit code {process.poll()}):\n{log.read()}")
+def llama_settings(data_dir: Path, threads: int, **extra: str) -> dict[str, str]:
+    """The server settings that mirror the raw engine's (one context, same threads, batch and context)."""
+    return {"JARVIS_DATA_DIR": str(data_dir), "JARVIS_LLAMA_N_PARALLEL": "1", "JARVIS_LLAMA_N_THREADS": str(threads),
+            "JARVIS_LLAMA_N_BATCH": str(N_BATCH), "JARVIS_MAX_MODEL_LEN": str(N_CTX), **extra}
 
 
 def jarvis_client(client: OpenAI, model: str, max_tokens: int, stream: bool) -> Callable[[str], Sample]:
@@ -267,7 +232,8 @@ def main() -> None:
 
     with console.status(f"{len(prompts)} prompts through raw llama.cpp, Jarvis and Jarvis streaming ..."), \
             raw_engine(model_path, args.max_tokens, args.threads) as raw, \
-            jarvis_server(data_dir, args.threads) as plain_url, jarvis_server(data_dir, args.threads) as stream_url:
+            jarvis_server(**llama_settings(data_dir, args.threads)) as plain_url, \
+            jarvis_server(**llama_settings(data_dir, args.threads)) as stream_url:
         plain, streaming = (OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
                             for url in (plain_url, stream_url))
         model = plain.models.list().data[0].id

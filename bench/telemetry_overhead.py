@@ -27,14 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,34 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proxy_overhead import N_BATCH, N_CTX, Sample, jarvis_client, make_prompts, wait_ready  # noqa: E402
-
-
-@contextmanager
-def jarvis_server(data_dir: Path, threads: int, **extra_env: str) -> Iterator[str]:
-    """A fresh `jarvis serve` on a free port with `extra_env`; yields its /v1 base URL once ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}  # embedded model, no auth
-    env.update(JARVIS_HOST="127.0.0.1", JARVIS_PORT=str(port), JARVIS_DATA_DIR=str(data_dir),
-               JARVIS_LLAMA_N_PARALLEL="1", JARVIS_LLAMA_N_THREADS=str(threads),
-               JARVIS_LLAMA_N_BATCH=str(N_BATCH), JARVIS_MAX_MODEL_LEN=str(N_CTX), JARVIS_LOG_LEVEL="warning",
-               **extra_env)
-    with tempfile.TemporaryDirectory() as workdir, open(Path(workdir) / "server.log", "w+") as log:
-        process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=env, cwd=workdir,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", process, log)
-            yield f"http://127.0.0.1:{port}/v1"
-        finally:
-            exited = process.poll()
-            process.terminate()
-            process.wait(timeout=30)
-            log.seek(0)
-            text = log.read()
-            if exited is not None or "Traceback" in text or " ERROR " in text:
-                print(f"--- Jarvis server log ({extra_env}, exit code {exited}) ---\n{text}", file=sys.stderr)
+from jarvis_process import jarvis_server  # noqa: E402
+from proxy_overhead import Sample, jarvis_client, llama_settings, make_prompts  # noqa: E402
 
 
 class OtlpSink:
@@ -205,8 +174,8 @@ def main() -> None:
 
     try:
         with console.status(f"{len(prompts)} prompts through Jarvis with telemetry off and on ..."):
-            with jarvis_server(data_dir, args.threads, JARVIS_TELEMETRY_ENABLED="false") as off_url, \
-                    jarvis_server(data_dir, args.threads, **on_env) as on_url:
+            with jarvis_server(**llama_settings(data_dir, args.threads, JARVIS_TELEMETRY_ENABLED="false")) as off_url, \
+                    jarvis_server(**llama_settings(data_dir, args.threads, **on_env)) as on_url:
                 scraper = Scraper(on_url.removesuffix("/v1"))
                 clients = {name: OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
                            for name, url in (("off", off_url), ("on", on_url))}

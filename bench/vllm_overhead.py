@@ -21,18 +21,17 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from openai import AsyncOpenAI
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from jarvis_process import jarvis_server  # noqa: E402
 
 ENV = {"JARVIS_MAX_MODEL_LEN": "1024", "JARVIS_VLLM_CPU_KVCACHE_SPACE": "1", "JARVIS_VLLM_ENABLE_LORA": "false"}
 
@@ -91,31 +90,6 @@ async def jarvis_round(client: AsyncOpenAI, model: str, texts: list[str], max_to
     return {"wall": time.perf_counter() - started, "tokens": tokens, "ttft": ttft, "texts": outputs}
 
 
-def start_jarvis(tmp: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, **ENV, "JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_PORT": str(port),
-           "JARVIS_STATE_DIR": str(tmp / "state"), "JARVIS_LOG_LEVEL": "warning"}
-    log = (tmp / "server.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "jarvis", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"jarvis exited:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        try:
-            status = httpx.get(f"{base}/health", timeout=5).json()["status"]
-            if status == "ready":
-                return process, base
-            if status == "failed":
-                raise SystemExit(f"jarvis failed to start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("jarvis did not become ready")
-
-
 async def run(args: argparse.Namespace, console: Console) -> dict:
     from transformers import AutoTokenizer
     from vllm import AsyncEngineArgs, AsyncLLMEngine
@@ -131,27 +105,22 @@ async def run(args: argparse.Namespace, console: Console) -> dict:
     if plan.problems:
         raise SystemExit("\n".join(map(str, plan.problems)))
     os.environ.update(plan.env)
-    with tempfile.TemporaryDirectory() as tmp:
-        console.print("starting Jarvis (vllm engine) ...")
-        process, base = start_jarvis(Path(tmp))
-        try:
-            console.print("starting raw vLLM in process ...")
-            engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**plan.engine_args))
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            client = AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600)
-            model = (await client.models.list()).data[0].id
-            texts = prompts(args.requests)
-            await raw_round(engine, tokenizer, texts[:2], 4, 2)  # warm-up, both sides
-            await jarvis_round(client, model, texts[:2], 4, 2)
-            rounds: dict[str, list[dict]] = {"raw": [], "jarvis": []}
-            for r in range(args.rounds):
-                console.print(f"round {r + 1}/{args.rounds}")
-                rounds["raw"].append(await raw_round(engine, tokenizer, texts, args.max_tokens, args.concurrency))
-                rounds["jarvis"].append(await jarvis_round(client, model, texts, args.max_tokens, args.concurrency))
-            engine.shutdown()
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
+    console.print("starting Jarvis (vllm engine), then raw vLLM in process ...")
+    with jarvis_server(ready_timeout_s=900, JARVIS_INFERENCE_ENGINE="vllm", **ENV,
+                       **({"JARVIS_MODEL_NAME": args.model} if args.model else {})) as v1:
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**plan.engine_args))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        client = AsyncOpenAI(base_url=v1, api_key="x", max_retries=0, timeout=600)
+        model = (await client.models.list()).data[0].id
+        texts = prompts(args.requests)
+        await raw_round(engine, tokenizer, texts[:2], 4, 2)  # warm-up, both sides
+        await jarvis_round(client, model, texts[:2], 4, 2)
+        rounds: dict[str, list[dict]] = {"raw": [], "jarvis": []}
+        for r in range(args.rounds):
+            console.print(f"round {r + 1}/{args.rounds}")
+            rounds["raw"].append(await raw_round(engine, tokenizer, texts, args.max_tokens, args.concurrency))
+            rounds["jarvis"].append(await jarvis_round(client, model, texts, args.max_tokens, args.concurrency))
+        engine.shutdown()
     summary = {}
     for side, results in rounds.items():
         summary[side] = {"tokens_per_s": statistics.median(r["tokens"] / r["wall"] for r in results),
