@@ -7,11 +7,16 @@ template), streams come back chunk by chunk, an upstream error keeps its
 status and message, and a client that disconnects closes the upstream
 connection so the upstream stops generating. Adapters are forwarded to the
 upstream's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+
+`JARVIS_UPSTREAMS` lists several such servers instead (replicas of one model):
+the engine then routes each request through an `UpstreamPool`
+(backends/upstream_pool.py: balancing, health checks, circuit breaking, adapter
+placement) and retries a failed attempt on another upstream as long as nothing
+has reached the client yet. One JARVIS_UPSTREAM_URL is a pool of one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -19,12 +24,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo, TokenLogprob
-from jarvis.errors import APIError, ConfigError, EngineUnavailable
+from jarvis.errors import APIError, ConfigError
+from jarvis.backends.upstream_pool import (Attempt, Upstream, UpstreamPool, parse_upstreams,
+                                          shown_url_list, unreachable, upstream_error)
 from jarvis.settings import JarvisSettings, load_settings
 
 log = logging.getLogger("jarvis.backends.openai_upstream")
@@ -38,7 +45,13 @@ class UpstreamSettings(BaseSettings):
     url: str | None = Field(
         None, pattern=r"^https?://\S+$", description="Base URL of the upstream OpenAI API, e.g. http://10.0.0.5:8000/v1.",
         json_schema_extra={"fix": "set JARVIS_UPSTREAM_URL to the upstream's /v1 URL, e.g. http://127.0.0.1:8001/v1"})
-    api_key: str | None = Field(None, description="Bearer key the upstream requires; unset = none.",
+    urls: str | None = Field(
+        None, validation_alias=AliasChoices("JARVIS_UPSTREAMS", "JARVIS_UPSTREAM_URLS"),
+        description="Several upstreams serving the same model (replica router), set as JARVIS_UPSTREAMS: "
+                    "comma-separated /v1 URLs, each optionally `key@url`; exclusive with JARVIS_UPSTREAM_URL.",
+        json_schema_extra={"fix": "set JARVIS_UPSTREAMS to e.g. http://10.0.0.5:8000/v1,key@http://10.0.0.6:8000/v1"})
+    api_key: str | None = Field(None, description="Bearer key the upstream requires (the default for every "
+                                                  "upstream of JARVIS_UPSTREAMS); unset = none.",
                                 json_schema_extra={"fix": "set JARVIS_UPSTREAM_API_KEY to the upstream's key"})
     model: str | None = Field(None, description="Upstream model id; unset = the first one it lists.",
                               json_schema_extra={"fix": "set JARVIS_UPSTREAM_MODEL to an id from the upstream's /v1/models"})
@@ -49,32 +62,21 @@ class UpstreamSettings(BaseSettings):
     start_timeout: float = Field(120, ge=0, le=86_400,
                                  description="Seconds the server waits at start for the upstream to answer.",
                                  json_schema_extra={"fix": "set JARVIS_UPSTREAM_START_TIMEOUT to a number of seconds"})
-
-
-def upstream_error(response_status: int, body: bytes | str, url: str) -> APIError:
-    """The upstream's error, keeping its message; statuses that are Jarvis's own problem become 502."""
-    try:
-        data = json.loads(body)
-        error = data.get("error", data) if isinstance(data, dict) else {}
-        message = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        error, message = {}, None
-    message = message or (body.decode(errors="replace") if isinstance(body, bytes) else str(body))[:500]
-    if response_status in (401, 403):
-        return APIError(f"The upstream {url} refused Jarvis's credentials ({response_status}): {message}. "
-                        f"Set JARVIS_UPSTREAM_API_KEY.", status_code=502, error_type="upstream_error",
-                        code="upstream_auth")
-    if response_status >= 500:
-        return APIError(f"The upstream {url} failed ({response_status}): {message}", status_code=502,
-                        error_type="upstream_error", code="upstream_error")
-    return APIError(message, status_code=response_status, param=error.get("param") if isinstance(error, dict) else None,
-                    code=error.get("code") if isinstance(error, dict) else None,
-                    error_type=(error.get("type") if isinstance(error, dict) else None) or "invalid_request_error")
-
-
-def unreachable(url: str, exc: Exception) -> EngineUnavailable:
-    return EngineUnavailable(f"The upstream {url} is unreachable ({type(exc).__name__}: {exc}).",
-                             code="upstream_unreachable")
+    health_interval: float = Field(5, gt=0, le=3600, description="Seconds between health checks (GET /models) "
+                                                                 "of every upstream.",
+                                   json_schema_extra={"fix": "set JARVIS_UPSTREAM_HEALTH_INTERVAL to seconds, e.g. 5"})
+    health_timeout: float = Field(5, gt=0, le=600, description="Seconds a health check may take before the "
+                                                               "upstream counts as down.",
+                                  json_schema_extra={"fix": "set JARVIS_UPSTREAM_HEALTH_TIMEOUT to seconds, e.g. 5"})
+    max_attempts: int = Field(3, ge=1, le=32, description="Upstreams one request may try (retries happen only "
+                                                          "before the first byte reaches the client).",
+                              json_schema_extra={"fix": "set JARVIS_UPSTREAM_MAX_ATTEMPTS to a count, e.g. 3"})
+    failure_threshold: int = Field(3, ge=1, le=1000, description="Consecutive failures (requests or health checks) "
+                                                                 "that open an upstream's circuit.",
+                                   json_schema_extra={"fix": "set JARVIS_UPSTREAM_FAILURE_THRESHOLD to a count"})
+    cooldown: float = Field(10, gt=0, le=86_400, description="Seconds an open circuit stays open before one probe "
+                                                             "request may try the upstream (half-open).",
+                            json_schema_extra={"fix": "set JARVIS_UPSTREAM_COOLDOWN to seconds, e.g. 10"})
 
 
 class OpenAIUpstreamEngine(Engine):
@@ -86,58 +88,39 @@ class OpenAIUpstreamEngine(Engine):
         super().__init__()
         self.settings = settings
         self.options: UpstreamSettings = load_settings(UpstreamSettings, prefix=PREFIX)
-        if not self.options.url:
+        o = self.options
+        if o.url and o.urls:
+            raise ConfigError("JARVIS_UPSTREAMS", shown_url_list(o.urls), "JARVIS_UPSTREAM_URL is set too; the two "
+                              "are exclusive", "keep JARVIS_UPSTREAM_URL for one upstream, or list every upstream "
+                              "in JARVIS_UPSTREAMS and unset JARVIS_UPSTREAM_URL")
+        if not o.url and not o.urls:
             raise ConfigError("JARVIS_UPSTREAM_URL", None, "the openai engine needs the upstream server's URL",
                               "set JARVIS_UPSTREAM_URL, e.g. http://127.0.0.1:8001/v1 (a `vllm serve` or another "
-                              "Jarvis)")
-        self.url = self.options.url.rstrip("/")
-        self._client: httpx.AsyncClient | None = None
+                              "Jarvis), or JARVIS_UPSTREAMS to several")
+        entries = parse_upstreams(o.urls, o.api_key) if o.urls else [(o.url.rstrip("/"), o.api_key)]
+        self.url_setting = "JARVIS_UPSTREAMS" if o.urls else "JARVIS_UPSTREAM_URL"
+        self.pool = UpstreamPool([Upstream(url, key) for url, key in entries], max_attempts=o.max_attempts,
+                                 failure_threshold=o.failure_threshold, cooldown=o.cooldown,
+                                 health_timeout=o.health_timeout)
+        self.url = entries[0][0] if len(entries) == 1 else ", ".join(url for url, _ in entries)
         self._info: ModelInfo | None = None
-        self.upstream_model = self.options.model
+        self.upstream_model = o.model
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.url, headers=headers,
-            timeout=httpx.Timeout(self.options.timeout, connect=self.options.connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
-        models = await self._wait_for_models()
-        ids = [m.get("id") for m in models]
-        if self.upstream_model is None:
-            self.upstream_model = ids[0] if ids else None
-        if self.upstream_model not in ids:
-            raise ConfigError("JARVIS_UPSTREAM_MODEL", self.options.model, f"the upstream serves {ids or 'no model'}",
-                              "set JARVIS_UPSTREAM_MODEL to one of those")
-        card = next(m for m in models if m.get("id") == self.upstream_model)
+        self.pool.open(self.options.timeout, self.options.connect_timeout)
+        card = await self.pool.wait_for_first(self.options.model, self.options.start_timeout, self.url_setting,
+                                              key_set=bool(self.options.api_key))
+        self.upstream_model = self.pool.model
         self._info = ModelInfo(id=self.upstream_model, path=self.url,
                                max_model_len=int(card.get("max_model_len") or self.settings.max_model_len),
                                owned_by=str(card.get("owned_by") or "upstream"))
+        self.pool.start_checks(self.options.health_interval)
         log.info("upstream %s serves %s", self.url, self.upstream_model)
 
-    async def _wait_for_models(self) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + self.options.start_timeout
-        while True:
-            try:
-                response = await self._client.get("/models")
-                if response.status_code == 200:
-                    return response.json().get("data", [])
-                problem = f"GET /models answered {response.status_code}: {response.text[:200]}"
-                if response.status_code in (401, 403):
-                    raise ConfigError("JARVIS_UPSTREAM_API_KEY", "***" if self.options.api_key else None,
-                                      f"the upstream refused the key ({problem})", "set the upstream's key")
-            except httpx.HTTPError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise ConfigError("JARVIS_UPSTREAM_URL", self.url, f"the upstream did not answer ({problem})",
-                                  "start the upstream server first, check the URL (it ends in /v1), or raise "
-                                  "JARVIS_UPSTREAM_START_TIMEOUT")
-            await asyncio.sleep(0.5)
-
     async def stop(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        await self.pool.close()
 
     def model_info(self) -> ModelInfo:
         if self._info is None:
@@ -148,8 +131,13 @@ class OpenAIUpstreamEngine(Engine):
         raise NotImplementedError("the upstream engine does not tokenize locally")
 
     def describe(self) -> dict[str, Any]:
+        o = self.options
         return {"upstream": self.url, "upstream_model": self.upstream_model,
-                "batching": {"kind": "the upstream's own"}}
+                "batching": {"kind": "the upstream's own"},
+                "routing": {"policy": "least outstanding requests, ties round-robin", "max_attempts": o.max_attempts,
+                            "health_interval_s": o.health_interval, "failure_threshold": o.failure_threshold,
+                            "cooldown_s": o.cooldown},
+                "upstreams": self.pool.describe()}
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -164,24 +152,77 @@ class OpenAIUpstreamEngine(Engine):
         if request.kind == "chat":
             body.update(messages=request.messages, logprobs=request.logprobs or None,
                         top_logprobs=request.top_logprobs if request.logprobs else None)
-            return "/chat/completions", body
-        body.update(prompt=request.prompt, echo=request.echo or None,
-                    logprobs=request.top_logprobs if request.logprobs else None)
-        return "/completions", body
+        else:
+            body.update(prompt=request.prompt, echo=request.echo or None,
+                        logprobs=request.top_logprobs if request.logprobs else None)
+        path = "/chat/completions" if request.kind == "chat" else "/completions"
+        return path, {k: v for k, v in body.items() if v is not None}
+
+    def _next_attempt(self, request: GenerationRequest, tried: list[Upstream], error: APIError | None) -> Attempt:
+        """The next upstream to try; after a failure with no upstream left, that failure is the answer."""
+        if error is not None and len(tried) >= self.pool.max_attempts:
+            raise self._given_up(request, tried, error)
+        try:
+            attempt = self.pool.attempt(request.adapter, tried)
+        except APIError:
+            if error is not None:
+                raise self._given_up(request, tried, error) from None
+            raise
+        if tried:
+            tried[-1].retries += 1
+            log.warning("upstream %s failed (%s); retrying on %s", tried[-1].url, tried[-1].last_error,
+                        attempt.upstream.url)
+        tried.append(attempt.upstream)
+        return attempt
+
+    def _given_up(self, request: GenerationRequest, tried: list[Upstream], error: APIError) -> APIError:
+        """The last failure, naming every upstream's state when there are several."""
+        if len(self.pool.upstreams) == 1:
+            return error
+        summary = self.pool.unavailable(request.adapter, tried)
+        return APIError(f"{error.message} {summary.message}", status_code=error.status_code,
+                        error_type=error.error_type, code=error.code)
+
+    def _failed(self, attempt: Attempt, exc: Exception, retry: bool) -> APIError:
+        """Score a failed attempt; the error the client gets if it is not retried."""
+        u = attempt.upstream
+        if isinstance(exc, httpx.HTTPError):
+            down = not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout))
+            attempt.failed(f"{type(exc).__name__}: {exc}", down=down)
+            return unreachable(u.url, exc)
+        assert isinstance(exc, APIError)
+        if exc.status_code >= 500 or exc.error_type == "upstream_error":
+            attempt.failed(exc.message)
+        else:
+            attempt.succeeded()  # a client error is the upstream working
+        return exc
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         path, body = self.body(request, stream=False)
         self.stats.requests_started += 1
+        tried: list[Upstream] = []
+        error: APIError | None = None
         try:
-            response = await self._client.post(path, json={k: v for k, v in body.items() if v is not None})
-        except httpx.HTTPError as exc:
+            while True:
+                attempt = self._next_attempt(request, tried, error)
+                try:
+                    response = await attempt.upstream.client.post(path, json=body)
+                    if response.status_code >= 400:
+                        raise answer_error(response.status_code, response.content, attempt.upstream.url)
+                    data = response.json()
+                    attempt.succeeded()
+                    break
+                except RETRYABLE as exc:
+                    error = self._failed(attempt, exc, retry=True)
+                except (httpx.HTTPError, APIError) as exc:
+                    raise self._failed(attempt, exc, retry=False) from None
+                finally:
+                    attempt.close()
+        except BaseException:
             self.stats.requests_cancelled += 1
-            raise unreachable(self.url, exc) from None
+            raise
         finally:
             self.stats.requests_finished += 1
-        if response.status_code >= 400:
-            raise upstream_error(response.status_code, response.content, self.url)
-        data = response.json()
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         request.first_token_at = request.first_token_at or time.monotonic()
@@ -198,57 +239,81 @@ class OpenAIUpstreamEngine(Engine):
         path, body = self.body(request, stream=True)
         self.stats.requests_started += 1
         finished = False
+        tried: list[Upstream] = []
+        error: APIError | None = None
         try:
-            async with self._client.stream("POST", path, json={k: v for k, v in body.items() if v is not None}) as r:
-                if r.status_code >= 400:
-                    raise upstream_error(r.status_code, await r.aread(), self.url)
-                held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows it
-                async for event in sse_events(r):
-                    if "error" in event:
-                        error = event["error"]
-                        raise APIError(error.get("message", "upstream error"), status_code=502,
-                                       error_type="upstream_error", code=error.get("code"))
-                    usage = event.get("usage")
-                    for choice in event.get("choices") or []:
-                        chunk = chunk_of(choice, request)
-                        if chunk.finish_reason is not None:
-                            held = chunk
-                        elif chunk.text or chunk.logprobs:
-                            self.stats.tokens_generated += chunk.token_count
-                            yield chunk
-                    if usage and held is not None:
-                        held.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                        held.completion_tokens = int(usage.get("completion_tokens") or 0)
-                if held is None:
-                    raise APIError(f"The upstream {self.url} ended the stream without finishing", status_code=502,
-                                   error_type="upstream_error", code="upstream_incomplete")
-                finished = True
-                yield held
-        except httpx.HTTPError as exc:
-            raise unreachable(self.url, exc) from None
+            while not finished:
+                attempt = self._next_attempt(request, tried, error)
+                url = attempt.upstream.url
+                delivered = False  # once a chunk went out, the stream is never sent again
+                try:
+                    async with attempt.upstream.client.stream("POST", path, json=body) as r:
+                        if r.status_code >= 400:
+                            raise answer_error(r.status_code, await r.aread(), url)
+                        held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows
+                        async for event in sse_events(r):
+                            if "error" in event:
+                                problem = event["error"]
+                                raise APIError(f"The upstream {url} failed: {problem.get('message', 'error')}",
+                                               status_code=502, error_type="upstream_error", code=problem.get("code"))
+                            usage = event.get("usage")
+                            for choice in event.get("choices") or []:
+                                chunk = chunk_of(choice, request)
+                                if chunk.finish_reason is not None:
+                                    held = chunk
+                                elif chunk.text or chunk.logprobs:
+                                    self.stats.tokens_generated += chunk.token_count
+                                    delivered = True
+                                    yield chunk
+                            if usage and held is not None:
+                                held.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                                held.completion_tokens = int(usage.get("completion_tokens") or 0)
+                        if held is None:
+                            raise APIError(f"The upstream {url} ended the stream without finishing",
+                                           status_code=502, error_type="upstream_error", code="upstream_incomplete")
+                        attempt.succeeded()
+                        finished = True
+                        yield held
+                except RETRYABLE as exc:
+                    if delivered:  # part of the answer is out: never sent again, the client learns it broke off
+                        self._failed(attempt, exc, retry=False)
+                        raise APIError(f"The upstream {url} went away mid-stream ({type(exc).__name__}: {exc}); "
+                                       f"the answer is incomplete.", status_code=502, error_type="upstream_error",
+                                       code="upstream_disconnected") from None
+                    error = self._failed(attempt, exc, retry=True)
+                except (httpx.HTTPError, APIError) as exc:
+                    raise self._failed(attempt, exc, retry=False) from None
+                finally:
+                    attempt.close()
         finally:
             self.stats.requests_finished += 1
             if not finished:
                 self.stats.requests_cancelled += 1
 
-    # --- adapters: forwarded to the upstream -------------------------------------------------------
+    # --- adapters: forwarded to the upstreams that take them ------------------------------------------
 
     async def load_adapter(self, adapter: Any) -> None:
-        await self._adapter_call("/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+        await self.pool.load_adapter(adapter.name, adapter.path)
 
     async def unload_adapter(self, name: str) -> None:
-        await self._adapter_call("/unload_lora_adapter", {"lora_name": name})
+        await self.pool.unload_adapter(name)
 
-    async def _adapter_call(self, path: str, body: dict[str, Any]) -> None:
-        try:
-            response = await self._client.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise unreachable(self.url, exc) from None
-        if response.status_code in (404, 405):
-            raise NotImplementedError(f"the upstream {self.url} has no {path} endpoint (for vLLM, start it with "
-                                      f"--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
-        if response.status_code >= 400:
-            raise upstream_error(response.status_code, response.content, self.url)
+
+class RetryableAnswer(APIError):
+    """A 502/503 the upstream answered before any body: another upstream may take the request."""
+
+
+def answer_error(status: int, body: bytes, url: str) -> APIError:
+    error = upstream_error(status, body, url)
+    if status in (502, 503):
+        return RetryableAnswer(error.message, status_code=error.status_code, error_type=error.error_type,
+                               code=error.code)
+    return error
+
+
+#: Failures after which the request may go to another upstream (when nothing reached the client yet).
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+             httpx.WriteError, RetryableAnswer)
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
