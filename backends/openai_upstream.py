@@ -10,8 +10,8 @@ upstream's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
 
 `JARVIS_UPSTREAMS` lists several such servers instead (replicas of one model):
 the engine then routes each request through an `UpstreamPool`
-(backends/upstream_pool.py: balancing, health checks, circuit breaking, adapter
-placement) and retries a failed attempt on another upstream as long as nothing
+(backends/upstream_pool.py: balancing, circuit breaking; backends/upstream_monitor.py:
+health checks, adapter placement) and retries a failed attempt on another upstream as long as nothing
 has reached the client yet. One JARVIS_UPSTREAM_URL is a pool of one.
 """
 
@@ -30,8 +30,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from jarvis import hookimpl
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo, TokenLogprob
 from jarvis.errors import APIError, ConfigError
-from jarvis.backends.upstream_pool import (Attempt, Upstream, UpstreamPool, parse_upstreams,
-                                          shown_url_list, unreachable, upstream_error)
+from jarvis.backends.upstream_monitor import UpstreamMonitor, unreachable, upstream_error
+from jarvis.backends.upstream_pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
 from jarvis.settings import JarvisSettings, load_settings
 
 log = logging.getLogger("jarvis.backends.openai_upstream")
@@ -100,8 +100,8 @@ class OpenAIUpstreamEngine(Engine):
         entries = parse_upstreams(o.urls, o.api_key) if o.urls else [(o.url.rstrip("/"), o.api_key)]
         self.url_setting = "JARVIS_UPSTREAMS" if o.urls else "JARVIS_UPSTREAM_URL"
         self.pool = UpstreamPool([Upstream(url, key) for url, key in entries], max_attempts=o.max_attempts,
-                                 failure_threshold=o.failure_threshold, cooldown=o.cooldown,
-                                 health_timeout=o.health_timeout)
+                                 failure_threshold=o.failure_threshold, cooldown=o.cooldown)
+        self.monitor = UpstreamMonitor(self.pool, health_timeout=o.health_timeout)
         self.url = entries[0][0] if len(entries) == 1 else ", ".join(url for url, _ in entries)
         self._info: ModelInfo | None = None
         self.upstream_model = o.model
@@ -109,18 +109,18 @@ class OpenAIUpstreamEngine(Engine):
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.pool.open(self.options.timeout, self.options.connect_timeout)
-        card = await self.pool.wait_for_first(self.options.model, self.options.start_timeout, self.url_setting,
+        self.monitor.open(self.options.timeout, self.options.connect_timeout)
+        card = await self.monitor.wait_for_first(self.options.model, self.options.start_timeout, self.url_setting,
                                               key_set=bool(self.options.api_key))
-        self.upstream_model = self.pool.model
+        self.upstream_model = self.monitor.model
         self._info = ModelInfo(id=self.upstream_model, path=self.url,
                                max_model_len=int(card.get("max_model_len") or self.settings.max_model_len),
                                owned_by=str(card.get("owned_by") or "upstream"))
-        self.pool.start_checks(self.options.health_interval)
+        self.monitor.start_checks(self.options.health_interval)
         log.info("upstream %s serves %s", self.url, self.upstream_model)
 
     async def stop(self) -> None:
-        await self.pool.close()
+        await self.monitor.close()
 
     def model_info(self) -> ModelInfo:
         if self._info is None:
@@ -293,10 +293,10 @@ class OpenAIUpstreamEngine(Engine):
     # --- adapters: forwarded to the upstreams that take them ------------------------------------------
 
     async def load_adapter(self, adapter: Any) -> None:
-        await self.pool.load_adapter(adapter.name, adapter.path)
+        await self.monitor.load_adapter(adapter.name, adapter.path)
 
     async def unload_adapter(self, name: str) -> None:
-        await self.pool.unload_adapter(name)
+        await self.monitor.unload_adapter(name)
 
 
 class RetryableAnswer(APIError):

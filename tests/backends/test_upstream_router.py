@@ -255,3 +255,19 @@ def test_kill_one_upstream_mid_load_then_it_rejoins(cluster, trained_lora):
     assert httpx.post(f"{router.v1}/unload_lora_adapter", json={"lora_name": "pirate"}).status_code == 200
     for upstream in cluster.upstreams:
         assert "pirate" not in [m["id"] for m in httpx.get(f"{upstream.v1}/models").json()["data"]]
+
+
+@pytest.mark.slow
+def test_upstreams_serving_different_models_are_named(cluster):
+    other = cluster.start_server(cluster.factory.mktemp("other"), JARVIS_SERVED_MODEL_NAME="another-model", **LLAMA)
+    try:
+        router = cluster.start_server(cluster.factory.mktemp("mixed"), JARVIS_INFERENCE_ENGINE="openai",
+                                      JARVIS_UPSTREAMS=f"{cluster.upstreams[0].v1},{other.v1}")
+        health = router.health()
+        router.stop()
+    finally:
+        other.stop()
+    assert health["status"] == "failed"
+    error = health["error"]
+    assert "do not serve the same model" in error
+    assert f"{cluster.upstreams[0].v1} serves ['{MODEL}']" in error and f"{other.v1} serves ['another-model']" in error
