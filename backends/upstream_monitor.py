@@ -146,7 +146,10 @@ class UpstreamMonitor:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(interval)
-                await asyncio.gather(*(self.check(u) for u in self.upstreams), return_exceptions=True)
+                results = await asyncio.gather(*(self.check(u) for u in self.upstreams), return_exceptions=True)
+                for u, result in zip(self.upstreams, results):
+                    if isinstance(result, Exception):
+                        log.error("health check of %s failed: %s: %s", u.url, type(result).__name__, result)
 
         self._checks = asyncio.get_running_loop().create_task(loop(), name="upstream-health-checks")
 

@@ -122,8 +122,9 @@ class Upstream:
         state = self.circuit(now)
         if state == "half_open" or (state == "closed" and self.consecutive_failures >= threshold):
             self._circuit, self._open_until = "open", now + cooldown
-            log.warning("upstream %s: circuit open for %.1f s after %d consecutive failures (%s)", self.url,
-                        cooldown, self.consecutive_failures, error)
+            log.log(logging.WARNING if state == "closed" else logging.INFO,
+                    "upstream %s: circuit open for %.1f s after %d consecutive failures (%s)", self.url,
+                    cooldown, self.consecutive_failures, error)
 
     def begin(self, now: float) -> bool:
         """Count a request sent to it; True when it is the half-open circuit's one probe."""
@@ -143,7 +144,7 @@ class Upstream:
                 self._circuit = "open"
 
     def state(self, now: float | None = None) -> str:
-        """One word and its reason, for the 503 message."""
+        """Its state and why, for the 503 message."""
         now = now or time.monotonic()
         circuit = self.circuit(now)
         if not self.serves_model:
