@@ -44,10 +44,17 @@ class AdapterInfo:
 def confine(path: str | Path, root: Path) -> Path:
     """The real path of `path`, which must lie inside `root` (no `..`, no symlink escape)."""
     real_root = root.expanduser().resolve()
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = real_root / candidate
-    real = candidate.resolve()
+    try:
+        str(path).encode("utf-8")  # lone surrogates cannot name a file
+        if "\0" in str(path):
+            raise ValueError("embedded NUL byte")
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = real_root / candidate
+        real = candidate.resolve()
+    except (ValueError, UnicodeError, OSError, RuntimeError) as exc:  # NUL, bad encoding, a symlink loop
+        raise InvalidAdapter(f"adapter path {str(path)!r} is not a usable path: {exc}",
+                             code="invalid_path") from None
     if real != real_root and real_root not in real.parents:
         raise InvalidAdapter(f"adapter path {str(path)!r} is outside the adapter root {str(real_root)!r}; "
                              f"put the adapter under it or set JARVIS_ADAPTER_ROOT", code="path_outside_root")

@@ -37,7 +37,7 @@ def test_every_operation_keeps_its_contract(fuzzed_server):
     for operation in operations:  # one Hypothesis run per operation, so a failure names its operation
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
                   database=None)
         def keeps_contract(case):
             case.call_and_validate(base_url=fuzzed_server.base_url, checks=CHECKS, timeout=60)
