@@ -16,6 +16,7 @@ def health_body(runtime: Any) -> dict[str, Any]:
         "model": runtime.model_id if runtime.ready else None,
         "error": runtime.failure,
         "requests_in_flight": stats.in_flight,
+        "requests_waiting": runtime.admission.waiting,
         "requests_total": stats.requests_started,
         "requests_cancelled": stats.requests_cancelled,
         "tokens_generated": stats.tokens_generated,

@@ -66,20 +66,36 @@ def test_256_concurrent_streaming_clients_all_complete(jarvis_server):
 
 def test_full_queue_answers_429_with_retry_after(jarvis_server):
     server = jarvis_server(JARVIS_MAX_CONCURRENT="2", JARVIS_MAX_QUEUE="2", **LLAMA)
+    body = {"model": MODEL, "prompt": "Tell me a long story:", "max_tokens": 400, "temperature": 0.8,
+            "stream": True}
 
-    async def burst() -> list[httpx.Response]:
+    async def scenario() -> tuple[list[httpx.Response], list[str]]:
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"model": MODEL, "prompt": "Tell me a story:", "max_tokens": 24, "temperature": 0}
-            return await asyncio.gather(*(client.post(f"{server.v1}/completions", json=body) for _ in range(16)))
+            holders = [client.stream("POST", f"{server.v1}/completions", json=body) for _ in range(4)]
+            held = [await h.__aenter__() for h in holders]  # two generate, two wait in the queue
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                health = (await client.get(f"{server.base_url}/health")).json()
+                if health["requests_in_flight"] == 2 and health["requests_waiting"] == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert (health["requests_in_flight"], health["requests_waiting"]) == (2, 2), health
+            short = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+            rejected = await asyncio.gather(*(client.post(f"{server.v1}/completions", json=short)
+                                              for _ in range(6)))
+            for h in holders:  # the held streams give their slots back when closed
+                await h.__aexit__(None, None, None)
+            return rejected, [r.headers.get("content-type", "") for r in held]
 
-    responses = asyncio.run(burst())
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 429}, statuses
-    assert statuses.count(200) >= 4 and statuses.count(429) >= 1, statuses
-    rejected = next(r for r in responses if r.status_code == 429)
-    assert int(rejected.headers["retry-after"]) >= 1
-    assert rejected.json()["error"]["type"] == "rate_limit_error"
-    assert rejected.json()["error"]["code"] == "server_overloaded"
+    rejected, held_types = asyncio.run(scenario())
+    assert all(t.startswith("text/event-stream") for t in held_types)  # the queued requests were accepted
+    assert [r.status_code for r in rejected] == [429] * 6
+    assert int(rejected[0].headers["retry-after"]) >= 1
+    assert rejected[0].json()["error"]["type"] == "rate_limit_error"
+    assert rejected[0].json()["error"]["code"] == "server_overloaded"
+    deadline = time.monotonic() + 30
+    while server.health()["requests_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
