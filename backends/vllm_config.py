@@ -176,7 +176,7 @@ def plan_engine(settings: JarvisSettings, options: VllmSettings, platform: Platf
         args["max_num_seqs"] = options.max_num_seqs
     if platform.device == "cuda":
         args["gpu_memory_utilization"] = options.gpu_memory_utilization
-    _check_memory(plan, options, platform, model_dir, args["dtype"])
+    _check_memory(plan, options, platform, model_dir, config, args["dtype"])
     _plan_lora(plan, args, options, settings)
     if platform.device == "cpu" and options.cpu_kvcache_space:
         plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space)
@@ -308,11 +308,11 @@ def _resolve_quantization(plan: VllmPlan, options: VllmSettings, platform: Platf
 
 
 def _check_memory(plan: VllmPlan, options: VllmSettings, platform: Platform, model_dir: Path | None,
-                  dtype: str) -> None:
+                  config: dict[str, Any], dtype: str) -> None:
     if model_dir is None or not model_dir.is_dir():
         return
     stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
-    stored_dtype = read_model_config(model_dir).get("torch_dtype") or read_model_config(model_dir).get("dtype")
+    stored_dtype = config.get("torch_dtype") or config.get("dtype")
     scale = {"float32": 4, "bfloat16": 2, "float16": 2}
     weights = stored * scale.get(dtype, 2) / scale.get(stored_dtype or "", scale.get(dtype, 2))
     if platform.device == "cuda":

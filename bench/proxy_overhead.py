@@ -150,20 +150,21 @@ def ms(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 2)
 
 
-def summarize(samples: list[Sample], raw: list[Sample]) -> dict:
+def summarize(samples: list[Sample], baseline: list[Sample], baseline_name: str = "raw") -> dict:
+    """One path's figures, paired prompt by prompt with the baseline path's samples."""
     total_s = sum(s.latency_s for s in samples)
     tokens = sum(s.completion_tokens for s in samples)
     ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
-    added = [s.latency_s - r.latency_s for s, r in zip(samples, raw)]
-    raw_tps = sum(r.completion_tokens for r in raw) / sum(r.latency_s for r in raw)
+    added = [s.latency_s - b.latency_s for s, b in zip(samples, baseline)]
+    baseline_tps = sum(b.completion_tokens for b in baseline) / sum(b.latency_s for b in baseline)
     return {"latency_p50_ms": ms([s.latency_s for s in samples], 50),
             "latency_p95_ms": ms([s.latency_s for s in samples], 95),
             "completion_tokens": tokens, "total_s": round(total_s, 3),
             "tokens_per_s": round(tokens / total_s, 1),
             "ttft_p50_ms": ms(ttfts, 50) if ttfts else None,
             "added_p50_ms": ms(added, 50), "added_p95_ms": ms(added, 95),
-            "tokens_per_s_vs_raw": round(tokens / total_s / raw_tps, 3),
-            "texts_match": sum(s.text == r.text for s, r in zip(samples, raw))}
+            f"tokens_per_s_vs_{baseline_name}": round(tokens / total_s / baseline_tps, 3),
+            "texts_match": sum(s.text == b.text for s, b in zip(samples, baseline))}
 
 
 def print_report(console: Console, summary: dict[str, dict], runs: dict[str, list[Sample]], config: dict) -> None:

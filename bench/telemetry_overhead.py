@@ -35,14 +35,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-import numpy as np
 from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jarvis_process import jarvis_server  # noqa: E402
-from proxy_overhead import Sample, jarvis_client, llama_settings, make_prompts  # noqa: E402
+from proxy_overhead import Sample, jarvis_client, llama_settings, make_prompts, summarize  # noqa: E402
 
 
 class OtlpSink:
@@ -129,25 +128,6 @@ def hook_cost_us(iterations: int) -> dict[str, float]:
     return costs
 
 
-def ms(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)) * 1000, 2)
-
-
-def summarize(samples: list[Sample], off: list[Sample]) -> dict:
-    total_s = sum(s.latency_s for s in samples)
-    tokens = sum(s.completion_tokens for s in samples)
-    off_tps = sum(s.completion_tokens for s in off) / sum(s.latency_s for s in off)
-    ttfts = [s.ttft_s for s in samples if s.ttft_s is not None]
-    added = [s.latency_s - o.latency_s for s, o in zip(samples, off)]
-    return {"latency_p50_ms": ms([s.latency_s for s in samples], 50),
-            "latency_p95_ms": ms([s.latency_s for s in samples], 95),
-            "ttft_p50_ms": ms(ttfts, 50) if ttfts else None,
-            "completion_tokens": tokens, "total_s": round(total_s, 3), "tokens_per_s": round(tokens / total_s, 1),
-            "added_p50_ms": ms(added, 50), "added_p95_ms": ms(added, 95),
-            "tokens_per_s_vs_off": round(tokens / total_s / off_tps, 3),
-            "texts_match": sum(s.text == o.text for s, o in zip(samples, off))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20, help="distinct prompts (default 20)")
@@ -193,7 +173,7 @@ def main() -> None:
         sink.close()
     config.update(load_after=os.getloadavg()[0], scrapes=scraper.scrapes, otlp_posts=sink.posts, otlp_bytes=sink.bytes)
 
-    summary = {name: summarize(samples, runs["off"]) for name, samples in runs.items()}
+    summary = {name: summarize(samples, runs["off"], "off") for name, samples in runs.items()}
     table = Table(title=f"Telemetry on vs off — {args.requests} sequential {'streaming ' if args.stream else ''}"
                         f"requests, max_tokens={args.max_tokens}, n_threads={args.threads}, greedy")
     for column in ["telemetry", "p50 ms", "p95 ms", "TTFT p50 ms", "tok/s", "added p50 ms", "added p95 ms",

@@ -51,7 +51,8 @@ def run_command(input_path: Path, output: Path, errors_path: Path | None, resume
     """Run every request in IN.jsonl and write OUT.jsonl."""
     from jarvis.plugins.batch import batch_settings
     from jarvis.plugins.batch.lines import first_endpoint
-    from jarvis.plugins.batch.store import BatchJobStore, sha256_of
+    from jarvis.embedded_model import sha256_of
+    from jarvis.plugins.batch.store import BatchJobStore
     from jarvis.settings import SettingsError
 
     try:

@@ -50,14 +50,6 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex[:24]}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class BatchJobStore:
     """One SQLite database plus a `files/` folder, both under `root`."""
 

@@ -19,6 +19,8 @@ from rich.console import Console
 console = Console(stderr=True)
 OUTPUT = click.option("--output", "output", type=click.Path(file_okay=False, path_type=Path),
                       default=Path("jarvis-reports"), show_default=True, help="Folder for the JSON/MD/HTML/PNG reports.")
+MODEL = click.option("--model", help="Local folder (default: the embedded model) or served model name.")
+ADAPTER = click.option("--adapter", help="PEFT adapter folder (local) or the adapter's served name (--url).")
 URL = click.option("--url", help="OpenAI-compatible server (http://host:8000 or .../v1); unset: run locally.")
 API_KEY = click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer token for --url (env OPENAI_API_KEY).")
 CHAT_FORMAT = click.option("--chat-format", help="Render chat/instruction records with this format "
@@ -105,8 +107,7 @@ def eval_group() -> None:
 
 @eval_group.command("perplexity")
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@options(URL, click.option("--model", help="Local folder (default: the embedded model) or served model name."),
-         click.option("--adapter", help="PEFT adapter folder (local) or the adapter's served name (--url)."),
+@options(URL, MODEL, ADAPTER,
          CHAT_FORMAT, WINDOW, DEVICE, API_KEY, OUTPUT)
 def perplexity_command(data: Path, url: str | None, model: str | None, adapter: str | None, chat_format: str | None,
                        max_length: int | None, stride: int | None, device: str, api_key: str | None,
@@ -122,8 +123,7 @@ def perplexity_command(data: Path, url: str | None, model: str | None, adapter: 
 
 @eval_group.command("tasks")
 @click.argument("cases", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@options(URL, click.option("--model", help="Local folder (default: the embedded model) or served model name."),
-         click.option("--adapter", help="PEFT adapter folder (local) or the adapter's served name (--url)."),
+@options(URL, MODEL, ADAPTER,
          CHAT_FORMAT, DECODING, DEVICE, API_KEY, OUTPUT)
 def tasks_command(cases: Path, url: str | None, model: str | None, adapter: str | None, chat_format: str | None,
                   max_tokens: int, temperature: float, top_p: float, seed: int, device: str, api_key: str | None,
