@@ -67,6 +67,7 @@ class VllmEngine(Engine):
         self._served_dir: Path | None = None
         self._loras: dict[str, Any] = {}
         self._lora_ids = itertools.count(1)
+        self._engine_args: dict[str, Any] = {}
 
     def _base_dir(self) -> Path | None:
         if self.model_dir is not None:
@@ -84,6 +85,7 @@ class VllmEngine(Engine):
 
     async def start(self) -> None:
         folder = await asyncio.to_thread(self._model_folder)
+        self.platform = Platform.detect()  # memory now, after the conversion: the CPU KV cache is sized from it
         plan = plan_engine(self.settings, self.options, self.platform, folder)
         if plan.problems:
             raise SettingsError(plan.problems)
@@ -103,6 +105,7 @@ class VllmEngine(Engine):
                                f"JARVIS_VLLM_MAX_MODEL_LEN or the memory settings, or serve with "
                                f"JARVIS_INFERENCE_ENGINE=hf") from exc
         self._served_dir = folder
+        self._engine_args = {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")}
         config = read_model_config(folder)
         if self.merge_source is not None:
             model_id = self.merge_source.name
@@ -154,6 +157,7 @@ class VllmEngine(Engine):
                 "quantization": self.options.quantization, "lora": self.options.enable_lora,
                 "max_loras": self.options.max_loras,
                 "merged_adapter": str(self.merge_source) if self.merge_source else None,
+                "engine_args": self._engine_args,
                 "batching": {"kind": "continuous (vLLM scheduler, paged KV cache)"}}
 
     # --- generation ------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ class VllmSettings(BaseSettings):
         None, description="Skip CUDA graphs / compilation (faster start, slower decode); unset = on CPU only.",
         json_schema_extra={"fix": "set JARVIS_VLLM_ENFORCE_EAGER to true or false, or unset it"})
     cpu_kvcache_space: int | None = Field(
-        None, ge=1, le=4096, description="KV cache GiB on a CPU host (VLLM_CPU_KVCACHE_SPACE); unset = vLLM's default.",
+        None, ge=1, le=4096, description="KV cache GiB on a CPU host (VLLM_CPU_KVCACHE_SPACE); unset = sized from "
+                                         "the model and the memory free at start (room for JARVIS_VLLM_MAX_NUM_SEQS, "
+                                         "or 8, full contexts, never more than is free).",
         json_schema_extra={"fix": "set JARVIS_VLLM_CPU_KVCACHE_SPACE to a number of GiB, e.g. 4"})
     max_num_seqs: int | None = Field(
         None, ge=1, le=4096, description="Sequences decoded together at most; unset = vLLM's default.",
@@ -94,6 +96,7 @@ class Platform:
     device: str  # "cuda" or "cpu"
     gpu_memory_gib: tuple[float, ...] = ()
     numa_nodes: int = 1
+    #: Memory available to a new process now (MemAvailable: free + reclaimable cache), not the total.
     ram_gib: float = 0.0
     visible_devices: str | None = None
 
@@ -113,8 +116,19 @@ class Platform:
         except ImportError:
             pass
         nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
-        return cls("cuda" if memory else "cpu", memory, nodes, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
+        return cls("cuda" if memory else "cpu", memory, nodes, available_memory_gib(),
                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def available_memory_gib() -> float:
+    """MemAvailable from /proc/meminfo (what vLLM's CPU worker compares against), else the free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 @dataclass
@@ -180,6 +194,12 @@ def plan_engine(settings: JarvisSettings, options: VllmSettings, platform: Platf
     _plan_lora(plan, args, options, settings)
     if platform.device == "cpu" and options.cpu_kvcache_space:
         plan.env["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space)
+    elif platform.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # vLLM's CPU default reserves a fixed share (0.92) of the node's memory and refuses to start when
+        # less than that is free; an explicit size skips that check, so size it from the model instead.
+        kv = _size_cpu_kv_cache(plan, options, platform, model_dir, config, args["dtype"], max_len)
+        if kv is not None:
+            args["kv_cache_memory_bytes"] = kv
     if options.distributed_executor != "ray":
         plan.env.setdefault("VLLM_HOST_IP", "127.0.0.1")  # one node: workers talk over loopback only
     plan.engine_args = args
@@ -307,14 +327,54 @@ def _resolve_quantization(plan: VllmPlan, options: VllmSettings, platform: Platf
     return {"quantization": q}
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Full-length contexts the CPU KV cache has room for when JARVIS_VLLM_MAX_NUM_SEQS is unset.
+CPU_KV_CONTEXTS = 8
+#: Memory left to the rest of the process and the machine when the CPU KV cache is sized.
+CPU_HEADROOM_GIB = 1.5
+
+
+def _weights_gib(model_dir: Path, config: dict[str, Any], dtype: str) -> float:
+    stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
+    stored_dtype = config.get("torch_dtype") or config.get("dtype")
+    return stored * DTYPE_BYTES.get(dtype, 2) / DTYPE_BYTES.get(stored_dtype or "", DTYPE_BYTES.get(dtype, 2))
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int | None:
+    """K and V of every layer for one token, from config.json (None when the shape is not stated)."""
+    text = {**config, **(config.get("text_config") or {})}
+    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or (text.get("hidden_size") // heads if heads and text.get("hidden_size") else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 2)
+
+
+def _size_cpu_kv_cache(plan: VllmPlan, options: VllmSettings, platform: Platform, model_dir: Path | None,
+                       config: dict[str, Any], dtype: str, max_len: int) -> int | None:
+    """KV cache bytes on CPU: room for the wanted contexts, within what is free beside the weights."""
+    per_token = kv_bytes_per_token(config, dtype)
+    if model_dir is None or not model_dir.is_dir() or per_token is None:
+        return None  # not known before the embedded model is converted: checked again at start
+    one_context = per_token * max_len
+    wanted = one_context * (options.max_num_seqs or CPU_KV_CONTEXTS)
+    free = (platform.ram_gib - _weights_gib(model_dir, config, dtype) - CPU_HEADROOM_GIB) * 2**30
+    if free < one_context:
+        plan.problem("JARVIS_MAX_MODEL_LEN" if not options.max_model_len else "JARVIS_VLLM_MAX_MODEL_LEN", max_len,
+                     f"one {max_len}-token context needs {one_context / 2**30:.2f} GiB of KV cache, but only "
+                     f"{max(free, 0) / 2**30:.2f} GiB is free beside the weights and {CPU_HEADROOM_GIB} GiB of headroom "
+                     f"({platform.ram_gib:.1f} GiB available now)",
+                     "lower the context length, stop other memory users, or serve a smaller model")
+        return None
+    return int(min(wanted, free))
+
+
 def _check_memory(plan: VllmPlan, options: VllmSettings, platform: Platform, model_dir: Path | None,
                   config: dict[str, Any], dtype: str) -> None:
     if model_dir is None or not model_dir.is_dir():
         return
-    stored = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30
-    stored_dtype = config.get("torch_dtype") or config.get("dtype")
-    scale = {"float32": 4, "bfloat16": 2, "float16": 2}
-    weights = stored * scale.get(dtype, 2) / scale.get(stored_dtype or "", scale.get(dtype, 2))
+    weights = _weights_gib(model_dir, config, dtype)
     if platform.device == "cuda":
         share = weights / (options.tensor_parallel_size * options.pipeline_parallel_size)
         budget = min(platform.gpu_memory_gib or (0,)) * options.gpu_memory_utilization
@@ -323,8 +383,8 @@ def _check_memory(plan: VllmPlan, options: VllmSettings, platform: Platform, mod
                          f"each GPU would hold {share:.1f} GiB of weights but may use {budget:.1f} GiB",
                          "raise JARVIS_VLLM_GPU_MEMORY_UTILIZATION, split across more GPUs "
                          "(JARVIS_VLLM_TENSOR_PARALLEL_SIZE) or quantize (JARVIS_VLLM_QUANTIZATION=fp8)")
-    else:
-        kv = options.cpu_kvcache_space or 4
+    elif options.cpu_kvcache_space:  # an explicit size; otherwise _size_cpu_kv_cache fits it to what is free
+        kv = options.cpu_kvcache_space
         if weights + kv > platform.ram_gib:
             plan.problem("JARVIS_VLLM_CPU_KVCACHE_SPACE", options.cpu_kvcache_space,
                          f"{weights:.1f} GiB of weights + {kv} GiB of KV cache exceed the {platform.ram_gib:.1f} GiB "

@@ -123,6 +123,25 @@ def test_cpu_host(model_dir, monkeypatch):
                                               "JARVIS_VLLM_TENSOR_PARALLEL_SIZE"]
 
 
+def test_cpu_kv_cache_is_sized_from_the_model_and_the_memory_free(model_dir, monkeypatch):
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(num_hidden_layers=32, num_key_value_heads=8, head_dim=128)  # 256 KiB per float32 token
+    (model_dir / "config.json").write_text(json.dumps(config))
+    context = 256 * 2**10 * 4096  # one 4096-token context: 1 GiB
+    roomy = plan(model_dir, CPU_HOST, monkeypatch)  # 20 GiB free: 8 contexts
+    assert roomy.problems == [] and roomy.engine_args["kv_cache_memory_bytes"] == 8 * context
+    assert "VLLM_CPU_KVCACHE_SPACE" not in roomy.env
+    # a laptop with a browser open: 9 GiB available, 4 GiB of float32 weights, 1.5 GiB headroom -> 3.5 GiB
+    busy = plan(model_dir, Platform("cpu", (), ram_gib=9), monkeypatch)
+    assert busy.problems == [] and busy.engine_args["kv_cache_memory_bytes"] == int(3.5 * 2**30)
+    full = plan(model_dir, Platform("cpu", (), ram_gib=6), monkeypatch)  # not even one context fits
+    assert settings_named(full) == ["JARVIS_MAX_MODEL_LEN"] and "1.00 GiB of KV cache" in full.problems[0].problem
+    assert plan(model_dir, Platform("cpu", (), ram_gib=6), monkeypatch, JARVIS_MAX_MODEL_LEN="1024").problems == []
+    monkeypatch.delenv("JARVIS_MAX_MODEL_LEN")
+    assert plan(model_dir, CPU_HOST, monkeypatch, JARVIS_VLLM_MAX_NUM_SEQS="2").engine_args[
+        "kv_cache_memory_bytes"] == 2 * context
+
+
 def test_lora_ranks(model_dir, monkeypatch):
     result = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_LORA_RANK="12")
     assert settings_named(result) == ["JARVIS_VLLM_MAX_LORA_RANK"]
