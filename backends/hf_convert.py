@@ -2,21 +2,49 @@
 
 transformers reads GGUF (`gguf_file=`), de-quantizing the weights; the result
 is saved as a safetensors folder in float32 (the de-quantized values exactly,
-so the HF engine computes with the same weights llama.cpp does). A marker
-file records the source's sha256; an unfinished conversion never looks done
-because the folder is renamed into place only at the end.
+so the HF engine computes with the same weights llama.cpp does).
+
+The tokenizer is not taken on trust: the GGUF's own metadata says whether a
+text gets `<bos>`/`<eos>` (`tokenizer.ggml.add_bos_token`, `add_eos_token`),
+the converted tokenizer is made to do the same, and before the folder is
+published a set of probe strings (plain, chat-formatted, unicode, empty) must
+tokenize to the very ids llama.cpp gives on the same GGUF. A marker file
+records the source's sha256 and `CONVERTER_VERSION`: a folder made by another
+converter version is stale and converted again. An unfinished conversion never
+looks done because the folder is renamed into place only at the end.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 from jarvis.embedded_model import MODEL_ID, embedded_model_path, sha256_of
 
+log = logging.getLogger("jarvis.backends.hf_convert")
+
 MARKER = "jarvis-conversion.json"
+#: Bumped whenever the conversion's output changes; a folder stamped with another version is redone.
+#: 2: the tokenizer follows the GGUF's add_bos/add_eos and is checked against llama.cpp.
+CONVERTER_VERSION = 2
+#: Strings both tokenizers must turn into identical ids before a conversion is published.
+PROBE_TEXTS = (
+    "The capital of France is",
+    "",
+    " leading space, trailing space ",
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "naïve café — 東京 🚀 ünïcödé",
+    "line one\n\n\tline two\r\n",
+    "def f(x):\n    return x ** 2  # 12345",
+)
+
+
+class ConversionError(RuntimeError):
+    """The converted folder would not behave as the GGUF does; nothing was published."""
 
 
 def converted_dir(data_dir: Path) -> Path:
@@ -24,10 +52,73 @@ def converted_dir(data_dir: Path) -> Path:
 
 
 def is_converted(folder: Path, source_sha256: str | None = None) -> bool:
+    """A finished conversion by this converter version (of `source_sha256`, when given)."""
     marker = folder / MARKER
     if not marker.is_file():
         return False
-    return source_sha256 is None or json.loads(marker.read_text()).get("source_sha256") == source_sha256
+    try:
+        stamp = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    if stamp.get("converter_version") != CONVERTER_VERSION:
+        return False
+    return source_sha256 is None or stamp.get("source_sha256") == source_sha256
+
+
+def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
+    """`add_bos_token` / `add_eos_token` as the GGUF's tokenizer metadata states them (llama.cpp's defaults
+    for a SentencePiece vocabulary when absent: bos yes, eos no)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    flags = {"add_bos_token": True, "add_eos_token": False}
+    for key in flags:
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            flags[key] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
+def llama_cpp_token_ids(gguf: Path, texts: tuple[str, ...]) -> list[list[int]]:
+    """How llama.cpp tokenizes `texts` as the engines do (bos per the GGUF, special tokens parsed)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(str(gguf), vocab_only=True, verbose=False)
+    try:
+        return [vocab.tokenize(text.encode(), add_bos=True, special=True) for text in texts]
+    finally:
+        vocab.close()
+
+
+def tokenizer_mismatches(folder: Path, gguf: Path, texts: tuple[str, ...] = PROBE_TEXTS) -> list[str]:
+    """Each probe text the converted tokenizer (loaded back from `folder`) tokenizes unlike llama.cpp."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    expected = llama_cpp_token_ids(gguf, texts)
+    return [f"{text!r}: transformers {got} vs llama.cpp {want}"
+            for text, want in zip(texts, expected)
+            if (got := tokenizer(text, add_special_tokens=True)["input_ids"]) != want]
+
+
+def apply_gguf_special_tokens(tokenizer: object, flags: dict[str, bool]) -> None:
+    """Make `tokenizer` add `<bos>`/`<eos>` exactly when the GGUF says to, and keep that when saved."""
+    from tokenizers import processors
+
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token  # type: ignore[attr-defined]
+    single = " ".join([*([f"{bos}:0"] if flags["add_bos_token"] else []), "$A:0",
+                       *([f"{eos}:0"] if flags["add_eos_token"] else [])])
+    pair = single + " " + " ".join([*([f"{bos}:1"] if flags["add_bos_token"] else []), "$B:1",
+                                    *([f"{eos}:1"] if flags["add_eos_token"] else [])])
+    special = [(t, tokenizer.convert_tokens_to_ids(t)) for t in {bos, eos} if t]  # type: ignore[attr-defined]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(  # type: ignore[attr-defined]
+        single=single, pair=pair, special_tokens=special)
+    for key, value in flags.items():  # written to tokenizer_config.json, read back on load
+        try:
+            setattr(tokenizer, key, value)
+        except (AttributeError, ValueError):
+            pass
+        tokenizer.init_kwargs[key] = value  # type: ignore[attr-defined]
 
 
 def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None) -> Path:
@@ -49,10 +140,21 @@ def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
+    apply_gguf_special_tokens(tokenizer, gguf_tokenizer_flags(gguf))
     tokenizer.save_pretrained(staging)
+    probes: int | str = len(PROBE_TEXTS)
+    if importlib.util.find_spec("llama_cpp") is None:  # e.g. a GPU host that carries only transformers + vLLM
+        probes = "skipped: llama_cpp is not installed"
+        log.warning("tokenizer of %s not checked against llama.cpp (llama_cpp is not installed)", gguf.name)
+        mismatches = []
+    else:
+        mismatches = tokenizer_mismatches(staging, gguf)
+    if mismatches:
+        raise ConversionError(f"the tokenizer converted from {gguf.name} does not tokenize as llama.cpp does "
+                              f"(left unpublished in {staging}):\n  " + "\n  ".join(mismatches))
     (staging / MARKER).write_text(json.dumps({
-        "source": str(gguf), "source_sha256": digest, "dtype": "float32",
-        "seconds": round(time.monotonic() - started, 1)}, indent=2))
+        "source": str(gguf), "source_sha256": digest, "dtype": "float32", "converter_version": CONVERTER_VERSION,
+        "tokenizer_probes": probes, "seconds": round(time.monotonic() - started, 1)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir

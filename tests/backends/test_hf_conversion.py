@@ -1,0 +1,81 @@
+"""The GGUF → transformers conversion: its tokenizer tokenizes exactly as llama.cpp does on the same GGUF,
+a stale conversion is redone, and a tokenizer that disagrees is never published."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from jarvis.backends.hf_convert import (CONVERTER_VERSION, MARKER, convert_gguf, gguf_tokenizer_flags,
+                                        is_converted, llama_cpp_token_ids, tokenizer_mismatches)
+from jarvis.plugins.chat_formats.families import GEMMA
+
+pytestmark = pytest.mark.slow
+
+TEXTS = (
+    "The capital of France is",
+    "",
+    " ",
+    "Hello, world!",
+    "  two leading spaces and a trailing one ",
+    GEMMA([{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}], True),
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n",
+    "naïve café, Ærøskøbing, Straße, 東京タワー, 서울, Москва, مرحبا, 🚀🎉👩‍💻",
+    "tabs\tand\nnewlines\r\n\n\nand   runs   of   spaces",
+    "numbers 1234567890 3.14159 -42 1e-9",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment",
+    "<bos>a text that begins with the bos token's text",
+    "<unused0> <mask> <eos>",
+)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_folder, embedded_gguf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_folder)
+
+
+def test_the_gguf_asks_for_bos_and_not_eos(embedded_gguf):
+    assert gguf_tokenizer_flags(embedded_gguf) == {"add_bos_token": True, "add_eos_token": False}
+
+
+def test_converted_tokenizer_gives_llama_cpp_ids(converted, embedded_gguf):
+    expected = llama_cpp_token_ids(embedded_gguf, TEXTS)
+    for text, want in zip(TEXTS, expected):
+        assert converted(text, add_special_tokens=True)["input_ids"] == want, text
+    assert expected[0][0] == converted.bos_token_id == 2  # one <bos>, first
+
+
+def test_without_special_tokens_no_bos_is_added(converted, embedded_gguf):
+    from llama_cpp import Llama
+
+    vocab = Llama(str(embedded_gguf), vocab_only=True, verbose=False)
+    for text in TEXTS:
+        assert converted(text, add_special_tokens=False)["input_ids"] == vocab.tokenize(
+            text.encode(), add_bos=False, special=True), text
+
+
+def test_a_tokenizer_without_bos_is_caught(converted, embedded_gguf, hf_folder, tmp_path):
+    from tokenizers import processors
+
+    converted.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    broken = tmp_path / "no-bos"
+    converted.save_pretrained(broken)
+    mismatches = tokenizer_mismatches(broken, embedded_gguf)
+    assert mismatches and "The capital of France is" in mismatches[0] and "[2, 818" in mismatches[0]
+
+
+def test_a_stale_conversion_is_redone(hf_folder, embedded_gguf, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(hf_folder, stale)
+    stamp = json.loads((stale / MARKER).read_text())
+    assert stamp["converter_version"] == CONVERTER_VERSION and is_converted(stale, stamp["source_sha256"])
+    (stale / MARKER).write_text(json.dumps({**stamp, "converter_version": CONVERTER_VERSION - 1}))
+    assert not is_converted(stale, stamp["source_sha256"])
+    convert_gguf(embedded_gguf, stale, source_sha256=stamp["source_sha256"])
+    redone = json.loads((stale / MARKER).read_text())
+    assert redone["converter_version"] == CONVERTER_VERSION and redone["tokenizer_probes"] > 0
+    assert tokenizer_mismatches(stale, embedded_gguf, TEXTS) == []
