@@ -115,7 +115,9 @@ def summed_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
                                  attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    if logits.dtype in (torch.float16, torch.bfloat16):  # a stable loss from half-precision logits;
+        logits = logits.float()  # never `.float()` on float64, which would round the loss to float32
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
