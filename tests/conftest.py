@@ -101,8 +101,8 @@ def embedded_gguf() -> Path:
 
 
 def run_jarvis_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-    """`python -m jarvis ARGS` with no inherited JARVIS_* settings, plus `env`; wide output for asserts."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
+    """`python -m jarvis ARGS` with no inherited JARVIS_* settings but the data dir, plus `env`; wide output."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_") or k == "JARVIS_DATA_DIR"}
     return subprocess.run([sys.executable, "-m", "jarvis", *args], cwd=cwd,
                           env={**environ, "COLUMNS": "200", **env}, capture_output=True, text=True, timeout=900)
 

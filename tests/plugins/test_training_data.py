@@ -23,8 +23,6 @@ from jarvis.plugins.training.datasets import (
 )
 
 DATA = Path(__file__).parent.parent / "data"
-GEMMA_TOKENIZER = Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
-
 MIXED_INVALID = {
     "line 8": "not valid JSON (Expecting property name enclosed in double quotes at column 26)",
     "line 9": "the line is an array, not an object",
@@ -218,16 +216,15 @@ def test_strict_mode_raises_listing_every_invalid_example():
 
 
 @pytest.fixture(scope="module")
-def gemma_tokenize():
-    if not GEMMA_TOKENIZER.is_dir():
-        pytest.skip(f"the embedded model's HF tokenizer is not at {GEMMA_TOKENIZER} (it is written there "
-                    f"when the default gemma-3-270m model is converted for the transformers engine)")
+def gemma_tokenize(hf_folder):
+    """The embedded model's own tokenizer (from its conversion under JARVIS_DATA_DIR, made if missing)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(GEMMA_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
     return lambda text, add_special: tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+@pytest.mark.slow
 def test_only_response_tokens_carry_loss(gemma_tokenize):
     example = prepare_dataset(DATA / "train_small.jsonl", GEMMA).examples[0]
     input_ids, labels = tokenize_example(example, gemma_tokenize)
@@ -240,6 +237,7 @@ def test_only_response_tokens_carry_loss(gemma_tokenize):
     assert response_ids[-1:] == gemma_tokenize("<end_of_turn>", False) == [106] and len(response_ids) > 1
 
 
+@pytest.mark.slow
 def test_truncation_keeps_the_left_part_and_drops_examples_without_a_response_token(gemma_tokenize):
     example = prepare_dataset(DATA / "train_small.jsonl", GEMMA).examples[0]
     full_ids, full_labels = tokenize_example(example, gemma_tokenize)
