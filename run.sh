@@ -2,7 +2,9 @@
 # Jarvis: one entry point.
 #   ./run.sh            create .venv if needed, install, serve the embedded model on 127.0.0.1:8000
 #   ./run.sh test [...] install what the tests need and run them (pytest arguments pass through)
-#   ./run.sh <args>     any other arguments go to the `jarvis` CLI (e.g. ./run.sh doctor)
+#   ./run.sh <args>     any other arguments go to the `jarvis` CLI (e.g. ./run.sh doctor); run.sh first
+#                       installs what that command needs (see command_extras) and the selected engine's needs
+#   ./run.sh --needs <args>   print what ./run.sh <args> would install, and install nothing
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -56,12 +58,13 @@ ensure_llama_cpp() {
 
 ensure_project() {  # $1: extras, e.g. "llama" or "llama,dev"
   local key stamp
-  key="$(cat pyproject.toml | sha256sum | cut -c1-16)-$1"
-  stamp="$VENV/.project-$key"
+  key="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  stamp="$VENV/.project-$key-$1"
   [ -f "$stamp" ] && return 0
   say "installing jarvis[$1]"
   "$PY" -m pip install --quiet -e ".[$1]"
-  rm -f "$VENV"/.project-*
+  # stamps of an older pyproject go; other extras installed from this one stay valid
+  find "$VENV" -maxdepth 1 -name '.project-*' ! -name ".project-$key-*" -delete
   touch "$stamp"
 }
 
@@ -84,26 +87,74 @@ ensure_vllm() {
   touch "$stamp"
 }
 
-# The engine a serving command will use: JARVIS_INFERENCE_ENGINE from the environment, else from .env.
+# The engine a command will use: its --engine option, else JARVIS_INFERENCE_ENGINE from the
+# environment, else from .env, else llama_cpp.
 selected_engine() {
-  local from_file=""
+  local from_file="" arg previous=""
+  for arg in "$@"; do
+    case "$arg" in
+      --engine=*) echo "${arg#--engine=}"; return ;;
+    esac
+    if [ "$previous" = "--engine" ]; then echo "$arg"; return; fi
+    previous="$arg"
+  done
   [ -f .env ] && from_file="$(sed -n 's/^JARVIS_INFERENCE_ENGINE=//p' .env | tail -1 | tr -d '"'"'"' ')"
   echo "${JARVIS_INFERENCE_ENGINE:-${from_file:-llama_cpp}}"
 }
 
-ensure_engine() {  # what the selected engine needs on top of the core
-  case "$(selected_engine)" in
-    hf) ensure_project "llama,hf" ;;
-    vllm) ensure_project "llama,hf"; ensure_vllm ;;
-    *) ensure_project "llama" ;;
+# The extras a `jarvis` command needs beyond the core and llama.cpp (which every command gets: the
+# embedded model comes with it). Every command the README shows is listed here; tests/core/test_run_sh.py
+# checks that. "?" marks a command run.sh does not know (the core is installed; click explains).
+command_extras() {
+  case "${1:-}" in
+    ""|serve) echo "otel" ;;              # telemetry is on by default when its extra is present
+    doctor|plugins|batch|--help|-h|--version) echo "" ;;
+    models|adapters) echo "hf" ;;         # GGUF -> transformers conversion, LoRA merges
+    train|data) echo "train" ;;           # PEFT, MLflow; `data check` tokenizes with the model's tokenizer
+    eval|bench) echo "eval,hf" ;;         # reports and plots; local perplexity/compare load the model
+    *) echo "?" ;;
   esac
 }
+
+engine_extras() {  # what an engine needs: hf and vllm load transformers folders (and convert the embedded GGUF)
+  case "$1" in
+    hf|vllm) echo "hf" ;;
+    *) echo "" ;;
+  esac
+}
+
+serves_with_engine() {  # the commands that run the selected engine
+  case "${1:-}" in ""|serve|doctor|batch) return 0 ;; *) return 1 ;; esac
+}
+
+# "llama,<command's>,<engine's>" without repeats, in a stable order.
+extras_for() {
+  local command_part engine_part=""
+  command_part="$(command_extras "${1:-}")"
+  if serves_with_engine "$@"; then engine_part="$(engine_extras "$(selected_engine "$@")")"; fi
+  printf '%s\n' llama ${command_part//[,?]/ } ${engine_part//,/ } | awk 'NF && !seen[$0]++' | paste -sd, -
+}
+
+needs_vllm() { serves_with_engine "$@" && [ "$(selected_engine "$@")" = "vllm" ]; }
+
+ensure_command() {  # everything `jarvis "$@"` needs
+  ensure_project "$(extras_for "$@")"
+  if needs_vllm "$@"; then ensure_vllm; fi
+}
+
+if [ "${1:-}" = "--needs" ]; then  # a dry run: what would be installed, nothing more
+  shift
+  printf 'command=%s\nknown=%s\nengine=%s\nextras=%s\nvllm=%s\n' "${1:-serve}" \
+    "$([ "$(command_extras "${1:-}")" = "?" ] && echo no || echo yes)" "$(selected_engine "$@")" \
+    "$(extras_for "$@")" "$(needs_vllm "$@" && echo yes || echo no)"
+  exit 0
+fi
 
 ensure_venv
 ensure_llama_cpp
 case "${1:-}" in
   "")
-    ensure_engine
+    ensure_command
     exec "$VENV/bin/jarvis" serve
     ;;
   test)
@@ -113,7 +164,7 @@ case "${1:-}" in
     exec "$PY" -m pytest "$@"
     ;;
   *)
-    ensure_engine
+    ensure_command "$@"
     exec "$VENV/bin/jarvis" "$@"
     ;;
 esac
