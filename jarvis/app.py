@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -81,7 +81,10 @@ def api_key_guard(keys: list[str], protect_health: bool = False):
 
 
 def create_app(settings: JarvisSettings | None = None,
-               plugin_manager: JarvisPluginManager | None = None) -> Litestar:
+               plugin_manager: JarvisPluginManager | None = None,
+               on_engine_failure: Callable[[str], None] | None = None) -> Litestar:
+    """`on_engine_failure(reason)`: called once when the engine fails its first start (and
+    JARVIS_ENGINE_START_RETRY is off); `jarvis serve` stops the server with a non-zero exit."""
     settings = settings or load_settings()
     pm = plugin_manager or create_plugin_manager(settings.plugins)
     registries = Registries.from_plugins(pm)
@@ -98,7 +101,7 @@ def create_app(settings: JarvisSettings | None = None,
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pm.hook.jarvis_startup(app=app)
-        loader = asyncio.create_task(runtime.start(), name="engine-start")
+        loader = asyncio.create_task(runtime.serve_engine(on_engine_failure), name="engine-start")
         loader.add_done_callback(lambda t: t.cancelled() or t.exception())  # failure is kept in runtime
         try:
             yield

@@ -82,14 +82,28 @@ def serve(**overrides: Any) -> None:
         console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
         _print_problems(problems)
         sys.exit(2)
-    app = create_app(settings)
+    failures: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def engine_failed(reason: str) -> None:  # the first start failed: stop serving, exit non-zero
+        failures.append(reason)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_engine_failure=engine_failed)
     console.print(f"[bold]Jarvis[/] {__version__}: engine [cyan]{settings.inference_engine}[/] on "
                   f"http://{settings.host}:{settings.port}/v1")
     # SIGTERM: stop accepting, let in-flight requests and streams finish (up to the drain timeout), then stop.
     # uvicorn re-raises the signal after its shutdown; this handler makes that a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           timeout_graceful_shutdown=settings.drain_timeout))
+    server.run()
+    if failures:
+        console.print(f"[bold red]Jarvis stopped: the {settings.inference_engine} engine failed to start[/]\n"
+                      f"  {failures[0]}\n  [green]fix:[/] the reason above; `jarvis doctor` checks the "
+                      "configuration; JARVIS_ENGINE_START_RETRY=true keeps the server up (503) and retries")
+        sys.exit(1)
 
 
 @cli.command()

@@ -30,6 +30,9 @@ State = Literal["loading", "ready", "restarting", "failed", "stopped"]
 #: Seconds between engine health checks, and the waits between restart attempts.
 HEALTH_CHECK_INTERVAL = 2.0
 RESTART_BACKOFF = (1.0, 5.0, 15.0)
+#: Waits between attempts to start an engine that failed its first start (JARVIS_ENGINE_START_RETRY);
+#: the last one repeats.
+START_RETRY_BACKOFF = (1.0, 5.0, 15.0, 30.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,41 @@ class EngineRuntime:
         #: Generations between the request hooks (handed to the engine, not yet finished).
         self.in_flight = 0
         self.restarts = 0
+        self.start_attempts = 1
+        self.next_start_attempt: float | None = None  # epoch seconds, while a failed start waits for a retry
         self._watchdog: asyncio.Task | None = None
         self.admission = Admission(settings.max_concurrent, settings.max_queue)
         self.rate_limiter = ClientRateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    async def serve_engine(self, on_fatal: Any = None) -> None:
+        """Start the engine. When it fails: call `on_fatal(reason)` (the server exits non-zero), or with
+        JARVIS_ENGINE_START_RETRY stay up, failed and answering 503, and try again with back-off."""
+        attempt = 0
+        while True:
+            try:
+                await self.start()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not self.settings.engine_start_retry:
+                    if on_fatal is not None:
+                        on_fatal(self.failure or "the engine failed to start")
+                    return
+            wait = START_RETRY_BACKOFF[min(attempt, len(START_RETRY_BACKOFF) - 1)]
+            attempt += 1
+            log.warning("engine %s start %d failed; retrying in %.0f s (JARVIS_ENGINE_START_RETRY)",
+                        self.engine.name, attempt, wait)
+            self.next_start_attempt = time.time() + wait
+            await asyncio.sleep(wait)
+            try:
+                await self.engine.stop()
+            except Exception as exc:  # a half-started engine may not stop cleanly
+                log.warning("stopping the engine that failed to start: %s", exc)
+            self.engine = self.registries.engines.get(self.settings.inference_engine)(self.settings)
+            self.start_attempts = attempt + 1
 
     async def start(self) -> None:
         try:
@@ -76,7 +109,7 @@ class EngineRuntime:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
         await self._restore_adapters()  # before "ready": a restarted server answers for them at once
-        self.state = "ready"
+        self.state, self.failure, self.next_start_attempt = "ready", None, None
         log.info("engine %s ready: model %s (context %d tokens, %d adapters)", self.engine.name,
                  self.model_id, self._info.max_model_len, len(self.adapters))
         self._watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")

@@ -120,6 +120,10 @@ class JarvisSettings(BaseSettings):
     drain_timeout: float = Field(
         30, ge=0, le=86_400, description="On SIGTERM, seconds in-flight requests and streams may take to finish.",
         json_schema_extra={"fix": "set JARVIS_DRAIN_TIMEOUT to a number of seconds"})
+    engine_start_retry: bool = Field(
+        False, description="When the engine fails its first start: false = the server exits non-zero with the "
+                           "reason; true = it stays up (503, /health says why) and retries with back-off.",
+        json_schema_extra={"fix": "set JARVIS_ENGINE_START_RETRY to true or false"})
     log_level: str = Field(
         "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
         json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})

@@ -22,6 +22,8 @@ def health_body(runtime: Any) -> dict[str, Any]:
         "tokens_generated": stats.tokens_generated,
         "forward_passes": stats.forward_passes,
         "engine_restarts": runtime.restarts,
+        "start_attempts": runtime.start_attempts,
+        "next_start_attempt": runtime.next_start_attempt,
     }
 
 

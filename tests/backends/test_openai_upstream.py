@@ -52,7 +52,7 @@ def test_upstream_credentials(jarvis_server):
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     assert reply.usage.completion_tokens == 3
     keyless = jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1,
-                            JARVIS_UPSTREAM_START_TIMEOUT="2")
+                            JARVIS_UPSTREAM_START_TIMEOUT="2", JARVIS_ENGINE_START_RETRY="true")
     health = keyless.health()
     assert health["status"] == "failed" and "JARVIS_UPSTREAM_API_KEY" in health["error"]
     assert "upstream-secret" not in keyless.log() + front.log()  # keys never reach the logs
@@ -65,7 +65,7 @@ def test_upstream_down_at_start_and_gone_later(jarvis_server, start_jarvis, tmp_
         s.bind(("127.0.0.1", 0))
         nowhere = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     waiting = jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=nowhere,
-                            JARVIS_UPSTREAM_START_TIMEOUT="1")
+                            JARVIS_UPSTREAM_START_TIMEOUT="1", JARVIS_ENGINE_START_RETRY="true")
     health = waiting.health()
     assert health["status"] == "failed" and "JARVIS_UPSTREAM_URL" in health["error"]
     with pytest.raises(openai.InternalServerError) as info:

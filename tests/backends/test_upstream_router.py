@@ -265,7 +265,8 @@ def test_upstreams_serving_different_models_are_named(cluster):
     other = cluster.start_server(cluster.factory.mktemp("other"), JARVIS_SERVED_MODEL_NAME="another-model", **LLAMA)
     try:
         router = cluster.start_server(cluster.factory.mktemp("mixed"), JARVIS_INFERENCE_ENGINE="openai",
-                                      JARVIS_UPSTREAMS=f"{cluster.upstreams[0].v1},{other.v1}")
+                                      JARVIS_UPSTREAMS=f"{cluster.upstreams[0].v1},{other.v1}",
+                                      JARVIS_ENGINE_START_RETRY="true")
         health = router.health()
         router.stop()
     finally:

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import free_port
 from jarvis.plugins.chat_formats.families import GEMMA
 
 pytestmark = pytest.mark.slow
@@ -279,17 +280,31 @@ def test_api_keys_are_required_when_configured(jarvis_server):
     assert httpx.get(f"{server.base_url}/health").status_code == 200  # health stays open
 
 
-def test_engine_that_failed_to_load_answers_503(jarvis_server, tmp_path):
+def test_engine_that_fails_its_first_start_ends_the_server_with_the_reason(jarvis_cli, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
-    server = jarvis_server(JARVIS_MODEL_NAME=str(broken))
-    assert server.health()["status"] == "failed"
+    done = jarvis_cli("serve", JARVIS_MODEL_NAME=str(broken), JARVIS_PORT=str(free_port()),
+                      JARVIS_STATE_DIR=str(tmp_path / "state"))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "failed to start" in done.stderr and "JARVIS_ENGINE_START_RETRY" in done.stderr
+
+
+def test_engine_start_retry_keeps_a_failed_server_up_answering_503(jarvis_server, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    server = jarvis_server(JARVIS_MODEL_NAME=str(broken), JARVIS_ENGINE_START_RETRY="true")
+    health = server.health()
+    assert health["status"] == "failed" and health["error"]
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     for _ in range(2):
         with pytest.raises(openai.InternalServerError) as info:
             client.completions.create(model="broken", prompt="hi")
         assert info.value.status_code == 503
     assert httpx.get(f"{server.base_url}/health/ready").status_code == 503
+    deadline = time.monotonic() + 20  # the start is tried again (1 s, then 5 s later)
+    while server.health()["start_attempts"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health()["start_attempts"] >= 2 and server.health()["status"] == "failed"
 
 
 def test_chat_format_can_be_chosen_per_model(jarvis_server, tokenizer):
