@@ -1,8 +1,11 @@
 """Pydantic models of the OpenAI wire format: requests, responses, stream chunks, errors.
 
 Requests validate what Jarvis can honour and reject, with the parameter named,
-what it cannot (n>1, token-id prompts, non-text content). Unknown fields are
-ignored, as OpenAI's own server ignores fields it no longer uses.
+what it cannot. A field Jarvis does not know is a 400 naming it ("Unrecognized
+request argument supplied"), as OpenAI's own API answers, never a silent 200;
+only the fields in `IGNORED_FIELDS`, which change nothing in the answer, are
+accepted and ignored. Whether the selected engine can honour a known field
+(e.g. `response_format` with a regex) is decided by the runtime.
 """
 
 from __future__ import annotations
@@ -15,10 +18,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16
+
+#: Accepted and ignored: bookkeeping for OpenAI's platform that changes nothing in a generation.
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` field (one of these)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class StreamOptions(_Request):
@@ -52,12 +84,45 @@ class _SamplingRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Choices to generate (1..{MAX_CHOICES}).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # vLLM's sampling extensions, which clients port from `vllm serve`
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; 0 or -1 = all.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p × the top probability.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="> 1 discourages repeats (1 = off).")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id → bias added to its logit (-100..100).")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    # accepted and ignored (IGNORED_FIELDS)
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values lie in -100..100; token {key} has {bias}")
+        return value
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not c for c in value)):
+            raise ValueError("guided_choice must be a non-empty list of non-empty strings")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -83,22 +148,38 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] = Field(description="A string, or a list of strings (one choice each).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, token ids, or a list of token-id lists (one choice each).")
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: None = Field(None, description="Not supported; must be omitted.")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
+    def _prompts(cls, value: Any) -> Any:
+        """One clear message for every wrong shape (not one per member of the union)."""
+        shape = ("prompt must be a string, a list of strings, a list of token ids (non-negative integers) "
+                 "or a list of non-empty token-id lists")
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(shape if value != [] else "prompt must not be an empty list")
+        is_id = lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
+        if all(isinstance(v, str) for v in value) or all(is_id(v) for v in value):
+            return value
+        if all(isinstance(v, list) and v and all(is_id(t) for t in v) for v in value):
+            return value
+        raise ValueError(shape)
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 # --- responses --------------------------------------------------------------------------------

@@ -10,18 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, get, post
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from jarvis.routes.openai import parse_body, runtime_of
 from jarvis.routes.openapi_docs import json_body
 
 
 class LoadLoraAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it
+
     lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1)
 
 
 class UnloadLoraAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     lora_name: str = Field(min_length=1)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.errors import InvalidRequest
-from jarvis.routes.openai import validate_body
+from jarvis.serving.requests import validate_body
 
 ENDPOINTS: dict[str, type[wire.ChatCompletionRequest] | type[wire.CompletionRequest]] = {
     "/v1/chat/completions": wire.ChatCompletionRequest,

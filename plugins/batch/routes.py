@@ -23,7 +23,7 @@ PURPOSES = ("batch",)
 
 
 class CreateBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it
 
     input_file_id: str
     endpoint: str

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from jarvis.errors import APIError, EngineFailure
-from jarvis.routes.openai import create_chat_completion, create_completion
+from jarvis.serving.chat import create_chat_completion
+from jarvis.serving.completions import create_completion
 from jarvis.runtime import EngineRuntime
 from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
 from jarvis.plugins.batch.store import TERMINAL, BatchJobStore

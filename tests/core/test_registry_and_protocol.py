@@ -62,8 +62,13 @@ def test_completion_prompts():
     assert CompletionRequest(model="m", prompt="a").prompts == ["a"]
     assert CompletionRequest(model="m", prompt=["a", "b"]).prompts == ["a", "b"]
     assert CompletionRequest(model="m", prompt="a").max_tokens == 16  # OpenAI's default
-    for bad in ([], [1, 2, 3], [[1, 2]]):
-        with pytest.raises(ValidationError):
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompts == [[1, 2, 3]]  # token ids
+    assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts == [[1, 2], [3]]
+    for bad in ([], [[]], [-1], ["a", 1], [True], 5):
+        with pytest.raises(ValidationError, match="prompt"):
             CompletionRequest(model="m", prompt=bad)
+    with pytest.raises(ValidationError, match="Extra inputs"):  # an unknown field is never ignored
+        CompletionRequest(model="m", prompt="a", frobnicate=1)
+    assert CompletionRequest(model="m", prompt="a", user="u", metadata={"k": "v"}, store=True).prompts == ["a"]
     with pytest.raises(ValidationError):
         CompletionRequest(model="m", prompt="a", suffix="b")

@@ -1,0 +1,86 @@
+"""Text completions: a `CompletionRequest` (one or several prompts, n choices each) → generations → the
+OpenAI response or its SSE events (echo and prompt logprobs included)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from jarvis import protocol as wire
+from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult
+from jarvis.errors import APIError
+from jarvis.serving.render import completion_logprobs, merged_streams, sse, usage
+from jarvis.serving.requests import choice_seed, generation_options
+
+
+def completion_generations(runtime: Any, body: wire.CompletionRequest,
+                           client: str | None = None) -> list[GenerationRequest]:
+    """Prepared generations in OpenAI's choice order: prompt by prompt, n choices each."""
+    options = generation_options(body)
+    gens = []
+    for prompt in body.prompts:
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        first = runtime.prepare(GenerationRequest(
+            prompt=text, prompt_token_ids=ids, model=body.model, kind="completion", max_tokens=body.max_tokens,
+            client=client, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo,
+            **options))
+        gens += [first, *(replace(first, seed=choice_seed(body.seed, i), request_id=f"{first.request_id}-{i}",
+                                  first_token_at=None) for i in range(1, body.n))]
+    return gens
+
+
+async def create_completion(runtime: Any, body: wire.CompletionRequest,
+                            client: str | None = None) -> dict[str, Any]:
+    """Run a text completion (every prompt and choice, concurrently) and return the OpenAI response body."""
+    gens = completion_generations(runtime, body, client)
+    results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for index, (gen, result) in enumerate(zip(gens, results)):
+        text = (gen.prompt or "") + result.text if gen.echo else result.text
+        choices.append(wire.CompletionChoice(
+            index=index, text=text, finish_reason=result.finish_reason,
+            logprobs=completion_logprobs(result, gen.echo) if gen.logprobs else None))
+        if index % body.n == 0:  # a prompt counts once, however many choices it has
+            prompt_tokens += result.prompt_tokens
+        completion_tokens += result.completion_tokens
+    return wire.dump(wire.Completion(
+        id=wire.new_id("cmpl"), created=wire.now(), model=body.model, choices=choices,
+        usage=usage(prompt_tokens, completion_tokens)))
+
+
+async def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
+    """The SSE events of a streamed completion of one prompt (n choices, each with its `index`)."""
+    ident, created, model = wire.new_id("cmpl"), wire.now(), gens[0].model
+    offsets, echoed = [0] * len(gens), [False] * len(gens)
+
+    def event(choices: list[wire.CompletionChoice], usage_: wire.Usage | None = None) -> str:
+        return sse(wire.dump(wire.Completion(id=ident, created=created, model=model, choices=choices, usage=usage_)))
+
+    def choice(index: int, chunk: GenerationChunk) -> wire.CompletionChoice:
+        gen, text, entries = gens[index], chunk.text, list(chunk.logprobs)
+        if gen.echo and not echoed[index]:
+            echoed[index] = True
+            text = (gen.prompt or "") + text
+            entries = [*(chunk.prompt_logprobs or []), *entries]
+        logprobs = None
+        if gen.logprobs:
+            logprobs = completion_logprobs(GenerationResult("", "stop", 0, 0, logprobs=entries), echo=False,
+                                           offset=offsets[index])
+            offsets[index] += sum(len(e.token) for e in entries)
+        return wire.CompletionChoice(index=index, text=text, finish_reason=chunk.finish_reason, logprobs=logprobs)
+
+    prompt_tokens, completion_tokens = 0, [0] * len(gens)
+    try:
+        async for index, chunk in merged_streams(runtime, gens):
+            if chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs:
+                yield event([choice(index, chunk)])
+            if chunk.finish_reason is not None:
+                prompt_tokens = chunk.prompt_tokens or 0
+                completion_tokens[index] = chunk.completion_tokens or 0
+        if include_usage:
+            yield event([], usage(prompt_tokens, sum(completion_tokens)))
+    except APIError as exc:
+        yield sse(exc.to_body())
+    yield sse("[DONE]")

@@ -1,0 +1,76 @@
+"""Shapes every OpenAI surface shares: usage, logprobs in both styles, Server-Sent Events, and the
+merge of several generations' streams into one (n choices)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jarvis import protocol as wire
+from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> wire.Usage:
+    return wire.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> wire.ChatLogprobs:
+    return wire.ChatLogprobs(content=[
+        wire.ChatTokenLogprob(token=e.token, logprob=e.logprob if e.logprob is not None else 0.0,
+                              bytes=e.bytes, top_logprobs=[
+                                  wire.TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))
+                                  for t, lp in e.top])
+        for e in entries])
+
+
+def completion_logprobs(result: GenerationResult, echo: bool, offset: int = 0) -> wire.CompletionLogprobs:
+    entries = [*(result.prompt_logprobs or [])] if echo else []
+    entries += result.logprobs
+    out = wire.CompletionLogprobs()
+    for e in entries:
+        out.tokens.append(e.token)
+        out.token_logprobs.append(e.logprob)
+        out.top_logprobs.append(dict(e.top) if e.top else None)
+        out.text_offset.append(offset)
+        offset += len(e.token)
+    return out
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def merged_streams(runtime: Any, gens: list[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(index, chunk) from every generation's stream as they come; one generation streams directly."""
+    if len(gens) == 1:
+        async for chunk in runtime.stream(gens[0]):
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, gen: GenerationRequest) -> None:
+        try:
+            async for chunk in runtime.stream(gen):
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, gen)) for i, gen in enumerate(gens)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

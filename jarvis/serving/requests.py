@@ -1,0 +1,116 @@
+"""Wire bodies → validated models → the engine-neutral options of a `GenerationRequest`.
+
+`validate_body` gives the 400 a route would return (an unknown field is OpenAI's "Unrecognized request
+argument supplied"). `generation_options` maps the sampling fields and the one output constraint a body
+may ask for (`response_format`, or vLLM's `structured_outputs` / `guided_*`) onto `GenerationRequest`
+keyword arguments; whether the engine can honour them is the runtime's check.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from jarvis import protocol as wire
+from jarvis.engine import OutputConstraint
+from jarvis.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def validate_body(data: Any, model: type[M]) -> M:
+    """Validate a decoded JSON body into `model`, raising the 400 the HTTP route would return."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+        if unknown:  # OpenAI's own words for a field it does not know
+            param = ".".join(str(p) for p in unknown[0]["loc"])
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. Jarvis does not support it; "
+                                 "remove it (ignoring it would silently change what was asked for).",
+                                 param=param, code="unrecognized_argument") from None
+        first = errors[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}" if param else first["msg"],
+                             param=param, code="invalid_value") from None
+
+
+def _schema(value: dict[str, Any] | str, param: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param, code="invalid_value") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{param} must be a JSON Schema object.", param=param, code="invalid_value")
+    return value
+
+
+def output_constraint(body: wire._SamplingRequest) -> OutputConstraint | None:
+    """The one constraint the body asks for; several at once is a 400."""
+    found: list[OutputConstraint] = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(OutputConstraint("json_object", None, "response_format"))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise InvalidRequest("response_format of type json_schema needs json_schema.schema.",
+                                 param="response_format.json_schema", code="invalid_value")
+        found.append(OutputConstraint("json_schema", fmt.json_schema.schema_, "response_format"))
+    so = body.structured_outputs
+    if so is not None:
+        given = [k for k in ("json_", "regex", "choice", "json_object") if getattr(so, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequest("structured_outputs takes exactly one of json, regex, choice, json_object.",
+                                 param="structured_outputs", code="invalid_value")
+        if so.json_ is not None:
+            found.append(OutputConstraint("json_schema", _schema(so.json_, "structured_outputs.json"),
+                                          "structured_outputs"))
+        elif so.regex is not None:
+            found.append(OutputConstraint("regex", so.regex, "structured_outputs"))
+        elif so.choice is not None:
+            if not so.choice or any(not c for c in so.choice):
+                raise InvalidRequest("structured_outputs.choice must list non-empty strings.",
+                                     param="structured_outputs.choice", code="invalid_value")
+            found.append(OutputConstraint("choice", tuple(so.choice), "structured_outputs"))
+        else:
+            found.append(OutputConstraint("json_object", None, "structured_outputs"))
+    if body.guided_json is not None:
+        found.append(OutputConstraint("json_schema", _schema(body.guided_json, "guided_json"), "guided_json"))
+    if body.guided_regex is not None:
+        found.append(OutputConstraint("regex", body.guided_regex, "guided_regex"))
+    if body.guided_choice is not None:
+        found.append(OutputConstraint("choice", tuple(body.guided_choice), "guided_choice"))
+    if len(found) > 1:
+        raise InvalidRequest(f"Only one output constraint per request; got {', '.join(c.param for c in found)}.",
+                             param=found[1].param, code="invalid_value")
+    return found[0] if found else None
+
+
+def generation_options(body: wire._SamplingRequest) -> dict[str, Any]:
+    """`GenerationRequest` keyword arguments for the sampling options and the constraint of `body`."""
+    return {
+        "temperature": body.temperature, "top_p": body.top_p, "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty, "stop": body.stop, "seed": body.seed,
+        "top_k": 0 if body.top_k in (None, -1) else body.top_k, "min_p": body.min_p or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "logit_bias": {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+        "constraint": output_constraint(body),
+    }
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index` of n: its own seed (seed + index), so choices differ yet each is reproducible."""
+    return None if seed is None else seed + index
