@@ -93,6 +93,9 @@ def quantization_config(setting: str, device: str) -> Any:
 
 
 class HfEngine(Engine):
+    #: Sampling runs per row in the batch scheduler; constraints are xgrammar token masks per row.
+    supports = frozenset({"top_k", "min_p", "repetition_penalty", "logit_bias",
+                          "json_object", "json_schema", "regex", "choice"})
     name = "hf"
 
     def __init__(self, settings: JarvisSettings) -> None:
@@ -124,6 +127,7 @@ class HfEngine(Engine):
         self._handle: Any = None
         self._scheduler: Any = None
         self._info: ModelInfo | None = None
+        self._masks: Any = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -165,7 +169,8 @@ class HfEngine(Engine):
         self._info = ModelInfo(
             id=model_id, max_model_len=self.settings.max_model_len, path=str(folder),
             architecture=getattr(model.config, "model_type", None), chat_template=tokenizer.chat_template,
-            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+            bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+            vocab_size=len(tokenizer))
         log.info("transformers loaded %s on %s (%s)", folder, self.device, self.dtype)
 
     async def stop(self) -> None:
@@ -179,6 +184,17 @@ class HfEngine(Engine):
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self._handle.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._handle.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        """An xgrammar grammar compiled for this tokenizer; each constrained row gets its own matcher."""
+        if self._masks is None:
+            from jarvis.backends.xgrammar_constraints import TokenMasks
+
+            self._masks = TokenMasks(self._handle.tokenizer, self._handle.model.config.get_text_config().vocab_size)
+        return self._masks.matcher_factory(self._masks.compile(constraint))
 
     def describe(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,

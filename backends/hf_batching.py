@@ -69,6 +69,8 @@ class Sequence:
     stops: StopSequenceMatcher
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    #: The row's grammar state when its output is constrained (xgrammar_constraints.RowMatcher).
+    matcher: Any = None
 
     @property
     def adapter(self) -> str:
@@ -118,9 +120,10 @@ class BatchScheduler:
         if request.temperature > 0:
             generator = torch.Generator(device=self.handle.device)
             generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        matcher = request.compiled_constraint() if request.compiled_constraint is not None else None
         self._queue.put(Sequence(request, prompt_ids, emit, cancel,
                                  IncrementalDetokenizer(self.handle.tokenizer, prompt_ids),
-                                 StopSequenceMatcher(request.stop), generator))
+                                 StopSequenceMatcher(request.stop), generator, matcher=matcher))
 
     # --- the scheduler thread ----------------------------------------------------------------------
 
@@ -263,18 +266,21 @@ class BatchScheduler:
         tokens = []
         for row, seq, best in zip(logits, live, greedy):
             r = seq.request
-            if (r.presence_penalty or r.frequency_penalty) and seq.generated:
-                ids, counts = torch.tensor(seq.generated, device=row.device).unique(return_counts=True)
-                row = row.clone()
-                row[ids] -= r.presence_penalty + r.frequency_penalty * counts.to(row.dtype)
-                best = int(row.argmax())
-            if r.temperature == 0 or seq.generator is None:
+            shaped = adjusted_logits(row, seq)
+            if shaped is not None:
+                row, best = shaped, int(shaped.argmax())
+            if r.temperature == 0 or seq.generator is None or r.top_k == 1:
                 tokens.append(best)
                 continue
             probs = torch.softmax(row / r.temperature, dim=-1)
+            if r.top_k > 1:
+                kth = probs.topk(min(r.top_k, probs.numel())).values[-1]
+                probs = probs.masked_fill(probs < kth, 0.0)
+            if r.min_p > 0:
+                probs = probs.masked_fill(probs < r.min_p * probs.max(), 0.0)
             if r.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > r.top_p
+                drop = sorted_probs.cumsum(-1) - sorted_probs > r.top_p * sorted_probs.sum()
                 probs = probs.scatter(0, order[drop], 0.0)
             tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
         return tokens
@@ -284,6 +290,8 @@ class BatchScheduler:
         h, r = self.handle, seq.request
         if seq.cancel.is_set():
             return self._finish(seq, "cancelled")
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         if token in h.eos_ids:
             return self._finish(seq, "stop")
         seq.generated.append(token)
@@ -313,7 +321,7 @@ class BatchScheduler:
         logits = self._forward(input_ids=ids, logits_to_keep=0, **extra).logits[0].float()
         bos = h.tokenizer.bos_token_id
         entries = []
-        if seq.prompt_ids and seq.prompt_ids[0] != bos:
+        if seq.prompt_ids and (seq.prompt_ids[0] != bos or seq.request.score_bos):
             first = h.tokenizer.decode(seq.prompt_ids[:1])
             entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
         detok = IncrementalDetokenizer(h.tokenizer, seq.prompt_ids[:1])
@@ -322,6 +330,28 @@ class BatchScheduler:
             entries.append(seq_logprob(h.tokenizer, logits[pos - 1], token, detok.push(token),
                                        seq.request.top_logprobs))
         return entries
+
+
+def adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
+    """The row's logits after logit_bias, penalties and the grammar mask; None when nothing applies."""
+    r = seq.request
+    penalised = (r.presence_penalty or r.frequency_penalty) and seq.generated
+    if not (r.logit_bias or penalised or r.repetition_penalty != 1.0 or seq.matcher is not None):
+        return None
+    row = row.clone()
+    if r.logit_bias:
+        ids = torch.tensor(list(r.logit_bias), device=row.device)
+        row[ids] += torch.tensor(list(r.logit_bias.values()), device=row.device, dtype=row.dtype)
+    if r.repetition_penalty != 1.0:  # transformers' rule: divide positive logits, multiply negative ones
+        seen = torch.tensor(sorted({*seq.prompt_ids, *seq.generated}), device=row.device)
+        picked = row[seen]
+        row[seen] = torch.where(picked > 0, picked / r.repetition_penalty, picked * r.repetition_penalty)
+    if penalised:
+        ids, counts = torch.tensor(seq.generated, device=row.device).unique(return_counts=True)
+        row[ids] -= r.presence_penalty + r.frequency_penalty * counts.to(row.dtype)
+    if seq.matcher is not None:
+        row = seq.matcher.mask(row)
+    return row
 
 
 def seq_logprob(tokenizer: Any, logits: torch.Tensor, token: int, text: str, top_n: int) -> TokenLogprob:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
+import os
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +31,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.embedded_model import MODEL_ID, EmbeddedModelMissing, embedded_model_path
-from jarvis.engine import Emit, Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob, WorkerRelay
+from jarvis.engine import (Emit, Engine, GenerationChunk, GenerationRequest, ModelInfo, OutputConstraint, TokenLogprob,
+                           WorkerRelay)
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
@@ -46,12 +49,21 @@ class LlamaCppSettings(BaseSettings):
 
     n_parallel: int = Field(1, ge=1, le=64, description="Contexts in the pool = requests decoded at once.",
                             json_schema_extra={"fix": "set JARVIS_LLAMA_N_PARALLEL between 1 and 64"})
-    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads per context; unset = all cores.",
+    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads per context; unset = the cores this "
+                                  "process may run on (its CPU affinity), shared among the pool's contexts.",
                                   json_schema_extra={"fix": "set JARVIS_LLAMA_N_THREADS to a positive integer or unset it"})
     n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens evaluated per decode call.",
                          json_schema_extra={"fix": "set JARVIS_LLAMA_N_BATCH between 8 and 8192"})
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU build of llama.cpp; -1 = all.",
                               json_schema_extra={"fix": "set JARVIS_LLAMA_N_GPU_LAYERS to -1, 0 or a positive count"})
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (llama-cpp-python's own default is half of all cores)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def resolve_model_path(settings: JarvisSettings) -> tuple[Path, str]:
@@ -72,12 +84,16 @@ def resolve_model_path(settings: JarvisSettings) -> tuple[Path, str]:
 
 class LlamaCppEngine(Engine):
     name = "llama_cpp"
+    #: llama.cpp's sampler chain has top-k, min-p and repeat penalties; constraints are GBNF grammars
+    #: (llama.cpp's own grammar sampler). It has no regular-expression grammar.
+    supports = frozenset({"top_k", "min_p", "repetition_penalty", "logit_bias", "json_object", "json_schema", "choice"})
 
     def __init__(self, settings: JarvisSettings) -> None:
         super().__init__()
         self.settings = settings
         self.options: LlamaCppSettings = load_settings(LlamaCppSettings, prefix=PREFIX)
         self.path, self.model_id = resolve_model_path(settings)
+        self.threads = self.options.n_threads or max(1, usable_cores() // self.options.n_parallel)
         self._vocab: Any = None
         self._contexts: list[Any] = []
         self._free: asyncio.Queue[Any] | None = None
@@ -111,14 +127,15 @@ class LlamaCppEngine(Engine):
                               f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
         self._contexts = [
             Llama(str(self.path), n_ctx=self.settings.max_model_len, n_batch=self.options.n_batch,
-                  n_threads=self.options.n_threads, n_gpu_layers=self.options.n_gpu_layers,
+                  n_threads=self.threads, n_threads_batch=self.threads, n_gpu_layers=self.options.n_gpu_layers,
                   verbose=False)
             for _ in range(self.options.n_parallel)]
         special = lambda token_id: self._vocab.detokenize([token_id], special=True).decode(errors="replace")  # noqa: E731
         self._info = ModelInfo(
             id=self.model_id, max_model_len=self.settings.max_model_len, path=str(self.path),
             architecture=arch, chat_template=meta.get("tokenizer.chat_template"),
-            bos_token=special(self._vocab.token_bos()), eos_token=special(self._vocab.token_eos()))
+            bos_token=special(self._vocab.token_bos()), eos_token=special(self._vocab.token_eos()),
+            vocab_size=self._vocab.n_vocab())
         log.info("llama.cpp loaded %s (%s, %d context(s))", self.path.name, arch, len(self._contexts))
 
     async def stop(self) -> None:
@@ -141,6 +158,28 @@ class LlamaCppEngine(Engine):
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self._vocab.tokenize(text.encode(), add_bos=add_special, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._vocab.detokenize(ids, special=True).decode(errors="replace")
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu" if not self.options.n_gpu_layers else "gpu offload", "threads": self.threads,
+                "batching": {"kind": f"a pool of {self.options.n_parallel} contexts",
+                             "n_parallel": self.options.n_parallel, "n_batch": self.options.n_batch}}
+
+    def compile_constraint(self, constraint: OutputConstraint) -> Any:
+        """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter)."""
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if constraint.kind == "json_object":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root is an object
+        if constraint.kind == "choice":
+            return LlamaGrammar.from_string("root ::= " + " | ".join(json.dumps(c) for c in constraint.spec),
+                                            verbose=False)
+        try:
+            return LlamaGrammar.from_json_schema(json.dumps(constraint.spec), verbose=False)
+        except Exception as exc:  # the converter raises plain exceptions for what it cannot express
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -167,14 +206,17 @@ class LlamaCppEngine(Engine):
             ids = req.prompt_token_ids or self.tokenize(req.prompt or "")
             llm.set_seed((req.seed if req.seed is not None else random.getrandbits(32)) & 0xFFFFFFFF)
             if req.echo and req.logprobs:
-                emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(llm, ids, req.top_logprobs)))
+                emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(llm, ids, req.top_logprobs,
+                                                                                 req.score_bos)))
             decoder, stops = TokenTextDecoder(), StopSequenceMatcher(req.stop)
             vocab = self._vocab_ptr(llm)
             limit = req.max_tokens if req.max_tokens is not None else self.settings.max_model_len - len(ids)
             count, finish = 0, "length"
-            tokens = llm.generate(ids, temp=req.temperature, top_p=req.top_p, top_k=0, min_p=0.0,
-                                  typical_p=1.0, repeat_penalty=1.0, frequency_penalty=req.frequency_penalty,
-                                  presence_penalty=req.presence_penalty) if limit > 0 else iter(())
+            tokens = llm.generate(ids, temp=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                                  typical_p=1.0, repeat_penalty=req.repetition_penalty,
+                                  frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                                  logits_processor=logit_bias_processor(req.logit_bias),
+                                  grammar=req.compiled_constraint) if limit > 0 else iter(())
             for token in tokens:
                 if cancel.is_set():
                     finish = "cancelled"
@@ -293,13 +335,14 @@ class LlamaCppEngine(Engine):
         # generate() is suspended right after sampling `token`: the last row is its distribution.
         return self._entry(llm, self._logits_row(llm, -1), token, piece.decode(errors="replace"), top_n)
 
-    def _score_prompt(self, llm: Any, ids: list[int], top_n: int) -> list[TokenLogprob]:
-        """Logprob of every prompt token given the ones before it (BOS is context, not scored)."""
+    def _score_prompt(self, llm: Any, ids: list[int], top_n: int, score_bos: bool = False) -> list[TokenLogprob]:
+        """Logprob of every prompt token given the ones before it (a BOS the server added is context, not
+        scored; the client's own BOS is the first token, with no logprob)."""
         import llama_cpp
 
         llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        has_bos = bool(ids) and ids[0] == self._vocab.token_bos()
+        has_bos = bool(ids) and ids[0] == self._vocab.token_bos() and not score_bos
         entries: list[TokenLogprob] = []
         if ids and not has_bos:
             first = llm.detokenize([ids[0]], special=True).decode(errors="replace")
@@ -325,6 +368,21 @@ class LlamaCppEngine(Engine):
         llm.input_ids[: len(ids)] = ids
         llm.n_tokens = len(ids)
         return entries
+
+
+def logit_bias_processor(bias: dict[int, float] | None) -> Any:
+    """OpenAI's logit_bias as a llama-cpp-python logits processor (runs first in the sampler chain, where the
+    candidates are still in token-id order)."""
+    if not bias:
+        return None
+    ids = np.fromiter(bias, dtype=np.intc)
+    values = np.fromiter(bias.values(), dtype=np.single)
+
+    def apply(_input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        scores[ids] += values
+        return scores
+
+    return [apply]
 
 
 def _is_end_of_generation(vocab: Any, token: int) -> bool:

@@ -28,7 +28,8 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo, TokenLogprob
+from jarvis.engine import (CONSTRAINT_FEATURES, SAMPLING_FEATURES, Engine, GenerationChunk, GenerationRequest,
+                           GenerationResult, ModelInfo, TokenLogprob)
 from jarvis.errors import APIError, ConfigError
 from jarvis.backends.upstream_monitor import UpstreamMonitor, unreachable, upstream_error
 from jarvis.backends.upstream_pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
@@ -79,10 +80,36 @@ class UpstreamSettings(BaseSettings):
                             json_schema_extra={"fix": "set JARVIS_UPSTREAM_COOLDOWN to seconds, e.g. 10"})
 
 
+def upstream_sampling(request: GenerationRequest) -> dict[str, Any]:
+    """The optional sampling fields and the output constraint, as an OpenAI/vLLM server reads them."""
+    body: dict[str, Any] = {}
+    if request.top_k not in (0, -1):
+        body["top_k"] = request.top_k
+    if request.min_p:
+        body["min_p"] = request.min_p
+    if request.repetition_penalty != 1.0:
+        body["repetition_penalty"] = request.repetition_penalty
+    if request.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in request.logit_bias.items()}
+    c = request.constraint
+    if c is None:
+        return body
+    if c.kind == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif c.kind == "json_schema":
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "response", "schema": c.spec, "strict": True}}
+    else:  # vLLM's (and Jarvis's) structured outputs
+        body["structured_outputs"] = {c.kind: list(c.spec) if c.kind == "choice" else c.spec}
+    return body
+
+
 class OpenAIUpstreamEngine(Engine):
     name = "openai"
     applies_chat_template = True  # the upstream renders chat with its own model's template
     counts_tokens = False  # and checks its own context window
+    #: Everything is passed on: the upstream honours it or answers its own 400, which reaches the client.
+    supports = frozenset({*SAMPLING_FEATURES, *CONSTRAINT_FEATURES})
 
     def __init__(self, settings: JarvisSettings) -> None:
         super().__init__()
@@ -149,11 +176,13 @@ class OpenAIUpstreamEngine(Engine):
             "stop": list(request.stop) or None, "seed": request.seed, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
+        body.update(upstream_sampling(request))
         if request.kind == "chat":
             body.update(messages=request.messages, logprobs=request.logprobs or None,
                         top_logprobs=request.top_logprobs if request.logprobs else None)
         else:
-            body.update(prompt=request.prompt, echo=request.echo or None,
+            body.update(prompt=request.prompt if request.prompt_token_ids is None else request.prompt_token_ids,
+                        echo=request.echo or None,
                         logprobs=request.top_logprobs if request.logprobs else None)
         path = "/chat/completions" if request.kind == "chat" else "/completions"
         return path, {k: v for k, v in body.items() if v is not None}

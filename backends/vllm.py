@@ -35,6 +35,8 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 class VllmEngine(Engine):
     name = "vllm"
+    supports = frozenset({"top_k", "min_p", "repetition_penalty", "logit_bias",
+                          "json_object", "json_schema", "regex", "choice"})
 
     def __init__(self, settings: JarvisSettings) -> None:
         super().__init__()
@@ -95,10 +97,23 @@ class VllmEngine(Engine):
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
         args = AsyncEngineArgs(**plan.engine_args)
-        log.info("starting vLLM on %s: %s", self.platform.device,
+        # The usage context `vllm serve` passes: vLLM picks its scheduler defaults (max_num_batched_tokens,
+        # max_num_seqs) by it, so Jarvis runs the engine `vllm serve` runs. Older vLLMs without it get none.
+        context: dict[str, Any] = {}
+        try:
+            import inspect
+
+            from vllm.usage.usage_lib import UsageContext
+
+            if "usage_context" in inspect.signature(AsyncLLMEngine.from_engine_args).parameters:
+                context["usage_context"] = UsageContext.OPENAI_API_SERVER
+        except (ImportError, AttributeError, TypeError, ValueError):
+            pass
+        self._usage_context = context["usage_context"].value if context else None
+        log.info("starting vLLM on %s (usage context %s): %s", self.platform.device, self._usage_context,
                  {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")})
         try:
-            self._engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+            self._engine = await asyncio.to_thread(lambda: AsyncLLMEngine.from_engine_args(args, **context))
         except Exception as exc:
             raise RuntimeError(f"vLLM could not start ({type(exc).__name__}: {exc}). The configuration checks "
                                f"found nothing wrong; run `jarvis doctor --engine vllm`, lower "
@@ -114,7 +129,8 @@ class VllmEngine(Engine):
         self._info = ModelInfo(
             id=model_id, max_model_len=plan.engine_args["max_model_len"], path=str(folder),
             architecture=config.get("model_type"), chat_template=self._tokenizer.chat_template,
-            bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "")
+            bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "",
+            vocab_size=len(self._tokenizer))
 
     def _model_folder(self) -> Path:
         """The folder vLLM loads: the model, the embedded one converted, or either merged with an adapter."""
@@ -149,7 +165,27 @@ class VllmEngine(Engine):
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self._tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
     def describe(self) -> dict[str, Any]:
+        """What Jarvis hands vLLM (every engine argument; planned ones before a start) and what vLLM chose."""
+        engine_args = self._engine_args
+        if not engine_args:  # not started (`jarvis doctor`): the arguments a start would pass
+            planned = plan_engine(self.settings, self.options, self.platform, self._base_dir()).engine_args
+            engine_args = {k: v for k, v in planned.items() if k not in ("model", "tokenizer")}
+        resolved: dict[str, Any] = {}
+        config = getattr(self._engine, "vllm_config", None)  # the engine's resolved config (AsyncLLM attribute)
+        if config is not None:
+            for section, names in (("scheduler_config", ("max_num_batched_tokens", "max_num_seqs",
+                                                          "enable_chunked_prefill")),
+                                   ("cache_config", ("enable_prefix_caching", "cache_dtype", "num_gpu_blocks")),
+                                   ("compilation_config", ("cudagraph_capture_sizes", "mode"))):
+                part = getattr(config, section, None)
+                for name in names:
+                    value = getattr(part, name, None)
+                    if value is not None:
+                        resolved[name] = value if isinstance(value, (bool, int, float, str, list)) else str(value)
         return {"device": self.platform.device, "gpus": self.platform.gpus,
                 "tensor_parallel_size": self.options.tensor_parallel_size,
                 "pipeline_parallel_size": self.options.pipeline_parallel_size,
@@ -157,7 +193,9 @@ class VllmEngine(Engine):
                 "quantization": self.options.quantization, "lora": self.options.enable_lora,
                 "max_loras": self.options.max_loras,
                 "merged_adapter": str(self.merge_source) if self.merge_source else None,
-                "engine_args": self._engine_args,
+                "engine_args": engine_args,
+                "usage_context": getattr(self, "_usage_context", None),
+                "engine_resolved": resolved,
                 "batching": {"kind": "continuous (vLLM scheduler, paged KV cache)"}}
 
     # --- generation ------------------------------------------------------------------------------
@@ -167,13 +205,34 @@ class VllmEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         max_tokens = request.max_tokens
+        extra: dict[str, Any] = {}
+        if request.compiled_constraint is not None:
+            extra.update(request.compiled_constraint)
         return SamplingParams(
             max_tokens=max(1, max_tokens) if max_tokens is not None else None,  # 0 = score the prompt only
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            top_k=request.top_k if request.top_k > 0 else -1, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias or None,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=list(request.stop) or None, logprobs=request.top_logprobs if request.logprobs else None,
             prompt_logprobs=request.top_logprobs if request.echo and request.logprobs else None,
-            output_kind=RequestOutputKind.DELTA)
+            output_kind=RequestOutputKind.DELTA, **extra)
+
+    def compile_constraint(self, constraint: Any) -> dict[str, Any]:
+        """SamplingParams keywords for vLLM's structured outputs, checked first with xgrammar (vLLM's default
+        backend) so a schema it cannot compile is a 400 before any stream begins. vLLM renamed the API:
+        `structured_outputs=StructuredOutputsParams` (0.11 and later), `guided_decoding=GuidedDecodingParams`
+        before."""
+        from jarvis.backends.xgrammar_constraints import grammar_of
+
+        grammar_of(constraint)
+        spec = {"json_object": {"json_object": True}, "json_schema": {"json": constraint.spec},
+                "regex": {"regex": constraint.spec}, "choice": {"choice": list(constraint.spec or ())}}[constraint.kind]
+        from vllm import sampling_params as sp
+
+        if hasattr(sp, "StructuredOutputsParams"):
+            return {"structured_outputs": sp.StructuredOutputsParams(**spec, disable_any_whitespace=True)}
+        return {"guided_decoding": sp.GuidedDecodingParams(**spec)}  # type: ignore[attr-defined]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import TokensPrompt
@@ -218,8 +277,7 @@ class VllmEngine(Engine):
     def _prompt_logprobs(self, ids: list[int], entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
         """The echoed prompt's tokens; a BOS the tokenizer added is context, not prompt text."""
         scored = self._logprobs(ids, entries, request)
-        if ids and ids[0] == self._tokenizer.bos_token_id and not (request.prompt or "").startswith(
-                self._tokenizer.bos_token or "\0"):
+        if ids and ids[0] == self._tokenizer.bos_token_id and not request.score_bos:
             scored = scored[1:]
         return scored
 

@@ -35,6 +35,24 @@ class TokenLogprob:
     top: Sequence[tuple[str, float]] = ()
 
 
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must match, decoded under that constraint (never checked afterwards).
+
+    kind: "json_object" (any JSON object), "json_schema" (`spec`: the schema, a dict), "regex" (`spec`:
+    the pattern), "choice" (`spec`: a tuple of the allowed strings). `param` is the request field it came
+    from, for the errors that name it."""
+
+    kind: Literal["json_object", "json_schema", "regex", "choice"]
+    spec: Any = None
+    param: str = "response_format"
+
+
+#: Optional request features an engine may declare in `Engine.supports` (the runtime refuses the rest).
+SAMPLING_FEATURES = ("top_k", "min_p", "repetition_penalty", "logit_bias")
+CONSTRAINT_FEATURES = ("json_object", "json_schema", "regex", "choice")
+
+
 @dataclass
 class GenerationRequest:
     """One generation, engine-neutral. `prompt` is rendered text; `messages` is kept for engines
@@ -47,14 +65,28 @@ class GenerationRequest:
     top_p: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: 0 = off (every token); 1 = greedy.
+    top_k: int = 0
+    min_p: float = 0.0
+    #: Multiplicative, as in vLLM and transformers: > 1 discourages tokens already in prompt or output.
+    repetition_penalty: float = 1.0
+    #: Token id → bias added to its logit before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
+    constraint: OutputConstraint | None = None
+    #: The engine's compiled form of `constraint`, made by `Engine.compile_constraint` in the runtime.
+    compiled_constraint: Any = None
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
     messages: list[dict[str, Any]] | None = None
-    #: Set by the runtime after its context-length check, so engines need not tokenize again.
+    #: Set by the runtime after its context-length check, so engines need not tokenize again; given by
+    #: the client for a token-id prompt (then `prompt` is its decoded text, for echo).
     prompt_token_ids: list[int] | None = None
+    #: The prompt's leading <bos> is the client's (token ids, or text that begins with it): echo scores it
+    #: as the first prompt token (logprob None) instead of treating it as the server's context.
+    score_bos: bool = False
     adapter: str | None = None
     kind: Literal["completion", "chat"] = "completion"
     request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
@@ -115,6 +147,8 @@ class ModelInfo:
     bos_token: str = ""
     eos_token: str = ""
     owned_by: str = "jarvis"
+    #: Token ids run from 0 to vocab_size - 1 (None: the engine does not know, e.g. a remote one).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -181,9 +215,17 @@ class Engine:
     applies_chat_template: bool = False
     #: False when the engine cannot tokenize locally (a remote server): the context check is then its job.
     counts_tokens: bool = True
+    #: The optional features it honours: names from SAMPLING_FEATURES and CONSTRAINT_FEATURES. A request
+    #: that asks for another is refused with a 400 naming the field and the engine, never run without it.
+    supports: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self.stats = EngineStats()
+
+    def compile_constraint(self, constraint: OutputConstraint) -> Any:
+        """The engine's form of `constraint` (a grammar, a matcher factory), made before the request is
+        admitted; raise `ValueError` with the reason when it cannot be compiled (the client gets a 400)."""
+        return constraint
 
     async def start(self) -> None:
         """Load the model. Raise `ConfigError` for a bad setting."""
@@ -195,6 +237,10 @@ class Engine:
         raise NotImplementedError
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens written out."""
         raise NotImplementedError
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:

@@ -284,6 +284,7 @@ class EngineRuntime:
         served = self.resolve_model(request.model)
         request.adapter = served.adapter
         request.engine = self.engine.name
+        self._check_supported(request)
         if request.kind == "chat" and not self.engine.applies_chat_template:
             fmt = self.chat_format(served.id)
             try:
@@ -296,9 +297,21 @@ class EngineRuntime:
         if cap is not None and request.max_tokens is not None and request.max_tokens > cap:
             raise InvalidRequest(f"max_tokens is {request.max_tokens}, above this server's limit of {cap} "
                                  f"(JARVIS_MAX_TOKENS_CAP).", param="max_tokens", code="max_tokens_too_large")
-        if request.prompt is not None and self.engine.counts_tokens:
-            ids = self.engine.tokenize(request.prompt)
-            request.prompt_token_ids = ids
+        if request.prompt_token_ids is not None and request.prompt is None:  # the client sent token ids
+            request.score_bos = True
+            bad = [t for t in request.prompt_token_ids if info.vocab_size is not None and not 0 <= t < info.vocab_size]
+            if bad:
+                raise InvalidRequest(f"prompt holds token ids outside this model's vocabulary (0..{info.vocab_size - 1}): "
+                                     f"{bad[:5]}", param="prompt", code="invalid_token_id")
+            if self.engine.counts_tokens:
+                request.prompt = self.engine.detokenize(request.prompt_token_ids)  # for echo
+        elif request.prompt is not None and info.bos_token and request.prompt.startswith(info.bos_token):
+            request.score_bos = True  # the text brings its own <bos>: never a second one
+        if (request.prompt is not None or request.prompt_token_ids is not None) and self.engine.counts_tokens:
+            if request.prompt_token_ids is None:
+                request.prompt_token_ids = self.engine.tokenize(request.prompt or "",
+                                                                add_special=not request.score_bos)
+            ids = request.prompt_token_ids
             budget = info.max_model_len - len(ids)
             if request.max_tokens is None:
                 if budget < 1:
@@ -309,6 +322,28 @@ class EngineRuntime:
         if request.max_tokens is None and cap is not None:  # an engine that counts remotely
             request.max_tokens = cap
         return request
+
+    def _check_supported(self, request: GenerationRequest) -> None:
+        """Refuse what the engine cannot honour (a 400 naming the field), and compile the output constraint."""
+        asked = {"top_k": request.top_k not in (0, -1), "min_p": request.min_p > 0,
+                 "repetition_penalty": request.repetition_penalty != 1.0, "logit_bias": bool(request.logit_bias)}
+        for feature, used in asked.items():
+            if used and feature not in self.engine.supports:
+                raise InvalidRequest(f"`{feature}` is not supported by the {self.engine.name} engine; omit it or "
+                                     f"serve with an engine that has it.", param=feature, code="unsupported_parameter")
+        constraint = request.constraint
+        if constraint is None:
+            return
+        if constraint.kind not in self.engine.supports:
+            raise InvalidRequest(f"{constraint.param}: constrained decoding to {constraint.kind.replace('_', ' ')} is "
+                                 f"not supported by the {self.engine.name} engine.", param=constraint.param,
+                                 code="unsupported_parameter")
+        try:
+            request.compiled_constraint = self.engine.compile_constraint(constraint)
+        except ValueError as exc:
+            raise InvalidRequest(f"{constraint.param}: the {self.engine.name} engine cannot compile this "
+                                 f"{constraint.kind.replace('_', ' ')}: {exc}", param=constraint.param,
+                                 code="invalid_response_format") from None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._started(request)

@@ -1,0 +1,214 @@
+"""Structured output and honest parameters, end to end on every engine, with the official SDK.
+
+`response_format` (json_object, json_schema with strict), vLLM's `structured_outputs` / `guided_*`, the
+sampling extensions (top_k, min_p, repetition_penalty, logit_bias, n), and the 400 that names a field
+the server does not honour. The embedded model is a 270M base model: whatever it would say, constrained
+decoding makes its output match the schema, greedy or sampled.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+pytestmark = pytest.mark.slow
+
+MODEL = "gemma-3-270m"
+ENGINES = ("llama_cpp", "hf", "vllm", "openai")
+
+
+class Colour(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=40)
+    zip_code: int
+
+
+class Person(BaseModel):
+    """Nested objects, an enum, an array, required fields and additionalProperties: false. Lengths are
+    bounded so that a base model's greedy loop ("dog", "cat", "dog", ...) ends where the schema says."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=40)
+    age: int
+    favourite: Colour
+    tags: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
+    address: Address
+
+
+@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: "upstream" if e == "openai" else e)
+def server(request, jarvis_server):
+    if request.param == "vllm":
+        return request.getfixturevalue("vllm_server")
+    if request.param == "openai":
+        upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN="1024")
+        return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
+    return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN="1024")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+PERSON_PROMPT = ask("Describe a person as JSON: name, age, favourite colour, tags and address.")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_parse_returns_a_validated_object(client, temperature):
+    reply = client.chat.completions.parse(model=MODEL, messages=PERSON_PROMPT, response_format=Person,
+                                          temperature=temperature, seed=7, max_tokens=400)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "stop", message.content
+    assert isinstance(message.parsed, Person)
+    jsonschema.validate(json.loads(message.content), Person.model_json_schema())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_streamed_parse_returns_a_validated_object(client, temperature):
+    with client.chat.completions.stream(model=MODEL, messages=PERSON_PROMPT, response_format=Person,
+                                        temperature=temperature, seed=3, max_tokens=400) as stream:
+        deltas = [event for event in stream if event.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert len(deltas) > 1  # it streamed, not one block
+    assert isinstance(final.choices[0].message.parsed, Person)
+
+
+def test_json_object_output_parses(client):
+    """Any object may be as long as the model likes: one that ends ("stop") always parses; one cut by
+    max_tokens ("length") is cut, as OpenAI's is. These prompts end well within the budget."""
+    finished = 0
+    for temperature, seed in ((0.0, None), (1.0, 1)):
+        reply = client.chat.completions.create(model=MODEL, messages=ask("Give me a short JSON object about a cat."),
+                                               response_format={"type": "json_object"}, max_tokens=400,
+                                               temperature=temperature, seed=seed)
+        choice = reply.choices[0]
+        if choice.finish_reason == "stop":
+            finished += 1
+            assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+        else:
+            assert choice.finish_reason == "length" and choice.message.content.lstrip().startswith("{")
+    assert finished >= 1
+
+
+def test_vllm_style_choice_and_json_fields(client):
+    reply = client.chat.completions.create(model=MODEL, messages=ask("Is the sky blue?"), max_tokens=10,
+                                           extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert reply.choices[0].message.content in ("yes", "no", "maybe")
+    schema = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"],
+              "additionalProperties": False}
+    reply = client.completions.create(model=MODEL, prompt="Is water wet? Answer in JSON:", max_tokens=50,
+                                      temperature=0, extra_body={"structured_outputs": {"json": schema}})
+    jsonschema.validate(json.loads(reply.choices[0].text), schema)
+
+
+def test_regex_where_the_engine_has_it(client, server):
+    pattern = r"[0-9]{3}-[0-9]{4}"
+    try:
+        reply = client.completions.create(model=MODEL, prompt="Call me at", max_tokens=20, temperature=0,
+                                          extra_body={"guided_regex": pattern})
+    except openai.BadRequestError as exc:  # llama.cpp has no regular-expression grammar: it says so
+        assert "llama_cpp engine" in exc.body["message"] and exc.body["param"] == "guided_regex"
+        return
+    import re
+
+    assert re.fullmatch(pattern, reply.choices[0].text), reply.choices[0].text
+
+
+def test_a_schema_the_engine_cannot_compile_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "frobnicate"}}})
+    assert info.value.body["param"] == "response_format"
+
+
+def test_n_choices(client):
+    reply = client.chat.completions.create(model=MODEL, messages=ask("Name a fruit."), n=3, max_tokens=8,
+                                           temperature=1.0, seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert 3 <= reply.usage.completion_tokens <= 3 * 8  # summed over the choices
+    stream = client.chat.completions.create(model=MODEL, messages=ask("Name a fruit."), n=2, max_tokens=8,
+                                            temperature=1.0, seed=11, stream=True,
+                                            stream_options={"include_usage": True})
+    texts, finished, usage = {0: "", 1: ""}, set(), None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and all(texts.values())
+    assert usage is not None and usage.completion_tokens >= 2
+    sampled = client.chat.completions.create(model=MODEL, messages=ask("Name a fruit."), n=4, max_tokens=8,
+                                             temperature=1.0, seed=11)
+    assert len({c.message.content for c in sampled.choices}) > 1  # each choice samples with its own seed
+    completions = client.completions.create(model=MODEL, prompt=["One", "Two"], n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in completions.choices] == [0, 1, 2, 3]
+    assert completions.choices[0].text == completions.choices[1].text  # greedy: the same choice twice
+
+
+def test_top_k_1_is_greedy_and_logit_bias_removes_a_token(client, embedded_gguf):
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    top1 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, seed=5,
+                                     extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy.choices[0].text
+    from llama_cpp import Llama
+
+    vocab = Llama(str(embedded_gguf), vocab_only=True, verbose=False)
+    word = greedy.choices[0].text.split()[1]  # a word of the greedy answer, e.g. "capital"
+    banned = vocab.tokenize((" " + word).encode(), add_bos=False)[0]
+    biased = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                       logit_bias={str(banned): -100})
+    assert " " + word not in biased.choices[0].text and biased.choices[0].text != greedy.choices[0].text
+
+
+def test_sampling_extensions_are_accepted(client):
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0.8,
+                                      seed=1, extra_body={"min_p": 0.1, "repetition_penalty": 1.3, "top_k": 20})
+    assert reply.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("/completions", {"prompt": "Hi"}),
+])
+def test_unknown_fields_are_a_400_naming_them_and_harmless_ones_are_accepted(server, path, body):
+    base = {"model": MODEL, "max_tokens": 2, **body}
+    for field, value in (("frobnicate", 1), ("ignore_eos", True), ("tools_choice", "auto")):
+        answer = httpx.post(server.v1 + path, json={**base, field: value}, timeout=60)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == field and "Unrecognized request argument" in error["message"]
+    if path == "/chat/completions":
+        answer = httpx.post(server.v1 + path, json={**base, "messages": [
+            {"role": "user", "content": "Hi", "mood": "happy"}]}, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages.0.mood"
+    harmless = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
+    assert httpx.post(server.v1 + path, json={**base, **harmless}, timeout=60).status_code == 200
+
+
+def test_langchain_with_structured_output(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server.v1, api_key="unused", model=MODEL, temperature=0, max_tokens=400,
+                     max_retries=0)
+    person = llm.with_structured_output(Person, method="json_schema").invoke(
+        "Describe a person: name, age, favourite colour, tags and address.")
+    assert isinstance(person, Person)
