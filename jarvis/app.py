@@ -29,6 +29,7 @@ from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
 from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.openai import OpenAIController
+from jarvis.routes.tokenizer import TokenizerController
 from jarvis.runtime import EngineRuntime
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
 
@@ -64,7 +65,8 @@ def api_key_guard(keys: list[str], protect_health: bool = False):
 
     def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         path = connection.url.path
-        if not (path.startswith("/v1") or (protect_health and path.startswith("/health"))):
+        if not (path.startswith(("/v1", "/tokenize", "/detokenize", "/tokenizer_info"))
+                or (protect_health and path.startswith("/health"))):
             return
         header = connection.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -112,7 +114,7 @@ def create_app(settings: JarvisSettings | None = None,
             pm.hook.jarvis_shutdown(app=app)
 
     app = Litestar(
-        route_handlers=[OpenAIController, AdapterController, health, ready, *extra_routes],
+        route_handlers=[OpenAIController, AdapterController, TokenizerController, health, ready, *extra_routes],
         lifespan=[lifespan],
         middleware=middleware,
         guards=[api_key_guard(keys, settings.protect_health)] if (keys := settings.all_api_keys) else [],
