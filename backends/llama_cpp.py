@@ -168,18 +168,28 @@ class LlamaCppEngine(Engine):
                              "n_parallel": self.options.n_parallel, "n_batch": self.options.n_batch}}
 
     def compile_constraint(self, constraint: OutputConstraint) -> Any:
-        """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter)."""
+        """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter),
+        parsed once here: llama.cpp gives no sampler for a grammar it cannot parse, so that is a 400 now
+        rather than a crash inside a decode."""
+        import llama_cpp
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
         if constraint.kind == "json_object":
-            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root is an object
-        if constraint.kind == "choice":
-            return LlamaGrammar.from_string("root ::= " + " | ".join(json.dumps(c) for c in constraint.spec),
-                                            verbose=False)
-        try:
-            return LlamaGrammar.from_json_schema(json.dumps(constraint.spec), verbose=False)
-        except Exception as exc:  # the converter raises plain exceptions for what it cannot express
-            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root is an object
+        elif constraint.kind == "choice":
+            grammar = LlamaGrammar.from_string("root ::= " + " | ".join(map(gbnf_literal, constraint.spec)),
+                                               verbose=False)
+        else:
+            try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(constraint.spec), verbose=False)
+            except Exception as exc:  # the converter raises plain exceptions for what it cannot express
+                raise ValueError(f"{type(exc).__name__}: {exc}") from None
+        probe = llama_cpp.llama_sampler_init_grammar(self._vocab_ptr(self._vocab), grammar._grammar.encode(),
+                                                     grammar._root.encode())
+        if not probe:
+            raise ValueError("llama.cpp could not parse the grammar made from it")
+        llama_cpp.llama_sampler_free(probe)
+        return grammar
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -368,6 +378,20 @@ class LlamaCppEngine(Engine):
         llm.input_ids[: len(ids)] = ids
         llm.n_tokens = len(ids)
         return entries
+
+
+def gbnf_literal(text: str) -> str:
+    """`text` as a GBNF string literal: quotes, backslashes and anything outside printable ASCII escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(out) + '"'
 
 
 def logit_bias_processor(bias: dict[int, float] | None) -> Any:
