@@ -292,7 +292,7 @@ class BatchScheduler:
             return self._finish(seq, "cancelled")
         if seq.matcher is not None:
             seq.matcher.accept(token)
-        if token in h.eos_ids:
+        if token in h.eos_ids and not r.ignore_eos:
             return self._finish(seq, "stop")
         seq.generated.append(token)
         h.stats.tokens_generated += 1

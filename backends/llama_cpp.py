@@ -231,7 +231,7 @@ class LlamaCppEngine(Engine):
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if _is_end_of_generation(vocab, token):
+                if not req.ignore_eos and _is_end_of_generation(vocab, token):
                     finish = "stop"
                     break
                 count += 1

@@ -91,6 +91,8 @@ def upstream_sampling(request: GenerationRequest) -> dict[str, Any]:
         body["repetition_penalty"] = request.repetition_penalty
     if request.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in request.logit_bias.items()}
+    if request.ignore_eos:
+        body["ignore_eos"] = True
     c = request.constraint
     if c is None:
         return body

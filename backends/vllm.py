@@ -216,7 +216,7 @@ class VllmEngine(Engine):
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             stop=list(request.stop) or None, logprobs=request.top_logprobs if request.logprobs else None,
             prompt_logprobs=request.top_logprobs if request.echo and request.logprobs else None,
-            output_kind=RequestOutputKind.DELTA, **extra)
+            ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA, **extra)
 
     def compile_constraint(self, constraint: Any) -> dict[str, Any]:
         """SamplingParams keywords for vLLM's structured outputs, checked first with xgrammar (vLLM's default

@@ -5,7 +5,8 @@
 problem it can see before a minute is spent loading: a parallel layout larger
 than the visible GPUs, pipeline parallelism across nodes without Ray, an
 architecture vLLM does not support, weights that do not fit, a quantization the
-checkpoint or the device cannot give, LoRA ranks vLLM refuses. Each problem
+checkpoint or the device cannot give, LoRA ranks vLLM refuses, scheduler, CUDA-graph,
+KV-cache and speculative-decoding knobs that cannot work here. Each problem
 is a `ConfigError` whose fix also names a fallback. The facts about the
 machine come in as a `Platform`, detected once (`Platform.detect`).
 """
@@ -19,10 +20,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings
@@ -34,6 +35,10 @@ FALLBACK = "or serve on another engine: JARVIS_INFERENCE_ENGINE=hf (or llama_cpp
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: Checkpoint quantization methods vLLM reads from config.json (`quantization_config.quant_method`).
 CHECKPOINT_METHODS = {"awq", "gptq", "compressed-tensors", "fp8", "modelopt", "mxfp4", "quark", "torchao"}
+#: KV cache dtypes vLLM's attention backends take, per device (vLLM 0.26-0.32: CUDA FlashAttention/Triton,
+#: CPU attention); others vLLM names (fp8_inc, *_ds_mla, turboquant...) are for other devices or models.
+KV_CACHE_DTYPES = {"cuda": ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                   "cpu": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")}
 
 
 class VllmSettings(BaseSettings):
@@ -83,10 +88,61 @@ class VllmSettings(BaseSettings):
     max_num_seqs: int | None = Field(
         None, ge=1, le=4096, description="Sequences decoded together at most; unset = vLLM's default.",
         json_schema_extra={"fix": "set JARVIS_VLLM_MAX_NUM_SEQS between 1 and 4096, or unset it"})
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, le=1_048_576,
+        description="Tokens one scheduler step holds at most (prefill chunks + decodes); unset = vLLM's default "
+                    "for `vllm serve` on this device (8192 on an H100/H200, 2048 on smaller GPUs).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS between 1 and 1048576 (e.g. 8192), "
+                                  "or unset it"})
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV cache of prompt prefixes seen before; unset = vLLM's default (on where "
+                          "the model supports it).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_ENABLE_PREFIX_CACHING to true or false, or unset it"})
+    enable_chunked_prefill: bool | None = Field(
+        None, description="Split long prompts across scheduler steps, beside running decodes; unset = vLLM's "
+                          "default (on where the model supports it).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_ENABLE_CHUNKED_PREFILL to true or false, or unset it"})
+    cudagraph_capture_sizes: Annotated[list[int] | None, NoDecode] = Field(
+        None, description="Batch sizes CUDA graphs are captured for, e.g. 1,2,4,8,16,32,64,128,256 (or a JSON "
+                          "list); unset = vLLM's default list.",
+        json_schema_extra={"fix": "set JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES to positive integers separated by "
+                                  "commas, e.g. 1,2,4,8,16,32,64, or unset it"})
+    kv_cache_dtype: str | None = Field(
+        None, pattern="^[a-z0-9_]+$",
+        description="KV cache storage: auto (the model's dtype) | bfloat16 | float16 | fp8 | fp8_e4m3 | fp8_e5m2 "
+                    "(fp8 halves the cache; on CPU only auto and fp8*); unset = vLLM's default (auto).",
+        json_schema_extra={"fix": "set JARVIS_VLLM_KV_CACHE_DTYPE to auto, bfloat16, float16, fp8, fp8_e4m3 or "
+                                  "fp8_e5m2, or unset it"})
+    speculative_config: dict[str, Any] | None = Field(
+        None, description='Speculative decoding: vLLM\'s speculative_config as a JSON object, e.g. {"method": '
+                          '"ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} or {"model": "/models/'
+                          'draft", "num_speculative_tokens": 4}; unset = off.',
+        json_schema_extra={"fix": 'set JARVIS_VLLM_SPECULATIVE_CONFIG to a JSON object such as {"method": "ngram", '
+                                  '"num_speculative_tokens": 4, "prompt_lookup_max": 4}, or unset it'})
     merge_adapter: str | None = Field(
         None, description="A PEFT LoRA folder merged into the base at start (cached) and served alone.",
         json_schema_extra={"fix": "point JARVIS_VLLM_MERGE_ADAPTER at a PEFT adapter folder inside "
                                   "JARVIS_ADAPTER_ROOT, or unset it"})
+
+    @field_validator("cudagraph_capture_sizes", mode="before")
+    @classmethod
+    def _sizes_from_text(cls, value: Any) -> Any:
+        """`1,2,4` or `1 2 4` or `[1, 2, 4]` from the environment; an empty value is unset."""
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            return json.loads(text) if text.startswith("[") else text.replace(",", " ").split()
+        return value
+
+    @field_validator("cudagraph_capture_sizes")
+    @classmethod
+    def _sizes_positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value or min(value) < 1:
+            raise ValueError("capture sizes must be one or more integers ≥ 1")
+        return sorted(set(value))
 
 
 @dataclass(frozen=True)
@@ -188,6 +244,7 @@ def plan_engine(settings: JarvisSettings, options: VllmSettings, platform: Platf
     args["enforce_eager"] = options.enforce_eager if options.enforce_eager is not None else platform.device == "cpu"
     if options.max_num_seqs:
         args["max_num_seqs"] = options.max_num_seqs
+    args.update(_plan_scheduler(plan, options, platform, max_len, args["enforce_eager"]))
     if platform.device == "cuda":
         args["gpu_memory_utilization"] = options.gpu_memory_utilization
     _check_memory(plan, options, platform, model_dir, config, args["dtype"])
@@ -325,6 +382,77 @@ def _resolve_quantization(plan: VllmPlan, options: VllmSettings, platform: Platf
                      "quantization_config", f"point JARVIS_MODEL_NAME at a {q} checkpoint or unset the setting")
         return {}
     return {"quantization": q}
+
+
+def _plan_scheduler(plan: VllmPlan, options: VllmSettings, platform: Platform, max_len: int,
+                    eager: bool) -> dict[str, Any]:
+    """The scheduler, CUDA-graph, KV-cache and speculative knobs; each unset one stays vLLM's own default."""
+    args: dict[str, Any] = {}
+    tokens = options.max_num_batched_tokens
+    if tokens is not None:
+        args["max_num_batched_tokens"] = tokens
+        if options.enable_chunked_prefill is False and tokens < max_len:
+            plan.problem("JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS", tokens,
+                         f"with chunked prefill off one step must hold a whole prompt, and contexts are up to "
+                         f"{max_len} tokens", f"raise it to at least {max_len}, lower the context length, or "
+                         "unset JARVIS_VLLM_ENABLE_CHUNKED_PREFILL")
+        if options.max_num_seqs and tokens < options.max_num_seqs:
+            plan.problem("JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS", tokens,
+                         f"a step could not hold one token for each of the JARVIS_VLLM_MAX_NUM_SEQS="
+                         f"{options.max_num_seqs} sequences", f"raise it to at least {options.max_num_seqs} or lower "
+                         "JARVIS_VLLM_MAX_NUM_SEQS")
+    for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        if getattr(options, name) is not None:
+            args[name] = getattr(options, name)
+    sizes = options.cudagraph_capture_sizes
+    if sizes is not None:
+        if platform.device != "cuda":
+            plan.problem("JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES", ",".join(map(str, sizes)),
+                         "CUDA graphs need a CUDA GPU; none is visible", "unset JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES")
+        elif eager:
+            plan.problem("JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES", ",".join(map(str, sizes)),
+                         "JARVIS_VLLM_ENFORCE_EAGER=true turns CUDA graphs off, so no size would be captured",
+                         "unset JARVIS_VLLM_ENFORCE_EAGER (or set it to false), or unset the capture sizes")
+        else:
+            args["cudagraph_capture_sizes"] = sizes
+    if options.kv_cache_dtype is not None:
+        known = KV_CACHE_DTYPES.get(platform.device, KV_CACHE_DTYPES["cuda"])
+        if options.kv_cache_dtype in known:
+            args["kv_cache_dtype"] = options.kv_cache_dtype
+        else:
+            cuda_only = options.kv_cache_dtype in KV_CACHE_DTYPES["cuda"]
+            plan.problem("JARVIS_VLLM_KV_CACHE_DTYPE", options.kv_cache_dtype,
+                         f"vLLM's {'CPU' if platform.device == 'cpu' else 'CUDA'} attention stores the KV cache as "
+                         f"{', '.join(known)} only" + (" (this one needs a CUDA GPU)" if cuda_only else ""),
+                         f"set JARVIS_VLLM_KV_CACHE_DTYPE to one of {', '.join(known)}, or unset it")
+    if options.speculative_config is not None:
+        spec = _check_speculative(plan, options.speculative_config)
+        if spec is not None:
+            args["speculative_config"] = spec
+    return args
+
+
+def _check_speculative(plan: VllmPlan, spec: dict[str, Any]) -> dict[str, Any] | None:
+    setting, shown = "JARVIS_VLLM_SPECULATIVE_CONFIG", json.dumps(spec)
+    method, draft, count = spec.get("method"), spec.get("model"), spec.get("num_speculative_tokens")
+    if not method and not draft:
+        plan.problem(setting, shown, "it names neither a method nor a draft model",
+                     'add "method" (e.g. "ngram", "eagle3", "mtp", "draft_model") or "model" (a draft model folder)')
+        return None
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        plan.problem(setting, shown, f"num_speculative_tokens must be an integer ≥ 1, not {count!r}",
+                     'set "num_speculative_tokens" to e.g. 4')
+        return None
+    if method == "ngram" and count is None:
+        plan.problem(setting, shown, "ngram speculation needs num_speculative_tokens",
+                     'add "num_speculative_tokens": 4 (and "prompt_lookup_max": 4)')
+        return None
+    if isinstance(draft, str) and draft.startswith(("/", "./", "../", "~")) and \
+            not (Path(draft).expanduser() / "config.json").is_file():
+        plan.problem(setting, shown, f"the draft model {draft} is not a transformers folder (no config.json)",
+                     'point "model" at a folder written by save_pretrained')
+        return None
+    return spec
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

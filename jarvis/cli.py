@@ -34,11 +34,13 @@ def resolve_settings(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError
             for name in bad if name in JarvisSettings.model_fields}}), exc.problems
 
 
-def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
-    """Settings as resolved, and every problem found: values, plugin names, engine settings."""
+def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError], Any]:
+    """Settings as resolved, every problem found (values, plugin names, engine settings), and the engine
+    delegate built from them (None when it could not be), for `doctor` to describe."""
     from jarvis.registry import Registries, check_settings
 
     settings, problems = resolve_settings(**overrides)
+    engine = None
     try:
         pm = create_plugin_manager(settings.plugins)
         registries = Registries.from_plugins(pm)
@@ -47,12 +49,12 @@ def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
         for plugin_problems in pm.hook.jarvis_check_settings(settings=settings):
             problems += plugin_problems
         if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in found):
-            registries.engines.get(settings.inference_engine)(settings)  # model path, engine settings
+            engine = registries.engines.get(settings.inference_engine)(settings)  # model path, engine settings
     except SettingsError as exc:
         problems += exc.problems
     except ConfigError as exc:
         problems.append(exc)
-    return settings, problems
+    return settings, problems, engine
 
 
 def _print_problems(problems: list[ConfigError]) -> None:
@@ -77,7 +79,7 @@ def serve(**overrides: Any) -> None:
 
     from jarvis.app import create_app
 
-    settings, problems = diagnose(**overrides)
+    settings, problems, _ = diagnose(**overrides)
     if problems:
         console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
         _print_problems(problems)
@@ -110,7 +112,7 @@ def serve(**overrides: Any) -> None:
 @click.option("--engine", "inference_engine", help="Check this engine instead of JARVIS_INFERENCE_ENGINE.")
 def doctor(inference_engine: str | None) -> None:
     """Print the resolved configuration and everything found wrong with it (for the engine too)."""
-    settings, problems = diagnose(inference_engine=inference_engine)
+    settings, problems, engine = diagnose(inference_engine=inference_engine)
     table = Table(title="Jarvis configuration", show_lines=False)
     for column in ("setting", "value", "meaning"):
         table.add_column(column)
@@ -120,6 +122,12 @@ def doctor(inference_engine: str | None) -> None:
         table.add_row(f"JARVIS_{name.upper()}", str(shown) if shown is not None else "(unset)",
                       field.description or "")
     Console().print(table)
+    if engine is not None:
+        try:
+            described = engine.describe()
+        except Exception as exc:  # describing must never hide the problems below
+            described = {"error": f"{type(exc).__name__}: {exc}"}
+        Console().print(f"engine [cyan]{engine.name}[/]: {described}")
     if problems:
         _print_problems(problems)
         sys.exit(1)

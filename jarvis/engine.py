@@ -73,6 +73,8 @@ class GenerationRequest:
     #: Token id → bias added to its logit before sampling (OpenAI's logit_bias).
     logit_bias: dict[int, float] | None = None
     constraint: OutputConstraint | None = None
+    #: vLLM's benchmarking switch: keep generating through end-of-sequence tokens up to max_tokens.
+    ignore_eos: bool = False
     #: The engine's compiled form of `constraint`, made by `Engine.compile_constraint` in the runtime.
     compiled_constraint: Any = None
     stop: Sequence[str] = ()

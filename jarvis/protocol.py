@@ -99,6 +99,8 @@ class _SamplingRequest(_Request):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    ignore_eos: bool = Field(False, description="vLLM's: generate through end-of-sequence up to max_tokens "
+                                                "(benchmarks).")
     # accepted and ignored (IGNORED_FIELDS)
     user: str | None = None
     metadata: dict[str, Any] | None = None

@@ -107,7 +107,7 @@ def generation_options(body: wire._SamplingRequest) -> dict[str, Any]:
         "top_k": 0 if body.top_k in (None, -1) else body.top_k, "min_p": body.min_p or 0.0,
         "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
         "logit_bias": {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
-        "constraint": output_constraint(body),
+        "constraint": output_constraint(body), "ignore_eos": body.ignore_eos,
     }
 
 

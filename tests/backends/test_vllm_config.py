@@ -12,7 +12,7 @@ import json
 import pytest
 
 from jarvis.backends.vllm_config import LORA_RANKS, Platform, VllmSettings, plan_engine
-from jarvis.settings import load_settings
+from jarvis.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.usefixtures("vllm_installed")
 
@@ -158,3 +158,113 @@ def test_lora_ranks(model_dir, monkeypatch):
 def test_context_longer_than_trained(model_dir, monkeypatch):
     result = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_MODEL_LEN="16384")
     assert settings_named(result) == ["JARVIS_VLLM_MAX_MODEL_LEN"] and "8192" in result.problems[0].fix
+
+
+TUNING_ARGS = ("max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "cudagraph_capture_sizes",
+               "kv_cache_dtype", "speculative_config", "max_num_seqs")
+
+
+def test_unset_tuning_knobs_leave_vllms_defaults(model_dir, monkeypatch):
+    """Unset, none is passed, so vLLM picks what `vllm serve` picks (by the usage context Jarvis starts it with)."""
+    for device in (H100, CPU_HOST):
+        args = plan(model_dir, device, monkeypatch, JARVIS_VLLM_CPU_KVCACHE_SPACE="2").engine_args
+        assert not set(TUNING_ARGS) & set(args)
+
+
+def test_tuning_knobs_reach_the_engine_arguments(model_dir, monkeypatch):
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    result = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS="8192",
+                  JARVIS_VLLM_ENABLE_PREFIX_CACHING="false", JARVIS_VLLM_ENABLE_CHUNKED_PREFILL="true",
+                  JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES="16, 1,2,4,8,8", JARVIS_VLLM_KV_CACHE_DTYPE="fp8",
+                  JARVIS_VLLM_SPECULATIVE_CONFIG=json.dumps(spec), JARVIS_VLLM_MAX_NUM_SEQS="64",
+                  JARVIS_VLLM_ENFORCE_EAGER="false")
+    assert result.problems == []
+    args = result.engine_args
+    assert {k: args[k] for k in TUNING_ARGS} == {
+        "max_num_batched_tokens": 8192, "enable_prefix_caching": False, "enable_chunked_prefill": True,
+        "cudagraph_capture_sizes": [1, 2, 4, 8, 16], "kv_cache_dtype": "fp8", "speculative_config": spec,
+        "max_num_seqs": 64}
+    assert args["enforce_eager"] is False
+    from vllm import AsyncEngineArgs
+
+    AsyncEngineArgs(**args)  # every name is one vLLM's engine arguments take
+    assert plan(model_dir, H100, monkeypatch, JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES="[1, 32]").engine_args[
+        "cudagraph_capture_sizes"] == [1, 32]
+
+
+@pytest.mark.parametrize("value", ["0,8", "1,two", "[1,", "[]"])
+def test_capture_sizes_that_are_not_positive_integers(model_dir, monkeypatch, value):
+    with pytest.raises(SettingsError) as caught:
+        plan(model_dir, H100, monkeypatch, JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES=value)
+    assert {p.setting for p in caught.value.problems} == {"JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES"}
+    assert "1,2,4,8" in caught.value.problems[0].fix
+
+
+def test_capture_sizes_need_cuda_graphs(model_dir, monkeypatch):
+    cpu = plan(model_dir, CPU_HOST, monkeypatch, JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES="1,2",
+               JARVIS_VLLM_CPU_KVCACHE_SPACE="2")
+    assert settings_named(cpu) == ["JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES"] and "CUDA GPU" in cpu.problems[0].problem
+    eager = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_ENFORCE_EAGER="true")
+    assert settings_named(eager) == ["JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES"]
+    assert "JARVIS_VLLM_ENFORCE_EAGER" in eager.problems[0].fix and "JARVIS_INFERENCE_ENGINE=hf" in eager.problems[0].fix
+
+
+@pytest.mark.parametrize("device, value, ok", [
+    (H100, "fp8", True), (H100, "fp8_e5m2", True), (H100, "bfloat16", True), (H100, "auto", True),
+    (H100, "fp4", False), (CPU_HOST, "fp8", True), (CPU_HOST, "bfloat16", False), (CPU_HOST, "fp8_inc", False)])
+def test_kv_cache_dtypes_the_device_takes(model_dir, monkeypatch, device, value, ok):
+    result = plan(model_dir, device, monkeypatch, JARVIS_VLLM_KV_CACHE_DTYPE=value, JARVIS_VLLM_CPU_KVCACHE_SPACE="2")
+    if ok:
+        assert result.problems == [] and result.engine_args["kv_cache_dtype"] == value
+        return
+    assert settings_named(result) == ["JARVIS_VLLM_KV_CACHE_DTYPE"] and "kv_cache_dtype" not in result.engine_args
+    problem = result.problems[0]
+    assert ("CPU" if device is CPU_HOST else "CUDA") in problem.problem and "auto, " in problem.fix
+    if value == "bfloat16":
+        assert "needs a CUDA GPU" in problem.problem
+
+
+def test_batched_tokens_against_the_context_and_the_sequences(model_dir, monkeypatch):
+    off = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS="1024",
+               JARVIS_VLLM_ENABLE_CHUNKED_PREFILL="false", JARVIS_MAX_MODEL_LEN="4096")
+    assert settings_named(off) == ["JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS"] and "at least 4096" in off.problems[0].fix
+    monkeypatch.delenv("JARVIS_VLLM_ENABLE_CHUNKED_PREFILL")  # chunked prefill (vLLM's default): any size works
+    assert plan(model_dir, H100, monkeypatch).problems == []
+    few = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS="128", JARVIS_VLLM_MAX_NUM_SEQS="256")
+    assert settings_named(few) == ["JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS"] and "at least 256" in few.problems[0].fix
+    with pytest.raises(SettingsError) as caught:
+        plan(model_dir, H100, monkeypatch, JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS="0")
+    assert caught.value.problems[0].setting == "JARVIS_VLLM_MAX_NUM_BATCHED_TOKENS"
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"num_speculative_tokens": 4}, "neither a method nor a draft model"),
+    ({"method": "ngram"}, "needs num_speculative_tokens"),
+    ({"method": "eagle3", "model": "/nonexistent/draft", "num_speculative_tokens": 3}, "no config.json"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "integer ≥ 1"),
+])
+def test_speculative_configs_that_cannot_work(model_dir, monkeypatch, spec, problem):
+    result = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_SPECULATIVE_CONFIG=json.dumps(spec))
+    assert settings_named(result) == ["JARVIS_VLLM_SPECULATIVE_CONFIG"] and problem in result.problems[0].problem
+    assert "speculative_config" not in result.engine_args
+
+
+def test_speculative_config_must_be_a_json_object(model_dir, monkeypatch):
+    for value in ('{"method": "ngram",', '["ngram"]'):
+        with pytest.raises(SettingsError) as caught:
+            plan(model_dir, H100, monkeypatch, JARVIS_VLLM_SPECULATIVE_CONFIG=value)
+        assert caught.value.problems[0].setting == "JARVIS_VLLM_SPECULATIVE_CONFIG"
+    draft = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_SPECULATIVE_CONFIG=json.dumps(
+        {"model": str(model_dir), "num_speculative_tokens": 2}))
+    assert draft.problems == [] and draft.engine_args["speculative_config"]["model"] == str(model_dir)
+
+
+def test_the_installed_vllm_takes_the_usage_context_vllm_serve_uses():
+    """Jarvis starts its engine as `vllm serve` does: AsyncLLMEngine.from_engine_args(..., usage_context=...)."""
+    import inspect
+
+    from vllm import AsyncLLMEngine
+    from vllm.usage.usage_lib import UsageContext
+
+    assert UsageContext.OPENAI_API_SERVER.value == "OPENAI_API_SERVER"
+    assert "usage_context" in inspect.signature(AsyncLLMEngine.from_engine_args).parameters

@@ -41,7 +41,8 @@ def readme_commands() -> list[tuple[dict[str, str], list[str]]]:
         while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
             key, _, value = words.pop(0).partition("=")
             env[key] = value
-        if words and words[0] in ("./run.sh", "jarvis") and not any(w.startswith("<") for w in words):
+        placeholder = any(w.startswith("<") or w in ("ARGS", "--needs") for w in words)  # prose about run.sh
+        if words and words[0] in ("./run.sh", "jarvis") and not placeholder:
             found.append((env, words[1:]))
     return found
 

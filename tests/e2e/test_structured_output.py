@@ -191,7 +191,7 @@ def test_sampling_extensions_are_accepted(client):
 ])
 def test_unknown_fields_are_a_400_naming_them_and_harmless_ones_are_accepted(server, path, body):
     base = {"model": MODEL, "max_tokens": 2, **body}
-    for field, value in (("frobnicate", 1), ("ignore_eos", True), ("tools_choice", "auto")):
+    for field, value in (("frobnicate", 1), ("min_tokens", 3), ("tools_choice", "auto")):
         answer = httpx.post(server.v1 + path, json={**base, field: value}, timeout=60)
         assert answer.status_code == 400, answer.text
         error = answer.json()["error"]

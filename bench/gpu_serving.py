@@ -1,0 +1,596 @@
+"""Jarvis's vLLM engine vs `vllm serve` on one GPU: the same model, the same engine arguments, `vllm bench serve`.
+
+  raw     `vllm serve MODEL` with the engine arguments Jarvis plans for the settings below, as CLI flags;
+  jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL.
+
+The model is random weights of a real shape (Gemma-3-270M from bench/gemma3_270m_config.json, or Llama-3-8B
+with its vocabulary widened to the tokenizer's), bf16, saved with the embedded model's tokenizer. Both
+servers run at once (JARVIS_VLLM_GPU_MEMORY_UTILIZATION each, default 0.4), each in its own process session
+so a later call can reuse them (--keep-servers, then --reuse). `vllm bench serve --backend openai
+--ignore-eos` (dropped for both sides when Jarvis refuses the field; random prompts, 256 in / 128 out by
+default) drives one server at a time, alternating which goes first at each concurrency level; the table gives
+raw, jarvis and jarvis/raw for output tokens/s, TTFT, TPOT and ITL (p50, p99), and single-stream TPOT against
+the memory-bandwidth floor (weight bytes / 4.3 TB/s).
+
+    python bench/gpu_serving.py --tokenizer DIR [--shape gemma3-270m|llama3-8b] [--concurrency 1,16,64,256]
+    python bench/gpu_serving.py --dry-run        # no GPU: the plan, the two commands, the bench command
+    python bench/gpu_serving.py --report DIR     # no GPU: the table again from a run's saved results
+
+A GPU host needs vllm (the `vllm` module and its `bench serve`) and Jarvis installed; see ../shared/gpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).parent
+GEMMA_CONFIG = HERE / "gemma3_270m_config.json"
+LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "hidden_act": "silu",
+             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+SHAPES = ("gemma3-270m", "llama3-8b")
+BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 (KINDS.md)
+METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
+           ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
+           ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
+SIDES = ("raw", "jarvis")
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+def tokenizer_folder(source: Path, work: Path) -> Path:
+    """The tokenizer files, with a carried tokenizer.json.gz unpacked."""
+    target = work / "tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.name.endswith(".gz"):
+            with gzip.open(f) as zipped, open(target / f.name.removesuffix(".gz"), "wb") as out:
+                shutil.copyfileobj(zipped, out)
+        elif f.is_file():
+            shutil.copy(f, target / f.name)
+    return target
+
+
+def shape_config(shape: str, vocab: int, bos: int | None, eos: int | None) -> dict[str, Any]:
+    if shape == "gemma3-270m":
+        config = json.loads(GEMMA_CONFIG.read_text())
+    else:
+        config = {**LLAMA3_8B, "vocab_size": vocab, "bos_token_id": bos, "eos_token_id": eos}
+    config["dtype"] = config["torch_dtype"] = "bfloat16"
+    if config["vocab_size"] < vocab:
+        raise SystemExit(f"the tokenizer has {vocab} tokens, more than the {shape} shape's {config['vocab_size']}")
+    return config
+
+
+def make_model(shape: str, tokenizer_dir: Path, folder: Path) -> Path:
+    """Random bf16 weights of `shape`, saved with the tokenizer (kept when already there)."""
+    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw = shape_config(shape, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    started = time.monotonic()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        except TypeError:  # transformers 4
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"made {shape}: {params / 1e9:.3f} B parameters, bf16, in {time.monotonic() - started:.0f} s: {folder}")
+    return folder
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+# --- the two servers -----------------------------------------------------------------------------
+
+
+def jarvis_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, str]:
+    return {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": name,
+            "JARVIS_VLLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),
+            "JARVIS_MAX_MODEL_LEN": str(args.max_model_len), "JARVIS_VLLM_DTYPE": "bf16",
+            "JARVIS_VLLM_ENABLE_LORA": "false", **dict(kv.split("=", 1) for kv in args.set)}
+
+
+def planned(settings: dict[str, str], folder: Path, assume_h200: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """The engine arguments and environment Jarvis's vllm engine would use for `settings` (plan_engine)."""
+    from jarvis.backends.vllm_config import PREFIX, Platform, VllmSettings, plan_engine
+    from jarvis.settings import load_settings
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("JARVIS_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(settings)
+    try:
+        platform = Platform("cuda", (139.8,), ram_gib=100) if assume_h200 else Platform.detect()
+        plan = plan_engine(load_settings(), load_settings(VllmSettings, prefix=PREFIX), platform, folder)
+    finally:
+        for k in settings:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    if plan.problems:
+        raise SystemExit("Jarvis refuses this configuration:\n" + "\n".join(f"  {p}" for p in plan.problems))
+    return {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")}, plan.env
+
+
+def cli_flags(engine_args: dict[str, Any]) -> list[str]:
+    """`vllm serve` flags for AsyncEngineArgs keyword arguments (bools as --x / --no-x, lists as nargs)."""
+    flags: list[str] = []
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dict[str, str], work: Path,
+             ports: dict[str, int]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """What each side runs, and the environment it adds (only these JARVIS_* reach Jarvis)."""
+    raw = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1",
+           "--port", str(ports["raw"]), "--served-model-name", name, *cli_flags(engine_args)]
+    jarvis = [sys.executable, "-m", "jarvis", "serve"]
+    return {"raw": (raw, {"VLLM_CACHE_ROOT": str(work / "vllm-cache-raw")}),
+            "jarvis": (jarvis, {**settings, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(ports["jarvis"]),
+                                "JARVIS_DATA_DIR": str(work / "jarvis-data"),
+                                "JARVIS_STATE_DIR": str(work / "jarvis-state"),
+                                "VLLM_CACHE_ROOT": str(work / "vllm-cache-jarvis")})}
+
+
+def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env: dict[str, str],
+                  settings: dict[str, str], work: Path, timeout_s: float) -> dict[str, Any]:
+    """Both servers at once, each in a new process session (it outlives this script); ready or their logs."""
+    ports = {side: free_port() for side in SIDES}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
+    state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {}}
+    for side, (command, extra) in commands(folder, name, engine_args, settings, work, ports).items():
+        log = work / f"{side}.log"
+        env = {**base, **plan_env, **extra}
+        process = subprocess.Popen(command, env=env, cwd=work, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        state["servers"][side] = {"pid": process.pid, "port": ports[side], "log": str(log), "command": command}
+        print(f"started {side} (pid {process.pid}, port {ports[side]}): {' '.join(command)}")
+    (work / "state.json").write_text(json.dumps(state, indent=2))
+    wait_ready(state, timeout_s)
+    return state
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a child that exited but was not reaped yet is a zombie, not a server
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return True
+
+
+def ready(side: str, port: int) -> bool:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    except httpx.HTTPError:
+        return False
+    if side == "raw":
+        return response.status_code == 200
+    return response.status_code == 200 and response.json().get("status") == "ready"
+
+
+def wait_ready(state: dict[str, Any], timeout_s: float) -> None:
+    started, waiting = time.monotonic(), set(SIDES)
+    while waiting:
+        for side in sorted(waiting):
+            server = state["servers"][side]
+            if ready(side, server["port"]):
+                print(f"{side} ready after {time.monotonic() - started:.0f} s")
+                waiting.discard(side)
+            elif not alive(server["pid"]):
+                raise SystemExit(f"{side} exited before it was ready:\n{Path(server['log']).read_text()[-6000:]}")
+        if waiting and time.monotonic() - started > timeout_s:
+            logs = "\n".join(f"--- {s} ---\n{Path(state['servers'][s]['log']).read_text()[-3000:]}" for s in waiting)
+            raise SystemExit(f"not ready within {timeout_s:.0f} s: {', '.join(waiting)}\n{logs}")
+        if waiting:
+            time.sleep(1)
+
+
+def stop_servers(state: dict[str, Any]) -> None:
+    for side, server in state["servers"].items():
+        if alive(server["pid"]):
+            os.killpg(server["pid"], signal.SIGTERM)  # its own session: the server and its engine process
+    deadline = time.monotonic() + 60
+    for server in state["servers"].values():
+        while alive(server["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if alive(server["pid"]):
+            os.killpg(server["pid"], signal.SIGKILL)
+
+
+def engine_config_line(log: str) -> str | None:
+    """vLLM's one-line engine config ('Initializing a V1 LLM engine (vX) with config: ...'), less the names."""
+    match = re.search(r"Initializing a V1 LLM engine \(v[^)]*\) with config: (.*)", log)
+    if not match:
+        return None
+    line = re.sub(r"(model|tokenizer|served_model_name)=[^,]*, ", "", match.group(1).strip())
+    return re.sub(r"vllm-cache-(raw|jarvis)", "vllm-cache-SIDE", line)  # each side compiles into its own cache
+
+
+def parity(state: dict[str, Any]) -> dict[str, Any]:
+    """Does Jarvis run the engine `vllm serve` runs? vLLM's own config lines, and Jarvis's /v1/engine."""
+    lines = {side: engine_config_line(Path(s["log"]).read_text()) for side, s in state["servers"].items()}
+    tokens = {side: re.findall(r"max_num_batched_tokens=(\d+)", Path(s["log"]).read_text())
+              for side, s in state["servers"].items()}
+    report: dict[str, Any] = {"max_num_batched_tokens": {s: t[-1] if t else None for s, t in tokens.items()}}
+    if lines["raw"] and lines["jarvis"]:
+        raw_items, jarvis_items = lines["raw"].split(", "), lines["jarvis"].split(", ")
+        report["engine_config_identical"] = raw_items == jarvis_items
+        report["only_raw"] = [i for i in raw_items if i not in jarvis_items]
+        report["only_jarvis"] = [i for i in jarvis_items if i not in raw_items]
+        report["engine_config"] = lines["raw"]
+    try:
+        report["jarvis_engine"] = httpx.get(f"http://127.0.0.1:{state['servers']['jarvis']['port']}/v1/engine",
+                                            timeout=10).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        report["jarvis_engine"] = f"unavailable: {exc}"
+    return report
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+def jarvis_takes_ignore_eos(state: dict[str, Any]) -> tuple[bool, str]:
+    """Whether Jarvis accepts vLLM's `ignore_eos` (one 1-token request); both sides get it only if it does."""
+    body = {"model": state["name"], "prompt": "Hello", "max_tokens": 1, "ignore_eos": True}
+    try:
+        response = httpx.post(f"http://127.0.0.1:{state['servers']['jarvis']['port']}/v1/completions", json=body,
+                              timeout=60)
+    except httpx.HTTPError as exc:
+        return False, str(exc)
+    return response.status_code == 200, f"{response.status_code} {response.text[:300]}"
+
+
+def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: int, args: argparse.Namespace,
+                  result_dir: Path, filename: str) -> list[str]:
+    if state.get("ignore_eos", True):
+        data = ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                "--random-output-len", str(args.output_len), "--ignore-eos"]
+    else:  # vllm bench sends ignore_eos with every random-dataset request: the same random prompts, as a file
+        data = ["--dataset-name", "custom", "--dataset-path", state["prompts"], "--skip-chat-template",
+                "--custom-output-len", str(args.output_len)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+            "--base-url", f"http://127.0.0.1:{state['servers'][side]['port']}", "--endpoint", "/v1/completions",
+            "--model", state["name"], "--tokenizer", state["model"], *data, "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
+            "--result-filename", filename]
+
+
+def prompts_for(concurrency: int, args: argparse.Namespace) -> int:
+    return max(args.min_prompts, args.waves * concurrency)
+
+
+def random_prompts(folder: Path, count: int, length: int, path: Path) -> str:
+    """`count` prompts of `length` random tokens (decoded, re-encoded, cut), as a custom-dataset JSONL file."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rng, lines = random.Random(0), []
+    for _ in range(count):
+        ids = [rng.randrange(1000, len(tokenizer)) for _ in range(length)]  # past the special tokens
+        ids = tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"][:length]
+        lines.append(json.dumps({"prompt": tokenizer.decode(ids)}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run_bench(command: list[str], log: Path) -> None:
+    """`vllm bench serve ...`, in this process (vLLM's import once, not per run), its output into `log`."""
+    import contextlib
+
+    try:
+        from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    except ImportError:  # another layout: the CLI itself
+        with open(log, "w") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{log.read_text()[-4000:]}") from None
+        return
+    parser = argparse.ArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        bench_main(parser.parse_args(command[command.index("serve") + 1:]))
+
+
+def summarize(result: dict[str, Any]) -> dict[str, float]:
+    def pick(metric: str, p: str) -> float:
+        return result.get(f"p{p}_{metric}_ms", result.get(f"median_{metric}_ms") if p == "50" else None)
+
+    row = {"output_throughput": result["output_throughput"], "completed": result.get("completed"),
+           "total_output_tokens": result.get("total_output_tokens")}
+    for metric in ("ttft", "tpot", "itl"):
+        for p in ("50", "99"):
+            row[f"{metric}_p{p}"] = pick(metric, p)
+    return row
+
+
+def load_results(result_dir: Path) -> dict[int, dict[str, list[dict[str, float]]]]:
+    """{concurrency: {side: [summary per round]}} from the files `vllm bench serve` saved."""
+    results: dict[int, dict[str, list[dict[str, float]]]] = {}
+    for f in sorted(result_dir.glob("*-c*-r*.json")):
+        side, c, _ = re.match(r"(raw|jarvis)-c(\d+)-r(\d+)\.json", f.name).groups()
+        results.setdefault(int(c), {}).setdefault(side, []).append(summarize(json.loads(f.read_text())))
+    return results
+
+
+def median_of(rounds: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio_table(results: dict[int, dict[str, list[dict[str, float]]]]) -> str:
+    """One row per concurrency: raw, jarvis, jarvis/raw for each metric (times in ms; median of rounds)."""
+    head = f"{'C':>4} " + " ".join(f"{label:^26}" for label, _, _ in METRICS)
+    sub = f"{'':>4} " + " ".join(f"{'raw':>9}{'jarvis':>9}{'ratio':>8}" for _ in METRICS)
+    rows = [head, sub]
+    for c in sorted(results):
+        sides = results[c]
+        if not all(s in sides for s in SIDES):
+            continue
+        cells = []
+        for _, key, _ in METRICS:
+            raw, jarvis = median_of(sides["raw"], key), median_of(sides["jarvis"], key)
+            ratio = f"{jarvis / raw:8.3f}" if raw and jarvis is not None else f"{'-':>8}"
+            digits = 0 if key == "output_throughput" else 2
+            cells.append(f"{raw:9.{digits}f}{jarvis:9.{digits}f}{ratio}" if raw is not None and jarvis is not None
+                         else f"{'-':>26}")
+        rows.append(f"{c:>4} " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def goals(results: dict[int, dict[str, list[dict[str, float]]]], weights: int | None, output_len: int) -> str:
+    """The targets: tok/s ratio ≥ 0.98 and TTFT p50 ≤ 1.05× at every level, single-stream TPOT ≤ 1.05×."""
+    lines = []
+    for c in sorted(results):
+        sides = results[c]
+        if not all(s in sides for s in SIDES):
+            continue
+        if not (median_of(sides["raw"], "output_throughput") and median_of(sides["jarvis"], "output_throughput")):
+            lines.append(f"C={c:<4} no completed requests on one side: see its log under logs/")
+            continue
+        tps = median_of(sides["jarvis"], "output_throughput") / median_of(sides["raw"], "output_throughput")
+        ttft = median_of(sides["jarvis"], "ttft_p50") / median_of(sides["raw"], "ttft_p50")
+        line = (f"C={c:<4} tok/s ratio {tps:.3f} ({'ok' if tps >= 0.98 else 'MISS'} ≥0.98)   "
+                f"TTFT p50 ratio {ttft:.3f} ({'ok' if ttft <= 1.05 else 'MISS'} ≤1.05)")
+        if c == 1:
+            tpot = median_of(sides["jarvis"], "tpot_p50") / median_of(sides["raw"], "tpot_p50")
+            line += f"   TPOT p50 ratio {tpot:.3f} ({'ok' if tpot <= 1.05 else 'MISS'} ≤1.05)"
+        short = [s for s in SIDES for r in sides[s] if r.get("completed") and r.get("total_output_tokens")
+                 and r["total_output_tokens"] < r["completed"] * output_len]
+        if short:
+            line += f"   (fewer output tokens than asked on: {', '.join(sorted(set(short)))})"
+        lines.append(line)
+    if weights and 1 in results and all(s in results[1] for s in SIDES):
+        floor_ms = weights / (BANDWIDTH_TB_S * 1e12) * 1e3
+        for side in SIDES:
+            tpot = median_of(results[1][side], "tpot_p50")
+            if not tpot:
+                continue
+            lines.append(f"single-stream decode {side}: TPOT p50 {tpot:.3f} ms vs bandwidth floor {floor_ms:.3f} ms "
+                         f"({weights / 2**30:.2f} GiB of weights / {BANDWIDTH_TB_S} TB/s): {tpot / floor_ms:.1f}× the floor")
+    return "\n".join(lines)
+
+
+def benchmark(state: dict[str, Any], args: argparse.Namespace, result_dir: Path, deadline: float) -> None:
+    result_dir.mkdir(parents=True, exist_ok=True)
+    logs = result_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    for side in SIDES:  # warm-up, not counted: first requests, tokenizer caches, lazily built paths
+        run_bench(bench_command(side, state, 8, 16, args, logs, f"warmup-{side}.json"), logs / f"warmup-{side}.log")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    for r in range(args.rounds):
+        for i, c in enumerate(levels):
+            order = SIDES if (i + r) % 2 == 0 else SIDES[::-1]
+            for side in order:
+                name = f"{side}-c{c}-r{r}"
+                if (result_dir / f"{name}.json").is_file():
+                    continue  # done by an earlier call (--reuse)
+                if time.monotonic() > deadline:
+                    print(f"deadline reached: {name} and later runs not done (rerun with --reuse)")
+                    return
+                started = time.monotonic()
+                run_bench(bench_command(side, state, c, prompts_for(c, args), args, result_dir, f"{name}.json"),
+                          logs / f"{name}.log")
+                s = summarize(json.loads((result_dir / f"{name}.json").read_text()))
+                print(f"{name}: {s['output_throughput']:.0f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, TPOT p50 "
+                      f"{s['tpot_p50']:.2f} ms ({time.monotonic() - started:.0f} s)", flush=True)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[2:]))
+    parser.add_argument("--shape", choices=SHAPES, default="gemma3-270m")
+    parser.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (or .json.gz) and "
+                        "tokenizer_config.json; default: the embedded model's converted tokenizer")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_serving",
+                        help="where the model, logs and results go (default: %(default)s)")
+    parser.add_argument("--concurrency", default="1,16,64,256", help="levels, comma-separated")
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--waves", type=int, default=4, help="prompts per level = max(min-prompts, waves × C)")
+    parser.add_argument("--min-prompts", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1, help="sweeps over the levels (median of rounds)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="each server's share")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--set", action="append", default=[], metavar="JARVIS_VLLM_X=V",
+                        help="another Jarvis setting, for both servers (it changes the planned engine arguments)")
+    parser.add_argument("--ready-timeout", type=float, default=420)
+    parser.add_argument("--budget", type=float, default=540, help="seconds; no new bench run starts after it")
+    parser.add_argument("--keep-servers", action="store_true", help="leave both servers running at the end")
+    parser.add_argument("--reuse", action="store_true", help="use the servers a --keep-servers run left")
+    parser.add_argument("--stop", action="store_true", help="stop the servers a --keep-servers run left, and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
+    parser.add_argument("--report", type=Path, metavar="DIR", help="print the table from saved results only")
+    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
+                        help="a folder for results.tgz (default: $OUT when set)")
+    args = parser.parse_args(argv)
+    for kv in args.set:
+        if "=" not in kv or not kv.startswith("JARVIS_"):
+            parser.error(f"--set takes JARVIS_NAME=VALUE, not {kv!r}")
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency takes integers separated by commas, not {args.concurrency!r}")
+    if not levels or min(levels) < 1:
+        parser.error("--concurrency levels must be ≥ 1")
+    return args
+
+
+def print_report(result_dir: Path, weights: int | None, output_len: int) -> None:
+    results = load_results(result_dir)
+    print("\n" + ratio_table(results) + "\n")
+    print(goals(results, weights, output_len))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        meta = json.loads((args.report / "meta.json").read_text()) if (args.report / "meta.json").is_file() else {}
+        print_report(args.report, meta.get("weight_bytes"), meta.get("output_len", args.output_len))
+        return
+    started = time.monotonic()
+    work = args.work / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"random-{args.shape}"
+    folder = work / name
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / name
+            probe.mkdir()
+            (probe / "config.json").write_text(json.dumps(shape_config(args.shape, 262144, 2, 1)))
+            settings = jarvis_settings(folder, name, args)
+            engine_args, env = planned(settings, probe, assume_h200=True)
+        print(f"engine arguments (planned for one H200): {json.dumps(engine_args)}\nenvironment: {env}")
+        for side, (command, extra) in commands(folder, name, engine_args, settings, work,
+                                               {"raw": 8001, "jarvis": 8002}).items():
+            print(f"{side}: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(command)}")
+        state = {"servers": {s: {"port": p} for s, p in (("raw", 8001), ("jarvis", 8002))}, "model": str(folder),
+                 "name": name}
+        print("bench:", " ".join(bench_command("raw", state, 16, prompts_for(16, args), args, work, "raw-c16-r0.json")))
+        return
+    state_file = work / "state.json"
+    if args.stop:
+        if state_file.is_file():
+            stop_servers(json.loads(state_file.read_text()))
+            state_file.unlink()
+        return
+    if args.reuse and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        wait_ready(state, 30)
+        pids = ", ".join(f"{side} pid {server['pid']}" for side, server in state["servers"].items())
+        print(f"reusing servers: {pids}")
+    else:
+        source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
+        make_model(args.shape, tokenizer_folder(source, work), folder)
+        settings = jarvis_settings(folder, name, args)
+        engine_args, env = planned(settings, folder, assume_h200=False)
+        print(f"engine arguments, both servers: {json.dumps(engine_args)}")
+        state = start_servers(folder, name, engine_args, env, settings, work, args.ready_timeout)
+    result_dir = work / "results"
+    result_dir.mkdir(exist_ok=True)
+    report = parity(state)
+    (result_dir / "parity.json").write_text(json.dumps(report, indent=2, default=str))
+    jarvis_engine = report.get("jarvis_engine")
+    print("parity: max_num_batched_tokens in the logs", report["max_num_batched_tokens"],
+          "| vLLM engine config identical:", report.get("engine_config_identical"),
+          "| only raw:", report.get("only_raw"), "| only jarvis:", report.get("only_jarvis"))
+    if isinstance(jarvis_engine, dict):
+        print("jarvis /v1/engine:", json.dumps({k: jarvis_engine.get(k) for k in
+                                                 ("engine_args", "usage_context", "engine_resolved")}))
+    state["ignore_eos"], answer = jarvis_takes_ignore_eos(state)
+    if not state["ignore_eos"]:
+        print(f"Jarvis refuses ignore_eos ({answer}): both sides run without it, on the same random-token prompts "
+              "from a file (vllm bench's random dataset always sends it); the check below says whether any run "
+              "produced fewer output tokens than asked")
+        most = max(prompts_for(int(c), args) for c in args.concurrency.split(","))
+        state["prompts"] = random_prompts(Path(state["model"]), most, args.input_len, work / "prompts.jsonl")
+    weights = weight_bytes(Path(state["model"]))
+    (result_dir / "meta.json").write_text(json.dumps({
+        "shape": args.shape, "weight_bytes": weights, "engine_args": state["engine_args"],
+        "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
+        "ignore_eos": state["ignore_eos"]}, indent=2))
+    try:
+        benchmark(state, args, result_dir, started + args.budget)
+    finally:
+        if not args.keep_servers:
+            stop_servers(state)
+        (result_dir / "logs").mkdir(exist_ok=True)
+        for side, server in state["servers"].items():
+            shutil.copy(server["log"], result_dir / "logs" / f"server-{side}.log")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(args.out / f"gpu_serving-{args.shape}.tgz", "w:gz") as tar:
+                tar.add(result_dir, arcname=f"{args.shape}-results")
+        print(f"\n{args.shape}, vllm {vllm_version()}, engine arguments (both): {json.dumps(state['engine_args'])}")
+        print_report(result_dir, weights, args.output_len)
+
+
+def vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm")
+    except Exception:  # noqa: BLE001 - only for the report line
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
