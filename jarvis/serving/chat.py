@@ -9,8 +9,7 @@ from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest
-from jarvis.errors import APIError
-from jarvis.serving.render import chat_logprobs, merged_streams, sse, usage
+from jarvis.serving.render import chat_logprobs, sse, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
 
@@ -38,7 +37,7 @@ async def create_chat_completion(runtime: Any, body: wire.ChatCompletionRequest,
         usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))))
 
 
-async def chat_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
+def chat_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
     """The SSE events of a streamed chat completion; choices carry their `index`."""
     ident, created, model = wire.new_id("chatcmpl"), wire.now(), gens[0].model
     want_logprobs = gens[0].logprobs
@@ -53,18 +52,9 @@ async def chat_events(runtime: Any, gens: list[GenerationRequest], include_usage
             finish_reason=chunk.finish_reason,
             logprobs=chat_logprobs(chunk.logprobs) if want_logprobs and chunk.logprobs else None)
 
-    prompt_tokens, completion_tokens = 0, [0] * len(gens)
-    try:
-        for index in range(len(gens)):  # OpenAI opens every choice with the role
-            yield event([wire.ChatChunkChoice(index=index, delta=wire.ChatDelta(role="assistant", content=""))])
-        async for index, chunk in merged_streams(runtime, gens):
-            if chunk.text or chunk.logprobs or chunk.finish_reason:
-                yield event([choice(index, chunk)])
-            if chunk.finish_reason is not None:
-                prompt_tokens = chunk.prompt_tokens or 0
-                completion_tokens[index] = chunk.completion_tokens or 0
-        if include_usage:
-            yield event([], usage(prompt_tokens, sum(completion_tokens)))
-    except APIError as exc:
-        yield sse(exc.to_body())
-    yield sse("[DONE]")
+    def render(index: int, chunk: GenerationChunk) -> str | None:
+        return event([choice(index, chunk)]) if chunk.text or chunk.logprobs or chunk.finish_reason else None
+
+    opening = [event([wire.ChatChunkChoice(index=i, delta=wire.ChatDelta(role="assistant", content=""))])
+               for i in range(len(gens))]  # OpenAI opens every choice with the role
+    return stream_events(runtime, gens, opening, render, (lambda u: event([], u)) if include_usage else None)

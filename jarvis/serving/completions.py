@@ -10,8 +10,7 @@ from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult
-from jarvis.errors import APIError
-from jarvis.serving.render import completion_logprobs, merged_streams, sse, usage
+from jarvis.serving.render import completion_logprobs, sse, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
 
@@ -50,7 +49,7 @@ async def create_completion(runtime: Any, body: wire.CompletionRequest,
         usage=usage(prompt_tokens, completion_tokens)))
 
 
-async def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
+def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
     """The SSE events of a streamed completion of one prompt (n choices, each with its `index`)."""
     ident, created, model = wire.new_id("cmpl"), wire.now(), gens[0].model
     offsets, echoed = [0] * len(gens), [False] * len(gens)
@@ -71,16 +70,8 @@ async def completion_events(runtime: Any, gens: list[GenerationRequest], include
             offsets[index] += sum(len(e.token) for e in entries)
         return wire.CompletionChoice(index=index, text=text, finish_reason=chunk.finish_reason, logprobs=logprobs)
 
-    prompt_tokens, completion_tokens = 0, [0] * len(gens)
-    try:
-        async for index, chunk in merged_streams(runtime, gens):
-            if chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs:
-                yield event([choice(index, chunk)])
-            if chunk.finish_reason is not None:
-                prompt_tokens = chunk.prompt_tokens or 0
-                completion_tokens[index] = chunk.completion_tokens or 0
-        if include_usage:
-            yield event([], usage(prompt_tokens, sum(completion_tokens)))
-    except APIError as exc:
-        yield sse(exc.to_body())
-    yield sse("[DONE]")
+    def render(index: int, chunk: GenerationChunk) -> str | None:
+        wanted = chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs
+        return event([choice(index, chunk)]) if wanted else None
+
+    return stream_events(runtime, gens, [], render, (lambda u: event([], u)) if include_usage else None)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
+from jarvis.errors import APIError
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> wire.Usage:
@@ -41,6 +42,30 @@ def completion_logprobs(result: GenerationResult, echo: bool, offset: int = 0) -
 
 def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def stream_events(runtime: Any, gens: list[GenerationRequest], opening: list[str],
+                        render: Callable[[int, GenerationChunk], str | None],
+                        render_usage: Callable[[wire.Usage], str] | None) -> AsyncIterator[str]:
+    """The SSE events of streamed generations: `opening`, one event per chunk worth sending (`render`
+    returns None for the rest), the usage (prompt counted once, completions summed) when asked, [DONE].
+    An error after the stream began is its last event, as vLLM's server sends it."""
+    prompt_tokens, completion_tokens = 0, [0] * len(gens)
+    try:
+        for event in opening:
+            yield event
+        async for index, chunk in merged_streams(runtime, gens):
+            event = render(index, chunk)
+            if event is not None:
+                yield event
+            if chunk.finish_reason is not None:
+                prompt_tokens = chunk.prompt_tokens or 0
+                completion_tokens[index] = chunk.completion_tokens or 0
+        if render_usage is not None:
+            yield render_usage(usage(prompt_tokens, sum(completion_tokens)))
+    except APIError as exc:
+        yield sse(exc.to_body())
+    yield sse("[DONE]")
 
 
 async def merged_streams(runtime: Any, gens: list[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationChunk]]:

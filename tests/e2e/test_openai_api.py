@@ -205,7 +205,7 @@ def error_of(response: httpx.Response) -> dict:
     (b'{"model": "gemma-3-270m", "messages": []}', "messages"),
     (b'{"model": "gemma-3-270m", "messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role"),
     (b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "temperature": 5}', "temperature"),
-    (b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    (b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "n": 17}', "n"),
     (b'{"model": "gemma-3-270m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens"),
 ])
 def test_invalid_chat_requests_get_400(server, client, body, param):
