@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
+from jarvis.chat_format import ChatFormatError
 from jarvis.errors import InvalidRequest
 from jarvis.protocol import ChatMessage
 from jarvis.routes.openai import parse_body, runtime_of
@@ -65,8 +66,12 @@ class TokenizerController(Controller):
         text = body.prompt
         if body.messages is not None:
             served = runtime.resolve_model(body.model or runtime.model_id)
-            text = runtime.chat_format(served.id)([m.normalised() for m in body.messages],
-                                                  body.add_generation_prompt)
+            fmt = runtime.chat_format(served.id)
+            try:
+                text = fmt([m.normalised() for m in body.messages], body.add_generation_prompt)
+            except ChatFormatError as exc:
+                raise InvalidRequest(f"cannot render the conversation with chat format {fmt.name!r}: {exc}",
+                                     param="messages") from None
         bos = runtime.require_ready().bos_token
         special = body.add_special_tokens and not (bos and text.startswith(bos))  # never a second <bos>
         ids = runtime.engine.tokenize(text or "", add_special=special)
