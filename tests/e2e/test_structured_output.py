@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import httpx
 import jsonschema
@@ -207,11 +207,21 @@ def test_unknown_fields_are_a_400_naming_them_and_harmless_ones_are_accepted(ser
     assert httpx.post(server.v1 + path, json={**base, **harmless}, timeout=60).status_code == 200
 
 
+class Verdict(BaseModel):
+    """Bounded by its types alone: LangChain's strict json_schema may drop maxLength/maximum (OpenAI's strict
+    mode did not take them), and an unbounded field lets a greedy base model run to max_tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    answer: Literal["yes", "no"]
+    certain: bool
+    colour: Colour
+
+
 def test_langchain_with_structured_output(server):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=server.v1, api_key="unused", model=MODEL, temperature=0, max_tokens=400,
+    llm = ChatOpenAI(base_url=server.v1, api_key="unused", model=MODEL, temperature=0, max_tokens=200,
                      max_retries=0)
-    person = llm.with_structured_output(Person, method="json_schema").invoke(
-        "Describe a person: name, age, favourite colour, tags and address.")
-    assert isinstance(person, Person)
+    verdict = llm.with_structured_output(Verdict, method="json_schema").invoke(
+        "Is the sky blue? Answer yes or no, say whether you are certain, and name a colour.")
+    assert isinstance(verdict, Verdict)
