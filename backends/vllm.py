@@ -96,7 +96,16 @@ class VllmEngine(Engine):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
-        args = AsyncEngineArgs(**plan.engine_args)
+        engine_args = dict(plan.engine_args)
+        try:  # vLLM reads disable_any_whitespace from the engine's config only (the request's copy is ignored);
+            # xgrammar is the backend Jarvis checks schemas with, so vLLM uses the same one
+            from vllm.config import StructuredOutputsConfig
+
+            engine_args.setdefault("structured_outputs_config",
+                                   StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
+        except (ImportError, TypeError, ValueError) as exc:  # an older vLLM: its defaults
+            log.info("vLLM structured outputs keep their defaults (%s)", exc)
+        args = AsyncEngineArgs(**engine_args)
         # The usage context `vllm serve` passes: vLLM picks its scheduler defaults (max_num_batched_tokens,
         # max_num_seqs) by it, so Jarvis runs the engine `vllm serve` runs. Older vLLMs without it get none.
         context: dict[str, Any] = {}

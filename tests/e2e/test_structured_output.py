@@ -217,13 +217,8 @@ class Verdict(BaseModel):
     colour: Colour
 
 
-def test_langchain_with_structured_output(server, request):
+def test_langchain_with_structured_output(server):
     from langchain_openai import ChatOpenAI
-
-    if request.node.callspec.params.get("server") == "vllm":
-        request.applymarker(pytest.mark.xfail(reason="known defect: on the vllm engine this request runs to "
-                                              "max_tokens although the same schema through parse() is honoured; "
-                                              "cause not found yet", strict=False))
 
     llm = ChatOpenAI(base_url=server.v1, api_key="unused", model=MODEL, temperature=0, max_tokens=200,
                      max_retries=0)
