@@ -305,7 +305,7 @@ class EngineRuntime:
                                      f"{bad[:5]}", param="prompt", code="invalid_token_id")
             if self.engine.counts_tokens:
                 request.prompt = self.engine.detokenize(request.prompt_token_ids)  # for echo
-        elif request.prompt is not None and info.bos_token and request.prompt.startswith(info.bos_token):
+        elif request.prompt is not None and self.brings_bos(request.prompt):
             request.score_bos = True  # the text brings its own <bos>: never a second one
         if (request.prompt is not None or request.prompt_token_ids is not None) and self.engine.counts_tokens:
             if request.prompt_token_ids is None:
@@ -322,6 +322,11 @@ class EngineRuntime:
         if request.max_tokens is None and cap is not None:  # an engine that counts remotely
             request.max_tokens = cap
         return request
+
+    def brings_bos(self, text: str) -> bool:
+        """The text begins with the model's <bos>: tokenize it without adding another."""
+        bos = self.require_ready().bos_token
+        return bool(bos) and text.startswith(bos)
 
     def _check_supported(self, request: GenerationRequest) -> None:
         """Refuse what the engine cannot honour (a 400 naming the field), and compile the output constraint."""

@@ -72,8 +72,7 @@ class TokenizerController(Controller):
             except ChatFormatError as exc:
                 raise InvalidRequest(f"cannot render the conversation with chat format {fmt.name!r}: {exc}",
                                      param="messages") from None
-        bos = runtime.require_ready().bos_token
-        special = body.add_special_tokens and not (bos and text.startswith(bos))  # never a second <bos>
+        special = body.add_special_tokens and not runtime.brings_bos(text or "")  # never a second <bos>
         ids = runtime.engine.tokenize(text or "", add_special=special)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": runtime.require_ready().max_model_len,
                                "tokens": ids}
