@@ -117,6 +117,8 @@ class LlamaCppEngine(Engine):
     def _load(self) -> None:
         from llama_cpp import Llama
 
+        from jarvis.backends.llama_grammar import GrammarCheckedLlama
+
         self._vocab = Llama(str(self.path), vocab_only=True, verbose=False)
         meta = self._vocab.metadata
         arch = meta.get("general.architecture")
@@ -126,7 +128,7 @@ class LlamaCppEngine(Engine):
                               f"the model was trained for {trained} tokens of context",
                               f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
         self._contexts = [
-            Llama(str(self.path), n_ctx=self.settings.max_model_len, n_batch=self.options.n_batch,
+            GrammarCheckedLlama(str(self.path), n_ctx=self.settings.max_model_len, n_batch=self.options.n_batch,
                   n_threads=self.threads, n_threads_batch=self.threads, n_gpu_layers=self.options.n_gpu_layers,
                   verbose=False)
             for _ in range(self.options.n_parallel)]
@@ -168,11 +170,14 @@ class LlamaCppEngine(Engine):
                              "n_parallel": self.options.n_parallel, "n_batch": self.options.n_batch}}
 
     def compile_constraint(self, constraint: OutputConstraint) -> Any:
-        """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter),
+        """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter,
+        with integer bounds added: `llama_grammar.schema_to_gbnf`),
         parsed once here: llama.cpp gives no sampler for a grammar it cannot parse, so that is a 400 now
         rather than a crash inside a decode."""
         import llama_cpp
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        from jarvis.backends.llama_grammar import schema_to_gbnf
 
         if constraint.kind == "json_object":
             grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root is an object
@@ -181,7 +186,7 @@ class LlamaCppEngine(Engine):
                                                verbose=False)
         else:
             try:
-                grammar = LlamaGrammar.from_json_schema(json.dumps(constraint.spec), verbose=False)
+                grammar = LlamaGrammar.from_string(schema_to_gbnf(constraint.spec), verbose=False)
             except Exception as exc:  # the converter raises plain exceptions for what it cannot express
                 raise ValueError(f"{type(exc).__name__}: {exc}") from None
         probe = llama_cpp.llama_sampler_init_grammar(self._vocab_ptr(self._vocab), grammar._grammar.encode(),
