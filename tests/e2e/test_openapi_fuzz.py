@@ -51,3 +51,24 @@ def test_the_server_still_serves_after_the_fuzzing(fuzzed_server):
     client = openai.OpenAI(base_url=fuzzed_server.v1, api_key="x", max_retries=0)
     assert client.completions.create(model="gemma-3-270m", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
     assert fuzzed_server.health()["status"] == "ready"
+
+
+def test_every_json_body_refuses_an_unknown_field_by_name(fuzzed_server):
+    """OpenAI answers a field it does not know with a 400 naming it; so does every Jarvis operation that takes
+    a JSON object (the core's and the plugins', read from the schema), even in an otherwise empty body."""
+    import httpx
+
+    spec = httpx.get(f"{fuzzed_server.base_url}/schema/openapi.json", timeout=30).json()
+    checked = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            content = (operation.get("requestBody") or {}).get("content", {})
+            if "application/json" not in content:
+                continue
+            url = fuzzed_server.base_url + path.replace("{", "").replace("}", "")  # path parameters: any value
+            for body in ({"frobnicate": 1}, {"frobnicate": 1, "model": "gemma-3-270m"}):
+                answer = httpx.request(method.upper(), url, json=body, timeout=60)
+                assert answer.status_code == 400, (method, path, answer.status_code, answer.text)
+                assert answer.json()["error"]["param"] == "frobnicate", (method, path, answer.text)
+            checked.append(f"{method.upper()} {path}")
+    assert len(checked) >= 6, checked
