@@ -279,10 +279,18 @@ def test_top_k_1_is_greedy_and_logit_bias_removes_a_token(client, embedded_gguf)
     assert " " + word not in biased.choices[0].text and biased.choices[0].text != greedy.choices[0].text
 
 
-def test_sampling_extensions_are_accepted(client):
-    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0.8,
-                                      seed=1, extra_body={"min_p": 0.1, "repetition_penalty": 1.3, "top_k": 20})
-    assert reply.usage.completion_tokens > 0
+def test_sampling_extensions_change_what_is_sampled(client):
+    """min_p close to 1 keeps only the likeliest token, so sampling at temperature 1 gives the greedy text;
+    a strong repetition penalty breaks the greedy loop of a repetitive prompt."""
+    prompt = "one two one two one two one two one two"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    for seed in (1, 2):
+        only_top = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=seed,
+                                             extra_body={"min_p": 0.999, "top_k": 40}).choices[0].text
+        assert only_top == greedy
+    penalised = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"repetition_penalty": 2.0}).choices[0].text
+    assert "one two" in greedy and penalised != greedy, (greedy, penalised)
 
 
 @pytest.mark.parametrize("path,body", [
