@@ -209,7 +209,7 @@ class HfEngine(Engine):
     # --- generation ------------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        relay = WorkerRelay(self.stats)
+        relay = WorkerRelay()
         ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
         self._scheduler.submit(request, ids, relay.emit, relay.cancelled)
         async for chunk in relay.chunks():

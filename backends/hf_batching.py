@@ -295,7 +295,6 @@ class BatchScheduler:
         if token in h.eos_ids and not r.ignore_eos:
             return self._finish(seq, "stop")
         seq.generated.append(token)
-        h.stats.tokens_generated += 1
         piece = seq.detok.push(token)
         text = seq.stops.feed(piece)
         logprobs = [seq_logprob(h.tokenizer, logits, token, piece, r.top_logprobs)] if r.logprobs else []

@@ -97,8 +97,8 @@ class LlamaCppEngine(Engine):
         self._vocab: Any = None
         self._contexts: list[Any] = []
         self._free: asyncio.Queue[Any] | None = None
+        self._waiting = 0  # requests waiting for a free context
         self._executor: ThreadPoolExecutor | None = None
-        self._count_lock = threading.Lock()
         self._info: ModelInfo | None = None
         # LoRA: name → one llama.cpp adapter handle per pool context (each context has its own model),
         # and which adapter each context currently has applied (its KV cache belongs to those weights).
@@ -153,6 +153,10 @@ class LlamaCppEngine(Engine):
             llm.close()
         self._contexts.clear()
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
     def model_info(self) -> ModelInfo:
         if self._info is None:
             raise RuntimeError("llama.cpp engine not started")
@@ -200,8 +204,12 @@ class LlamaCppEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         assert self._free is not None and self._executor is not None, "engine not started"
-        relay = WorkerRelay(self.stats)
-        llm = await self._free.get()
+        relay = WorkerRelay()
+        self._waiting += 1
+        try:
+            llm = await self._free.get()
+        finally:
+            self._waiting -= 1
         try:
             work = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, llm, request,
                                                               relay.cancelled, relay.emit)
@@ -240,8 +248,6 @@ class LlamaCppEngine(Engine):
                     finish = "stop"
                     break
                 count += 1
-                with self._count_lock:
-                    self.stats.tokens_generated += 1
                 piece = llm.detokenize([token], special=True)
                 logprobs = [self._token_logprob(llm, token, piece, req.top_logprobs)] if req.logprobs else []
                 text = stops.feed(decoder.feed(piece))

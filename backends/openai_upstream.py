@@ -230,30 +230,23 @@ class OpenAIUpstreamEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         path, body = self.body(request, stream=False)
-        self.stats.requests_started += 1
         tried: list[Upstream] = []
         error: APIError | None = None
-        try:
-            while True:
-                attempt = self._next_attempt(request, tried, error)
-                try:
-                    response = await attempt.upstream.client.post(path, json=body)
-                    if response.status_code >= 400:
-                        raise answer_error(response.status_code, response.content, attempt.upstream.url)
-                    data = response.json()
-                    attempt.succeeded()
-                    break
-                except RETRYABLE as exc:
-                    error = self._failed(attempt, exc, retry=True)
-                except (httpx.HTTPError, APIError) as exc:
-                    raise self._failed(attempt, exc, retry=False) from None
-                finally:
-                    attempt.close()
-        except BaseException:
-            self.stats.requests_cancelled += 1
-            raise
-        finally:
-            self.stats.requests_finished += 1
+        while True:
+            attempt = self._next_attempt(request, tried, error)
+            try:
+                response = await attempt.upstream.client.post(path, json=body)
+                if response.status_code >= 400:
+                    raise answer_error(response.status_code, response.content, attempt.upstream.url)
+                data = response.json()
+                attempt.succeeded()
+                break
+            except RETRYABLE as exc:
+                error = self._failed(attempt, exc, retry=True)
+            except (httpx.HTTPError, APIError) as exc:
+                raise self._failed(attempt, exc, retry=False) from None
+            finally:
+                attempt.close()
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         request.first_token_at = request.first_token_at or time.monotonic()
@@ -261,65 +254,57 @@ class OpenAIUpstreamEngine(Engine):
         text = choice["message"].get("content") or "" if request.kind == "chat" else choice.get("text", "")
         if request.echo and request.prompt and text.startswith(request.prompt):
             text = text[len(request.prompt):]  # the route adds the prompt back
-        self.stats.tokens_generated += int(usage.get("completion_tokens") or 0)
         return GenerationResult(text, finish_reason(choice.get("finish_reason")),
                                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         path, body = self.body(request, stream=True)
-        self.stats.requests_started += 1
         finished = False
         tried: list[Upstream] = []
         error: APIError | None = None
-        try:
-            while not finished:
-                attempt = self._next_attempt(request, tried, error)
-                url = attempt.upstream.url
-                delivered = False  # once a chunk went out, the stream is never sent again
-                try:
-                    async with attempt.upstream.client.stream("POST", path, json=body) as r:
-                        if r.status_code >= 400:
-                            raise answer_error(r.status_code, await r.aread(), url)
-                        held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows
-                        async for event in sse_events(r):
-                            if "error" in event:
-                                problem = event["error"]
-                                raise APIError(f"The upstream {url} failed: {problem.get('message', 'error')}",
-                                               status_code=502, error_type="upstream_error", code=problem.get("code"))
-                            usage = event.get("usage")
-                            for choice in event.get("choices") or []:
-                                chunk = chunk_of(choice, request)
-                                if chunk.finish_reason is not None:
-                                    held = chunk
-                                elif chunk.text or chunk.logprobs:
-                                    self.stats.tokens_generated += chunk.token_count
-                                    delivered = True
-                                    yield chunk
-                            if usage and held is not None:
-                                held.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                                held.completion_tokens = int(usage.get("completion_tokens") or 0)
-                        if held is None:
-                            raise APIError(f"The upstream {url} ended the stream without finishing",
-                                           status_code=502, error_type="upstream_error", code="upstream_incomplete")
-                        attempt.succeeded()
-                        finished = True
-                        yield held
-                except RETRYABLE as exc:
-                    if delivered:  # part of the answer is out: never sent again, the client learns it broke off
-                        self._failed(attempt, exc, retry=False)
-                        raise APIError(f"The upstream {url} went away mid-stream ({type(exc).__name__}: {exc}); "
-                                       f"the answer is incomplete.", status_code=502, error_type="upstream_error",
-                                       code="upstream_disconnected") from None
-                    error = self._failed(attempt, exc, retry=True)
-                except (httpx.HTTPError, APIError) as exc:
-                    raise self._failed(attempt, exc, retry=False) from None
-                finally:
-                    attempt.close()
-        finally:
-            self.stats.requests_finished += 1
-            if not finished:
-                self.stats.requests_cancelled += 1
+        while not finished:
+            attempt = self._next_attempt(request, tried, error)
+            url = attempt.upstream.url
+            delivered = False  # once a chunk went out, the stream is never sent again
+            try:
+                async with attempt.upstream.client.stream("POST", path, json=body) as r:
+                    if r.status_code >= 400:
+                        raise answer_error(r.status_code, await r.aread(), url)
+                    held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows
+                    async for event in sse_events(r):
+                        if "error" in event:
+                            problem = event["error"]
+                            raise APIError(f"The upstream {url} failed: {problem.get('message', 'error')}",
+                                           status_code=502, error_type="upstream_error", code=problem.get("code"))
+                        usage = event.get("usage")
+                        for choice in event.get("choices") or []:
+                            chunk = chunk_of(choice, request)
+                            if chunk.finish_reason is not None:
+                                held = chunk
+                            elif chunk.text or chunk.logprobs:
+                                delivered = True
+                                yield chunk
+                        if usage and held is not None:
+                            held.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                            held.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    if held is None:
+                        raise APIError(f"The upstream {url} ended the stream without finishing",
+                                       status_code=502, error_type="upstream_error", code="upstream_incomplete")
+                    attempt.succeeded()
+                    finished = True
+                    yield held
+            except RETRYABLE as exc:
+                if delivered:  # part of the answer is out: never sent again, the client learns it broke off
+                    self._failed(attempt, exc, retry=False)
+                    raise APIError(f"The upstream {url} went away mid-stream ({type(exc).__name__}: {exc}); "
+                                   f"the answer is incomplete.", status_code=502, error_type="upstream_error",
+                                   code="upstream_disconnected") from None
+                error = self._failed(attempt, exc, retry=True)
+            except (httpx.HTTPError, APIError) as exc:
+                raise self._failed(attempt, exc, retry=False) from None
+            finally:
+                attempt.close()
 
     # --- adapters: forwarded to the upstreams that take them ------------------------------------------
 

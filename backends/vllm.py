@@ -258,30 +258,22 @@ class VllmEngine(Engine):
         request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique per engine
         outputs = self._engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(request),
                                         request_id, lora_request=lora)
-        self.stats.requests_started += 1
-        finished, produced, first = False, 0, True
-        try:
-            async with aclosing(outputs):  # closing it aborts the request inside vLLM
-                async for output in outputs:
-                    out = output.outputs[0]
-                    chunk = GenerationChunk(text="", token_count=0)
-                    if not score_only:
-                        produced += len(out.token_ids)
-                        chunk = GenerationChunk(text=out.text, token_count=len(out.token_ids),
-                                                logprobs=self._logprobs(out.token_ids, out.logprobs, request))
-                    if first and request.echo and request.logprobs:
-                        chunk.prompt_logprobs = self._prompt_logprobs(ids, output.prompt_logprobs, request)
-                    first = False
-                    if out.finish_reason is not None:
-                        finished = True
-                        chunk.finish_reason = "length" if score_only else FINISH_REASONS.get(out.finish_reason, "stop")
-                        chunk.prompt_tokens, chunk.completion_tokens = len(ids), produced
-                    self.stats.tokens_generated += chunk.token_count
-                    yield chunk
-        finally:
-            self.stats.requests_finished += 1
-            if not finished:
-                self.stats.requests_cancelled += 1
+        produced, first = 0, True
+        async with aclosing(outputs):  # closing it aborts the request inside vLLM
+            async for output in outputs:
+                out = output.outputs[0]
+                chunk = GenerationChunk(text="", token_count=0)
+                if not score_only:
+                    produced += len(out.token_ids)
+                    chunk = GenerationChunk(text=out.text, token_count=len(out.token_ids),
+                                            logprobs=self._logprobs(out.token_ids, out.logprobs, request))
+                if first and request.echo and request.logprobs:
+                    chunk.prompt_logprobs = self._prompt_logprobs(ids, output.prompt_logprobs, request)
+                first = False
+                if out.finish_reason is not None:
+                    chunk.finish_reason = "length" if score_only else FINISH_REASONS.get(out.finish_reason, "stop")
+                    chunk.prompt_tokens, chunk.completion_tokens = len(ids), produced
+                yield chunk
 
     def _prompt_logprobs(self, ids: list[int], entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
         """The echoed prompt's tokens; a BOS the tokenizer added is context, not prompt text."""

@@ -1,4 +1,5 @@
-"""LoRA adapters, engine-neutral: validation of PEFT folders and the persisted set of served adapters.
+"""LoRA adapters, engine-neutral: validation of PEFT folders, the persisted set of served adapters, and
+`AdapterService`, which loads and unloads them on the engine.
 
 `inspect_adapter` accepts a folder only if it is inside the adapter root (after
 resolving symlinks), holds `adapter_config.json` and weights, is a LoRA, and
@@ -9,14 +10,23 @@ restarted server serves the same adapters.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jarvis.errors import InvalidRequest
+from jarvis.errors import APIError, InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from jarvis.engine import Engine
+    from jarvis.settings import JarvisSettings
+
+log = logging.getLogger("jarvis.adapters")
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -108,3 +118,83 @@ class AdapterStore:
         tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(adapters, indent=2, sort_keys=True))
         os.replace(tmp, self.file)
+
+
+class AdapterService:
+    """The adapters a server serves: load and unload them on the engine, keep the list on disk, serve the
+    same ones after a restart (of the server or of the engine).
+
+    `engine()` gives the current engine (a restart replaces it); `model_id()` the served base model's name,
+    which no adapter may take. An adapter that cannot be restored stays registered (`unrestored`): a
+    missing disk or file may come back, and unloading it unregisters it."""
+
+    def __init__(self, settings: JarvisSettings, engine: Callable[[], Engine], model_id: Callable[[], str]) -> None:
+        self.settings = settings
+        self._engine = engine
+        self._model_id = model_id
+        self.served: dict[str, AdapterInfo] = {}
+        self.unrestored: dict[str, str] = {}
+        self._store = AdapterStore(settings.state_path / "adapters.json")
+        self._lock = asyncio.Lock()
+
+    async def load(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
+        if not name or name == self._model_id():
+            raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
+        async with self._lock:
+            if name in self.served:
+                raise InvalidRequest(f"The lora adapter '{name}' has already been loaded; unload it first.",
+                                     param="lora_name", code="adapter_exists")
+            adapter = inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank)
+            engine = self._engine()
+            try:
+                await engine.load_adapter(adapter)
+            except NotImplementedError as exc:
+                raise InvalidRequest(str(exc), code="adapters_not_supported") from None
+            except APIError:
+                raise
+            except Exception as exc:
+                raise InvalidAdapter(f"the {engine.name} engine could not load adapter {name!r}: "
+                                     f"{type(exc).__name__}: {exc}", code="adapter_load_failed") from exc
+            self.served[name] = adapter
+            self.unrestored.pop(name, None)
+            if persist:
+                self._persist()
+        log.info("adapter %s loaded from %s (rank %d)", name, adapter.path, adapter.rank)
+        return adapter
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if self.unrestored.pop(name, None) is not None and name not in self.served:
+                self._persist()  # unregistering one that could not be restored
+                return
+            if name not in self.served:
+                raise NotFound(f"The lora adapter '{name}' is not loaded.", param="lora_name",
+                               code="adapter_not_found")
+            await self._engine().unload_adapter(name)
+            del self.served[name]
+            self._persist()
+
+    async def restore(self) -> None:
+        """At a server start: serve again what was served before, plus JARVIS_LORA_MODULES."""
+        stored = self._store.load()
+        for name, path in {**stored, **self.settings.lora_modules}.items():
+            try:
+                await self.load(name, path, persist=False)
+            except Exception as exc:  # one bad adapter must not take the server down
+                log.error("adapter %s (%s) not loaded: %s", name, path, exc)
+                if name in stored:
+                    self.unrestored[name] = stored[name]
+        self._persist()
+
+    async def reload_into(self, engine: Engine) -> None:
+        """After an engine restart: the new engine serves the same adapters."""
+        for adapter in list(self.served.values()):
+            try:
+                await engine.load_adapter(adapter)
+            except Exception as exc:
+                log.error("adapter %s not reloaded after the restart: %s", adapter.name, exc)
+                del self.served[adapter.name]
+                self.unrestored[adapter.name] = adapter.path
+
+    def _persist(self) -> None:
+        self._store.save({**self.unrestored, **{name: a.path for name, a in self.served.items()}})

@@ -97,7 +97,7 @@ class GenerationRequest:
     #: Who asked (an API key's fingerprint or the peer address; never a key): rate limits, logs.
     client: str | None = None
     #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
-    #: stream and by `Engine.generate` (an engine that overrides `generate` may set it itself).
+    #: stream wrapper and by `Engine.generate` (an engine that overrides `generate` sets it itself).
     first_token_at: float | None = None
 
     def mark_first_token(self, chunk: "GenerationChunk") -> None:
@@ -155,7 +155,9 @@ class ModelInfo:
 
 @dataclass
 class EngineStats:
-    """Counters an operator (and the disconnect test) can watch through /health."""
+    """Counters an operator (and the disconnect test) can watch through /health. The runtime counts the
+    requests and tokens of every engine alike (`EngineRuntime._engine_stream`); an engine counts its
+    forward passes."""
 
     requests_started: int = 0
     requests_finished: int = 0
@@ -178,19 +180,17 @@ class WorkerRelay:
     The worker calls `emit(chunk)` (thread-safe) and checks `cancelled`; the
     request iterates `chunks()`, which merges what piled up while the client
     was slow, re-raises a worker's exception, and on exit — finished, failed
-    or abandoned by a disconnecting client — sets `cancelled` and counts it."""
+    or abandoned by a disconnecting client — sets `cancelled`."""
 
-    def __init__(self, stats: EngineStats) -> None:
+    def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.stats = stats
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def chunks(self) -> AsyncIterator[GenerationChunk]:
-        self.stats.requests_started += 1
         finished = False
         try:
             while not finished:
@@ -204,9 +204,6 @@ class WorkerRelay:
                 yield item
         finally:
             self.cancelled.set()
-            self.stats.requests_finished += 1
-            if not finished:
-                self.stats.requests_cancelled += 1
 
 
 class Engine:
@@ -277,6 +274,11 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """What `GET /v1/engine` shows beyond the model: dtype, device, batching, limits."""
         return {}
+
+    @property
+    def waiting(self) -> int:
+        """Requests the engine holds that wait for a slot of its own (a free context, a batch row)."""
+        return 0
 
     def health_problem(self) -> str | None:
         """Why the engine can no longer serve (the runtime then restarts it); None while it is healthy."""

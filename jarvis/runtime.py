@@ -1,9 +1,12 @@
-"""The serving runtime: one engine, its lifecycle, and the path from request to engine.
+"""The serving runtime: the path from a request to the engine.
 
-Routes hand it wire-level intent (a prompt or chat messages plus sampling
-options); it resolves the model id, renders chat through the selected chat
-format, checks the context window, fires the request hooks and calls the
-engine. It knows no engine by name and nothing about HTTP.
+The serving layer (`jarvis.serving`) hands it a `GenerationRequest`; it admits
+it, resolves the model id, renders chat through the selected chat format,
+checks what the engine supports and compiles the output constraint, checks the
+context window, fires the request hooks and calls the engine, counting every
+engine call the same way. It knows no engine by name and nothing about HTTP.
+The engine's lifecycle is `jarvis.supervisor`'s, the served adapters are
+`jarvis.adapters`'s.
 """
 
 from __future__ import annotations
@@ -13,26 +16,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from jarvis.adapters import AdapterInfo, AdapterStore, InvalidAdapter, inspect_adapter
+from jarvis.adapters import AdapterInfo, AdapterService
 from jarvis.chat_format import ChatFormat, ChatFormatError
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo
-from jarvis.errors import (APIError, ConfigError, ContextLengthExceeded, EngineFailure,
-                           EngineUnavailable, InvalidRequest, NotFound)
+from jarvis.errors import APIError, ContextLengthExceeded, EngineFailure, InvalidRequest, NotFound
 from jarvis.limits import Admission, ClientRateLimiter
 from jarvis.registry import Registries
 from jarvis.settings import JarvisSettings
+from jarvis.supervisor import EngineSupervisor, State
 
 log = logging.getLogger("jarvis.runtime")
-
-State = Literal["loading", "ready", "restarting", "failed", "stopped"]
-#: Seconds between engine health checks, and the waits between restart attempts.
-HEALTH_CHECK_INTERVAL = 2.0
-RESTART_BACKOFF = (1.0, 5.0, 15.0)
-#: Waits between attempts to start an engine that failed its first start (JARVIS_ENGINE_START_RETRY);
-#: the last one repeats.
-START_RETRY_BACKOFF = (1.0, 5.0, 15.0, 30.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -45,159 +40,78 @@ class ServedModel:
 
 
 class EngineRuntime:
+    """Requests in, engine calls out. The engine's lifecycle is the supervisor's (`jarvis.supervisor`),
+    the served adapters the adapter service's (`jarvis.adapters`); the runtime delegates to both."""
+
     def __init__(self, settings: JarvisSettings, registries: Registries, hooks: Any) -> None:
         self.settings = settings
         self.registries = registries
         self.hooks = hooks
-        self.engine: Engine = registries.engines.get(settings.inference_engine)(settings)
-        self.state: State = "loading"
-        self.failure: str | None = None
         self.started_at = int(time.time())
-        self._info: ModelInfo | None = None
+        self.supervisor = EngineSupervisor(settings, registries, on_started=self._restore_adapters,
+                                           on_restarted=self._reload_adapters)
+        self.adapter_service = AdapterService(settings, lambda: self.engine, lambda: self.model_id)
         self._formats: dict[str, ChatFormat] = {}
-        self.adapters: dict[str, AdapterInfo] = {}
-        self._unrestored: dict[str, str] = {}  # registered adapters that failed to load at this start
-        self._store = AdapterStore(settings.state_path / "adapters.json")
-        self._adapter_lock = asyncio.Lock()
         #: Generations between the request hooks (handed to the engine, not yet finished).
         self.in_flight = 0
-        self.restarts = 0
-        self.start_attempts = 1
-        self.next_start_attempt: float | None = None  # epoch seconds, while a failed start waits for a retry
-        self._watchdog: asyncio.Task | None = None
         self.admission = Admission(settings.max_concurrent, settings.max_queue)
         self.rate_limiter = ClientRateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- lifecycle (the supervisor's) ------------------------------------------------------------
 
-    async def serve_engine(self, on_fatal: Any = None) -> None:
-        """Start the engine. When it fails: call `on_fatal(reason)` (the server exits non-zero), or with
-        JARVIS_ENGINE_START_RETRY stay up, failed and answering 503, and try again with back-off."""
-        attempt = 0
-        while True:
-            try:
-                await self.start()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if not self.settings.engine_start_retry:
-                    if on_fatal is not None:
-                        on_fatal(self.failure or "the engine failed to start")
-                    return
-            wait = START_RETRY_BACKOFF[min(attempt, len(START_RETRY_BACKOFF) - 1)]
-            attempt += 1
-            log.warning("engine %s start %d failed; retrying in %.0f s (JARVIS_ENGINE_START_RETRY)",
-                        self.engine.name, attempt, wait)
-            self.next_start_attempt = time.time() + wait
-            await asyncio.sleep(wait)
-            try:
-                await self.engine.stop()
-            except Exception as exc:  # a half-started engine may not stop cleanly
-                log.warning("stopping the engine that failed to start: %s", exc)
-            self.engine = self.registries.engines.get(self.settings.inference_engine)(self.settings)
-            self.start_attempts = attempt + 1
+    @property
+    def engine(self) -> Engine:
+        return self.supervisor.engine
 
-    async def start(self) -> None:
-        try:
-            await self.engine.start()
-            self._info = self.engine.model_info()
-        except ConfigError as exc:
-            self._fail(str(exc))
-            raise
-        except Exception as exc:
-            self._fail(f"{type(exc).__name__}: {exc}")
-            raise
-        await self._restore_adapters()  # before "ready": a restarted server answers for them at once
-        self.state, self.failure, self.next_start_attempt = "ready", None, None
-        log.info("engine %s ready: model %s (context %d tokens, %d adapters)", self.engine.name,
-                 self.model_id, self._info.max_model_len, len(self.adapters))
-        self._watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")
+    @property
+    def state(self) -> State:
+        return self.supervisor.state
 
-    async def _watch(self) -> None:
-        """Restart the engine when it reports itself dead (e.g. vLLM's engine process was killed)."""
-        while self.state in ("ready", "restarting"):
-            await asyncio.sleep(HEALTH_CHECK_INTERVAL)
-            problem = self.engine.health_problem() if self.state == "ready" else None
-            if problem is None:
-                continue
-            self.state, self.failure = "restarting", problem
-            log.error("engine %s failed while serving (%s); restarting it", self.engine.name, problem)
-            for attempt, wait in enumerate(RESTART_BACKOFF, 1):
-                try:
-                    await self._restart_engine()
-                    break
-                except Exception as exc:
-                    self.failure = f"{problem}; restart {attempt} failed: {type(exc).__name__}: {exc}"
-                    log.error("engine restart %d failed: %s", attempt, exc)
-                    await asyncio.sleep(wait)
-            else:
-                self._fail(self.failure or problem)
+    @property
+    def failure(self) -> str | None:
+        return self.supervisor.failure
 
-    async def _restart_engine(self) -> None:
-        try:
-            await self.engine.stop()
-        except Exception as exc:  # the dead engine may not stop cleanly
-            log.warning("stopping the failed engine: %s", exc)
-        self.engine = self.registries.engines.get(self.settings.inference_engine)(self.settings)
-        await self.engine.start()
-        self._info = self.engine.model_info()
-        for adapter in list(self.adapters.values()):  # serve the same adapters again
-            try:
-                await self.engine.load_adapter(adapter)
-            except Exception as exc:
-                log.error("adapter %s not reloaded after the restart: %s", adapter.name, exc)
-                del self.adapters[adapter.name]
-                self._unrestored[adapter.name] = adapter.path
-        self.restarts += 1
-        self.state, self.failure = "ready", None
-        log.info("engine %s restarted (%d so far)", self.engine.name, self.restarts)
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
 
-    async def _restore_adapters(self) -> None:
-        """Serve again what was served before a restart, plus JARVIS_LORA_MODULES."""
-        stored = self._store.load()
-        for name, path in {**stored, **self.settings.lora_modules}.items():
-            try:
-                await self.load_adapter(name, path, persist=False)
-            except Exception as exc:  # one bad adapter must not take the server down
-                log.error("adapter %s (%s) not loaded: %s", name, path, exc)
-                if name in stored:  # keep it registered: a missing disk or file may come back
-                    self._unrestored[name] = stored[name]
-        self._persist()
+    @property
+    def start_attempts(self) -> int:
+        return self.supervisor.start_attempts
 
-    def _fail(self, message: str) -> None:
-        self.state, self.failure = "failed", message
-        log.error("engine %s failed to start: %s", self.engine.name, message)
-
-    async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
-        if self.state != "stopped":
-            self.state = "stopped"
-            await self.engine.stop()
+    @property
+    def next_start_attempt(self) -> float | None:
+        return self.supervisor.next_start_attempt
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.supervisor.ready
 
     def require_ready(self) -> ModelInfo:
-        if self.state == "ready" and self._info is not None:
-            return self._info
-        if self.state == "loading":
-            raise EngineUnavailable("The model is still loading; retry in a few seconds.",
-                                    code="engine_loading")
-        if self.state == "restarting":
-            raise EngineUnavailable(f"The engine failed ({self.failure}) and is restarting; retry shortly.",
-                                    code="engine_restarting")
-        raise EngineUnavailable(f"The engine is not available: {self.failure or self.state}.",
-                                code="engine_unavailable")
+        return self.supervisor.require_ready()
+
+    async def serve_engine(self, on_fatal: Any = None) -> None:
+        await self.supervisor.serve(on_fatal)
+
+    async def start(self) -> None:
+        await self.supervisor.start()
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+
+    async def _restore_adapters(self) -> None:
+        await self.adapter_service.restore()
+        log.info("%d adapter(s) served", len(self.adapters))
+
+    async def _reload_adapters(self, engine: Engine) -> None:
+        self._formats.clear()  # the new engine's model info
+        await self.adapter_service.reload_into(engine)
 
     # --- models ------------------------------------------------------------------------------
 
     @property
     def model_id(self) -> str:
-        info = self._info
+        info = self.supervisor.info
         return self.settings.served_model_name or (info.id if info else self.settings.inference_engine)
 
     def models(self) -> list[ServedModel]:
@@ -217,8 +131,8 @@ class EngineRuntime:
 
     @property
     def queue_depth(self) -> int:
-        """Generations handed to the engine that it has not begun decoding (waiting for a slot)."""
-        return max(0, self.in_flight - self.engine.stats.in_flight)
+        """Generations waiting for a slot: the server's (JARVIS_MAX_CONCURRENT) and the engine's."""
+        return max(0, self.in_flight - self.engine.stats.in_flight) + self.engine.waiting
 
     def chat_format(self, model_id: str) -> ChatFormat:
         if model_id not in self._formats:
@@ -226,49 +140,20 @@ class EngineRuntime:
             self._formats[model_id] = self.registries.chat_formats.get(name)(self.require_ready())
         return self._formats[model_id]
 
-    # --- adapters ----------------------------------------------------------------------------
+    # --- adapters (the adapter service's) ------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        return self.adapter_service.served
 
     async def load_adapter(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
-        if self._info is None:  # the model must be loaded; adapters restored at start come before "ready"
+        if self.supervisor.info is None:  # the model must be loaded; adapters restored at start come before "ready"
             self.require_ready()
-        if not name or name == self.model_id:
-            raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
-        async with self._adapter_lock:
-            if name in self.adapters:
-                raise InvalidRequest(f"The lora adapter '{name}' has already been loaded; unload it first.",
-                                     param="lora_name", code="adapter_exists")
-            adapter = inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank)
-            try:
-                await self.engine.load_adapter(adapter)
-            except NotImplementedError as exc:
-                raise InvalidRequest(str(exc), code="adapters_not_supported") from None
-            except APIError:
-                raise
-            except Exception as exc:
-                raise InvalidAdapter(f"the {self.engine.name} engine could not load adapter {name!r}: "
-                                     f"{type(exc).__name__}: {exc}", code="adapter_load_failed") from exc
-            self.adapters[name] = adapter
-            self._unrestored.pop(name, None)
-            if persist:
-                self._persist()
-        log.info("adapter %s loaded from %s (rank %d)", name, adapter.path, adapter.rank)
-        return adapter
+        return await self.adapter_service.load(name, path, persist=persist)
 
     async def unload_adapter(self, name: str) -> None:
         self.require_ready()
-        async with self._adapter_lock:
-            if self._unrestored.pop(name, None) is not None and name not in self.adapters:
-                self._persist()  # unregistering one that could not be restored
-                return
-            if name not in self.adapters:
-                raise NotFound(f"The lora adapter '{name}' is not loaded.", param="lora_name",
-                               code="adapter_not_found")
-            await self.engine.unload_adapter(name)
-            del self.adapters[name]
-            self._persist()
-
-    def _persist(self) -> None:
-        self._store.save({**self._unrestored, **{name: a.path for name, a in self.adapters.items()}})
+        await self.adapter_service.unload(name)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -354,7 +239,7 @@ class EngineRuntime:
         self._started(request)
         try:
             async with self.admission.slot():
-                result = await self.engine.generate(request)
+                result = await self._engine_generate(request)
         except BaseException as exc:
             self._finished(request, None, exc)
             raise _as_api_error(exc)
@@ -369,8 +254,7 @@ class EngineRuntime:
         last: GenerationChunk | None = None
         try:
             async with self.admission.slot():
-                async for chunk in self.engine.stream(request):
-                    request.mark_first_token(chunk)
+                async for chunk in self._engine_stream(request):
                     parts.append(chunk.text)
                     last = chunk
                     yield chunk
@@ -383,6 +267,39 @@ class EngineRuntime:
                 result = GenerationResult("".join(parts), last.finish_reason, last.prompt_tokens or 0,
                                           last.completion_tokens or 0)
             self._finished(request, result, error)
+
+    # Every engine call passes through one of these two, once: the engine's request counters, the tokens
+    # it generated and the first token's arrival are kept here, not by each engine.
+
+    async def _engine_generate(self, request: GenerationRequest) -> GenerationResult:
+        stats = self.engine.stats
+        stats.requests_started += 1
+        result = None
+        try:
+            result = await self.engine.generate(request)
+            stats.tokens_generated += result.completion_tokens
+            return result
+        finally:
+            stats.requests_finished += 1
+            stats.requests_cancelled += result is None
+
+    async def _engine_stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        stats = self.engine.stats
+        stats.requests_started += 1
+        counted, finished = 0, False
+        try:
+            async for chunk in self.engine.stream(request):
+                request.mark_first_token(chunk)
+                counted += chunk.token_count
+                stats.tokens_generated += chunk.token_count
+                if chunk.finish_reason is not None:
+                    finished = True  # the final count is the engine's (tokens held back by a stop matcher too)
+                    if chunk.completion_tokens is not None:
+                        stats.tokens_generated += chunk.completion_tokens - counted
+                yield chunk
+        finally:
+            stats.requests_finished += 1
+            stats.requests_cancelled += not finished
 
     def _started(self, request: GenerationRequest) -> None:
         self.in_flight += 1
