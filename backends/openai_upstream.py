@@ -249,7 +249,7 @@ class OpenAIUpstreamEngine(Engine):
                 attempt.close()
         choice = data["choices"][0]
         usage = data.get("usage") or {}
-        request.first_token_at = request.first_token_at or time.monotonic()
+        request.context.mark_first_token()
         prompt_logprobs, logprobs = split_logprobs(choice, request)
         text = choice["message"].get("content") or "" if request.kind == "chat" else choice.get("text", "")
         if request.echo and request.prompt and text.startswith(request.prompt):

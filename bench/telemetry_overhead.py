@@ -105,7 +105,7 @@ def hook_cost_us(iterations: int) -> dict[str, float]:
     """
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from jarvis.engine import GenerationRequest, GenerationResult
+    from jarvis.engine import GenerationRequest, GenerationResult, RequestContext
     from jarvis.plugins.telemetry.recorder import TelemetryRecorder
     from jarvis.plugins.telemetry.settings import TelemetrySettings
     from jarvis.plugins.telemetry.tracing import Tracing
@@ -116,11 +116,11 @@ def hook_cost_us(iterations: int) -> dict[str, float]:
         recorder = TelemetryRecorder(TelemetrySettings(_env_file=None, gpu=False))
         if name == "metrics+spans":
             recorder.tracing = Tracing("bench", 1000, exporter=InMemorySpanExporter())
-        requests = [GenerationRequest(prompt="p", model="m", engine="llama_cpp") for _ in range(iterations)]
+        requests = [GenerationRequest(prompt="p", model="m", context=RequestContext(engine="llama_cpp")) for _ in range(iterations)]
         start = time.perf_counter()
         for request in requests:
             recorder.started(request)
-            request.first_token_at = time.monotonic()
+            request.context.first_token_at = time.monotonic()
             recorder.finished(request, result, None)
         costs[name] = round((time.perf_counter() - start) / iterations * 1e6, 1)
         if recorder.tracing is not None:

@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -54,9 +54,30 @@ CONSTRAINT_FEATURES = ("json_object", "json_schema", "regex", "choice")
 
 
 @dataclass
+class RequestContext:
+    """What is learned about one generation while it is served; the one mutable part of a request."""
+
+    request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
+    #: Who asked (an API key's fingerprint or the peer address; never a key): rate limits, logs.
+    client: str | None = None
+    #: The name of the engine that serves the request (for hooks, logs); set by the runtime.
+    engine: str | None = None
+    #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
+    #: stream wrapper and by `Engine.generate` (an engine that overrides `generate` sets it itself).
+    first_token_at: float | None = None
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One generation, engine-neutral. `prompt` is rendered text; `messages` is kept for engines
-    that apply the model's own template (then `prompt` may be None)."""
+    """One generation, engine-neutral and immutable: the prompt, the sampling parameters and what to
+    decode under, plus a per-request `context` (id, client, engine, first-token time) that is the only
+    part that changes while it is served. `prompt` is rendered text; `messages` is kept for engines
+    that apply the model's own template (then `prompt` may be None). The runtime's `prepare` returns a
+    new request (model resolved, chat rendered, prompt tokenized, limits applied); nothing edits one."""
 
     prompt: str | None
     model: str
@@ -91,19 +112,33 @@ class GenerationRequest:
     score_bos: bool = False
     adapter: str | None = None
     kind: Literal["completion", "chat"] = "completion"
-    request_id: str = field(default_factory=lambda: f"gen-{next(_request_ids)}")
-    #: Set by the runtime: the name of the engine that serves the request (for hooks, logs).
-    engine: str | None = None
-    #: Who asked (an API key's fingerprint or the peer address; never a key): rate limits, logs.
-    client: str | None = None
-    #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
-    #: stream wrapper and by `Engine.generate` (an engine that overrides `generate` sets it itself).
-    first_token_at: float | None = None
+    context: RequestContext = field(default_factory=RequestContext, compare=False)
+
+    @property
+    def request_id(self) -> str:
+        return self.context.request_id
+
+    @property
+    def engine(self) -> str | None:
+        return self.context.engine
+
+    @property
+    def client(self) -> str | None:
+        return self.context.client
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.context.first_token_at
 
     def mark_first_token(self, chunk: "GenerationChunk") -> None:
         """Record the arrival time of the first chunk that carries generated tokens."""
-        if self.first_token_at is None and (chunk.token_count or chunk.text):
-            self.first_token_at = time.monotonic()
+        if chunk.token_count or chunk.text:
+            self.context.mark_first_token()
+
+    def for_choice(self, index: int, seed: int | None) -> "GenerationRequest":
+        """Choice `index` of `n`: the same generation with its own seed and its own context."""
+        ctx = self.context
+        return replace(self, seed=seed, context=RequestContext(f"{ctx.request_id}-{index}", ctx.client, ctx.engine))
 
 
 @dataclass

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jarvis.adapters import AdapterInfo, AdapterService
@@ -164,57 +164,59 @@ class EngineRuntime:
         self.rate_limiter.admit(client)
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Resolve the model, render chat, tokenize, and check the context window."""
+        """The request as the engine takes it, a new one: model resolved, chat rendered, what the engine
+        cannot honour refused, the output constraint compiled, the prompt tokenized and the context window
+        and max_tokens checked. The request's context learns which engine serves it."""
         info = self.require_ready()
         served = self.resolve_model(request.model)
-        request.adapter = served.adapter
-        request.engine = self.engine.name
-        self._check_supported(request)
+        request.context.engine = self.engine.name
+        compiled = self._check_supported(request)
+        prompt, stop, ids, score_bos = request.prompt, tuple(request.stop), request.prompt_token_ids, request.score_bos
         if request.kind == "chat" and not self.engine.applies_chat_template:
             fmt = self.chat_format(served.id)
             try:
-                request.prompt = fmt(request.messages or [], True)
+                prompt = fmt(request.messages or [], True)
             except ChatFormatError as exc:
                 raise InvalidRequest(f"cannot render the conversation with chat format "
                                      f"{fmt.name!r}: {exc}", param="messages") from None
-            request.stop = [*request.stop, *(s for s in fmt.stop if s not in request.stop)]
+            stop = (*stop, *(s for s in fmt.stop if s not in stop))
         cap = self.settings.max_tokens_cap
-        if cap is not None and request.max_tokens is not None and request.max_tokens > cap:
-            raise InvalidRequest(f"max_tokens is {request.max_tokens}, above this server's limit of {cap} "
+        max_tokens = request.max_tokens
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            raise InvalidRequest(f"max_tokens is {max_tokens}, above this server's limit of {cap} "
                                  f"(JARVIS_MAX_TOKENS_CAP).", param="max_tokens", code="max_tokens_too_large")
-        if request.prompt_token_ids is not None and request.prompt is None:  # the client sent token ids
-            request.score_bos = True
-            bad = [t for t in request.prompt_token_ids if info.vocab_size is not None and not 0 <= t < info.vocab_size]
+        if ids is not None and prompt is None:  # the client sent token ids
+            score_bos = True
+            bad = [t for t in ids if info.vocab_size is not None and not 0 <= t < info.vocab_size]
             if bad:
                 raise InvalidRequest(f"prompt holds token ids outside this model's vocabulary (0..{info.vocab_size - 1}): "
                                      f"{bad[:5]}", param="prompt", code="invalid_token_id")
             if self.engine.counts_tokens:
-                request.prompt = self.engine.detokenize(request.prompt_token_ids)  # for echo
-        elif request.prompt is not None and self.brings_bos(request.prompt):
-            request.score_bos = True  # the text brings its own <bos>: never a second one
-        if (request.prompt is not None or request.prompt_token_ids is not None) and self.engine.counts_tokens:
-            if request.prompt_token_ids is None:
-                request.prompt_token_ids = self.engine.tokenize(request.prompt or "",
-                                                                add_special=not request.score_bos)
-            ids = request.prompt_token_ids
+                prompt = self.engine.detokenize(ids)  # for echo
+        elif prompt is not None and self.brings_bos(prompt):
+            score_bos = True  # the text brings its own <bos>: never a second one
+        if (prompt is not None or ids is not None) and self.engine.counts_tokens:
+            if ids is None:
+                ids = self.engine.tokenize(prompt or "", add_special=not score_bos)
             budget = info.max_model_len - len(ids)
-            if request.max_tokens is None:
+            if max_tokens is None:
                 if budget < 1:
                     raise ContextLengthExceeded(len(ids), 1, info.max_model_len)
-                request.max_tokens = min(budget, cap or budget)
-            elif request.max_tokens > budget:
-                raise ContextLengthExceeded(len(ids), request.max_tokens, info.max_model_len)
-        if request.max_tokens is None and cap is not None:  # an engine that counts remotely
-            request.max_tokens = cap
-        return request
+                max_tokens = min(budget, cap or budget)
+            elif max_tokens > budget:
+                raise ContextLengthExceeded(len(ids), max_tokens, info.max_model_len)
+        if max_tokens is None and cap is not None:  # an engine that counts remotely
+            max_tokens = cap
+        return replace(request, adapter=served.adapter, compiled_constraint=compiled, prompt=prompt, stop=stop,
+                       prompt_token_ids=ids, score_bos=score_bos, max_tokens=max_tokens)
 
     def brings_bos(self, text: str) -> bool:
         """The text begins with the model's <bos>: tokenize it without adding another."""
         bos = self.require_ready().bos_token
         return bool(bos) and text.startswith(bos)
 
-    def _check_supported(self, request: GenerationRequest) -> None:
-        """Refuse what the engine cannot honour (a 400 naming the field), and compile the output constraint."""
+    def _check_supported(self, request: GenerationRequest) -> Any:
+        """Refuse what the engine cannot honour (a 400 naming the field); the compiled output constraint."""
         asked = {"top_k": request.top_k not in (0, -1), "min_p": request.min_p > 0,
                  "repetition_penalty": request.repetition_penalty != 1.0, "logit_bias": bool(request.logit_bias)}
         for feature, used in asked.items():
@@ -223,13 +225,13 @@ class EngineRuntime:
                                      f"serve with an engine that has it.", param=feature, code="unsupported_parameter")
         constraint = request.constraint
         if constraint is None:
-            return
+            return None
         if constraint.kind not in self.engine.supports:
             raise InvalidRequest(f"{constraint.param}: constrained decoding to {constraint.kind.replace('_', ' ')} is "
                                  f"not supported by the {self.engine.name} engine.", param=constraint.param,
                                  code="unsupported_parameter")
         try:
-            request.compiled_constraint = self.engine.compile_constraint(constraint)
+            return self.engine.compile_constraint(constraint)
         except ValueError as exc:
             raise InvalidRequest(f"{constraint.param}: the {self.engine.name} engine cannot compile this "
                                  f"{constraint.kind.replace('_', ' ')}: {exc}", param=constraint.param,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest
+from jarvis.engine import GenerationChunk, GenerationRequest, RequestContext
 from jarvis.serving.render import chat_logprobs, sse, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
@@ -17,11 +16,10 @@ def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
                      client: str | None = None) -> list[GenerationRequest]:
     """One prepared generation per choice (n), each with its own seed when the body has one."""
     first = runtime.prepare(GenerationRequest(
-        prompt=None, model=body.model, kind="chat", client=client,
+        prompt=None, model=body.model, kind="chat", context=RequestContext(client=client),
         messages=[m.normalised() for m in body.messages], max_tokens=body.token_limit,
         logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, **generation_options(body)))
-    return [first, *(replace(first, seed=choice_seed(body.seed, i), request_id=f"{first.request_id}-{i}",
-                             first_token_at=None) for i in range(1, body.n))]
+    return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
 
 
 async def create_chat_completion(runtime: Any, body: wire.ChatCompletionRequest,

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult
+from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, RequestContext
 from jarvis.serving.render import completion_logprobs, sse, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
@@ -23,10 +22,9 @@ def completion_generations(runtime: Any, body: wire.CompletionRequest,
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         first = runtime.prepare(GenerationRequest(
             prompt=text, prompt_token_ids=ids, model=body.model, kind="completion", max_tokens=body.max_tokens,
-            client=client, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo,
+            context=RequestContext(client=client), logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo,
             **options))
-        gens += [first, *(replace(first, seed=choice_seed(body.seed, i), request_id=f"{first.request_id}-{i}",
-                                  first_token_at=None) for i in range(1, body.n))]
+        gens += [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
     return gens
 
 

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 pytest.importorskip("opentelemetry.sdk")
 
-from jarvis.engine import GenerationRequest, GenerationResult  # noqa: E402
+from jarvis.engine import GenerationRequest, GenerationResult, RequestContext  # noqa: E402
 from jarvis.plugins.telemetry.alerts import ServerSnapshot, percentile  # noqa: E402
 from jarvis.plugins.telemetry.recorder import TelemetryRecorder  # noqa: E402
 from jarvis.plugins.telemetry.settings import PREFIX, TelemetrySettings  # noqa: E402
@@ -30,7 +30,8 @@ def recorder(**overrides) -> TelemetryRecorder:
 
 
 def request(adapter: str | None = None) -> GenerationRequest:
-    return GenerationRequest(prompt="hi", model="base-model", adapter=adapter, engine="llama_cpp", max_tokens=4)
+    return GenerationRequest(prompt="hi", model="base-model", adapter=adapter, max_tokens=4,
+                             context=RequestContext(engine="llama_cpp"))
 
 
 def metric_line(rec: TelemetryRecorder, prefix: str) -> list[str]:
