@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.engine import (CONSTRAINT_FEATURES, SAMPLING_FEATURES, Engine, GenerationChunk, GenerationRequest,
-                           GenerationResult, ModelInfo, TokenLogprob)
+                           GenerationResult, ModelInfo, TokenLogprob, ToolCallDelta, ToolUse)
 from jarvis.errors import APIError, ConfigError
 from jarvis.backends.upstream_monitor import UpstreamMonitor, unreachable, upstream_error
 from jarvis.backends.upstream_pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
@@ -106,10 +106,29 @@ def upstream_sampling(request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
+def upstream_tools(tool_use: ToolUse) -> dict[str, Any]:
+    """`tools`, `tool_choice` and `parallel_tool_calls` as the request gave them."""
+    choice: Any = ({"type": "function", "function": {"name": tool_use.name}} if tool_use.choice == "function"
+                   else tool_use.choice)
+    return {"tools": [{"type": "function", "function": f} for f in tool_use.tools], "tool_choice": choice,
+            "parallel_tool_calls": None if tool_use.parallel else False}
+
+
+def tool_call_deltas(calls: Any) -> list[ToolCallDelta]:
+    """OpenAI tool calls (a message's, or a stream delta's pieces) as Jarvis's deltas."""
+    out = []
+    for position, call in enumerate(calls or []):
+        function = call.get("function") or {}
+        out.append(ToolCallDelta(int(call.get("index", position)), call.get("id"), function.get("name"),
+                                 function.get("arguments") or ""))
+    return out
+
+
 class OpenAIUpstreamEngine(Engine):
     name = "openai"
     applies_chat_template = True  # the upstream renders chat with its own model's template
     counts_tokens = False  # and checks its own context window
+    handles_tools = True  # tools go upstream as they are; the upstream's calls come back
     #: Everything is passed on: the upstream honours it or answers its own 400, which reaches the client.
     supports = frozenset({*SAMPLING_FEATURES, *CONSTRAINT_FEATURES})
 
@@ -182,6 +201,8 @@ class OpenAIUpstreamEngine(Engine):
         if request.kind == "chat":
             body.update(messages=request.messages, logprobs=request.logprobs or None,
                         top_logprobs=request.top_logprobs if request.logprobs else None)
+            if request.tool_use is not None:
+                body.update(upstream_tools(request.tool_use))
         else:
             body.update(prompt=request.prompt if request.prompt_token_ids is None else request.prompt_token_ids,
                         echo=request.echo or None,
@@ -252,11 +273,12 @@ class OpenAIUpstreamEngine(Engine):
         request.context.mark_first_token()
         prompt_logprobs, logprobs = split_logprobs(choice, request)
         text = choice["message"].get("content") or "" if request.kind == "chat" else choice.get("text", "")
+        calls = tool_call_deltas(choice["message"].get("tool_calls")) if request.kind == "chat" else []
         if request.echo and request.prompt and text.startswith(request.prompt):
             text = text[len(request.prompt):]  # the route adds the prompt back
         return GenerationResult(text, finish_reason(choice.get("finish_reason")),
                                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=calls)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         path, body = self.body(request, stream=True)
@@ -282,7 +304,7 @@ class OpenAIUpstreamEngine(Engine):
                             chunk = chunk_of(choice, request)
                             if chunk.finish_reason is not None:
                                 held = chunk
-                            elif chunk.text or chunk.logprobs:
+                            elif chunk.text or chunk.logprobs or chunk.tool_calls:
                                 delivered = True
                                 yield chunk
                         if usage and held is not None:
@@ -347,15 +369,17 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
 
 
 def finish_reason(value: Any) -> Any:
-    return value if value in ("stop", "length") else ("cancelled" if value == "abort" else "stop")
+    return value if value in ("stop", "length", "tool_calls") else ("cancelled" if value == "abort" else "stop")
 
 
 def chunk_of(choice: dict[str, Any], request: GenerationRequest) -> GenerationChunk:
-    text = (choice.get("delta") or {}).get("content") or "" if request.kind == "chat" else choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    text = delta.get("content") or "" if request.kind == "chat" else choice.get("text") or ""
     _, logprobs = split_logprobs(choice, request)
     reason = choice.get("finish_reason")
-    return GenerationChunk(text=text, token_count=len(logprobs) or (1 if text else 0), logprobs=logprobs,
-                           finish_reason=finish_reason(reason) if reason else None)
+    calls = tool_call_deltas(delta.get("tool_calls")) if request.kind == "chat" else []
+    return GenerationChunk(text=text, token_count=len(logprobs) or (1 if text or calls else 0), logprobs=logprobs,
+                           finish_reason=finish_reason(reason) if reason else None, tool_calls=calls)
 
 
 def split_logprobs(choice: dict[str, Any], request: GenerationRequest

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from jarvis.adapters import AdapterInfo
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 _request_ids = itertools.count(1)
 
@@ -46,6 +46,34 @@ class OutputConstraint:
     kind: Literal["json_object", "json_schema", "regex", "choice"]
     spec: Any = None
     param: str = "response_format"
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The functions a chat request offers the model and how it may use them (OpenAI's `tools`,
+    `tool_choice`, `parallel_tool_calls`). `tools` holds OpenAI function objects ({name, description,
+    parameters}); `choice` is "none", "auto", "required" or "function" (then `name` is the one to call)."""
+
+    tools: tuple[dict[str, Any], ...]
+    choice: Literal["none", "auto", "required", "function"] = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def constrained(self) -> bool:
+        """A call is required: decoding is constrained to valid call JSON instead of parsed from free text."""
+        return self.choice in ("required", "function")
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a tool call in the order the model produced it: its first piece carries `id` and `name`,
+    later ones more of `arguments` (a JSON text). In a `GenerationResult` each call is one whole delta."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 #: Optional request features an engine may declare in `Engine.supports` (the runtime refuses the rest).
@@ -94,6 +122,11 @@ class GenerationRequest:
     #: Token id → bias added to its logit before sampling (OpenAI's logit_bias).
     logit_bias: dict[int, float] | None = None
     constraint: OutputConstraint | None = None
+    #: The functions the model may call (chat only); the runtime renders them and parses the calls, or an
+    #: engine that `handles_tools` (an upstream server) does both.
+    tool_use: ToolUse | None = None
+    #: Made by the runtime: a factory of the parser that turns generated text into tool calls.
+    tool_parser: Any = None
     #: vLLM's benchmarking switch: keep generating through end-of-sequence tokens up to max_tokens.
     ignore_eos: bool = False
     #: The engine's compiled form of `constraint`, made by `Engine.compile_constraint` in the runtime.
@@ -154,6 +187,8 @@ class GenerationChunk:
     completion_tokens: int | None = None
     # Filled on the first chunk only, when the request asked for echo with logprobs.
     prompt_logprobs: list[TokenLogprob] | None = None
+    #: Tool-call pieces found in this chunk's part of the output (`text` is then what is not a call).
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     def then(self, later: "GenerationChunk") -> "GenerationChunk":
         """This chunk followed by `later`, as one chunk."""
@@ -161,7 +196,18 @@ class GenerationChunk:
             text=self.text + later.text, token_count=self.token_count + later.token_count,
             logprobs=[*self.logprobs, *later.logprobs], finish_reason=later.finish_reason,
             prompt_tokens=later.prompt_tokens, completion_tokens=later.completion_tokens,
-            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
+            tool_calls=[*self.tool_calls, *later.tool_calls])
+
+
+def whole_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Tool-call pieces joined into one delta per call, in call order."""
+    calls: dict[int, ToolCallDelta] = {}
+    for d in deltas:
+        call = calls.setdefault(d.index, ToolCallDelta(d.index))
+        call.id, call.name = call.id or d.id, call.name or d.name
+        call.arguments += d.arguments
+    return [calls[i] for i in sorted(calls)]
 
 
 @dataclass
@@ -172,6 +218,8 @@ class GenerationResult:
     completion_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
+    #: The calls the output makes, each whole (`text` is then the content outside them).
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -247,6 +295,8 @@ class Engine:
     name: str = "engine"
     #: True when the engine renders chat itself from `messages` (the model's template).
     applies_chat_template: bool = False
+    #: True when the engine takes `tool_use` as it is and returns the calls itself (an upstream server).
+    handles_tools: bool = False
     #: False when the engine cannot tokenize locally (a remote server): the context check is then its job.
     counts_tokens: bool = True
     #: The optional features it honours: names from SAMPLING_FEATURES and CONSTRAINT_FEATURES. A request
@@ -285,9 +335,11 @@ class Engine:
         logprobs: list[TokenLogprob] = []
         last: GenerationChunk | None = None
         prompt_logprobs: list[TokenLogprob] | None = None
+        calls: list[ToolCallDelta] = []
         async for chunk in self.stream(request):
             request.mark_first_token(chunk)
             parts.append(chunk.text)
+            calls.extend(chunk.tool_calls)
             logprobs.extend(chunk.logprobs)
             prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
             last = chunk
@@ -296,7 +348,7 @@ class Engine:
         return GenerationResult(
             text="".join(parts), finish_reason=last.finish_reason,
             prompt_tokens=last.prompt_tokens or 0, completion_tokens=last.completion_tokens or 0,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=whole_calls(calls))
 
     # Adapter API (LoRA). The runtime validates the folder and owns the list of served adapters;
     # an engine only makes the weights available under `adapter.name` (and `request.adapter` picks them).

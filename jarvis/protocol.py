@@ -62,10 +62,57 @@ class TextPart(_Request):
     text: str
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCall(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class ToolCall(_Request):
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of an object; omitted = no arguments.")
+    strict: bool | None = Field(None, description="Arguments always match `parameters` when a call is required "
+                                                  "(constrained decoding); under `auto` calls are parsed.")
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON Schema of type object")
+        if value is not None and not isinstance(value.get("properties", {}), dict):
+            raise ValueError("parameters.properties must be an object")
+        return value
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls (then content may be null).")
+    tool_call_id: str | None = Field(None, description="A tool message: the id of the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -74,8 +121,15 @@ class ChatMessage(_Request):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def normalised(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+    def normalised(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            message["name"] = self.name
+        return message
 
 
 class _SamplingRequest(_Request):
@@ -139,6 +193,17 @@ class _SamplingRequest(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError(f"tool_choice is 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                             f"\"function\": {{\"name\": ...}}}}; got {value!r}")
+        return value
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -215,9 +280,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -240,6 +317,9 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    #: OpenAI's streamed call pieces: {index, id, type, function: {name, arguments}} on a call's first
+    #: piece, {index, function: {arguments}} on the rest.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

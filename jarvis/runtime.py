@@ -12,6 +12,7 @@ The engine's lifecycle is `jarvis.supervisor`'s, the served adapters are
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +21,14 @@ from typing import Any
 
 from jarvis.adapters import AdapterInfo, AdapterService
 from jarvis.chat_format import ChatFormat, ChatFormatError
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo
+from jarvis.engine import (Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo,
+                           OutputConstraint, ToolCallDelta, whole_calls)
 from jarvis.errors import APIError, ContextLengthExceeded, EngineFailure, InvalidRequest, NotFound
 from jarvis.limits import Admission, ClientRateLimiter
 from jarvis.registry import Registries
 from jarvis.settings import JarvisSettings
 from jarvis.supervisor import EngineSupervisor, State
+from jarvis.tool_calls import call_schema, convention_messages, parser_for, template_messages, uses_tools
 
 log = logging.getLogger("jarvis.runtime")
 
@@ -170,16 +173,21 @@ class EngineRuntime:
         info = self.require_ready()
         served = self.resolve_model(request.model)
         request.context.engine = self.engine.name
+        request = self._with_call_constraint(request)
         compiled = self._check_supported(request)
         prompt, stop, ids, score_bos = request.prompt, tuple(request.stop), request.prompt_token_ids, request.score_bos
+        parser = None
         if request.kind == "chat" and not self.engine.applies_chat_template:
             fmt = self.chat_format(served.id)
             try:
-                prompt = fmt(request.messages or [], True)
+                prompt = self._render_chat(fmt, request)
             except ChatFormatError as exc:
                 raise InvalidRequest(f"cannot render the conversation with chat format "
                                      f"{fmt.name!r}: {exc}", param="messages") from None
             stop = (*stop, *(s for s in fmt.stop if s not in stop))
+            tool_use = request.tool_use
+            if tool_use is not None and tool_use.choice != "none":
+                parser = parser_for(tool_use, fmt.tool_parser if fmt.tool_prompt else None)
         cap = self.settings.max_tokens_cap
         max_tokens = request.max_tokens
         if cap is not None and max_tokens is not None and max_tokens > cap:
@@ -208,7 +216,32 @@ class EngineRuntime:
         if max_tokens is None and cap is not None:  # an engine that counts remotely
             max_tokens = cap
         return replace(request, adapter=served.adapter, compiled_constraint=compiled, prompt=prompt, stop=stop,
-                       prompt_token_ids=ids, score_bos=score_bos, max_tokens=max_tokens)
+                       prompt_token_ids=ids, score_bos=score_bos, max_tokens=max_tokens, tool_parser=parser)
+
+    def _with_call_constraint(self, request: GenerationRequest) -> GenerationRequest:
+        """A required call (tool_choice "required" or a named function) is decoded under the call's JSON
+        schema, unless the engine handles tools itself."""
+        tool_use = request.tool_use
+        if tool_use is None or not tool_use.constrained or self.engine.handles_tools:
+            return request
+        if request.constraint is not None:
+            raise InvalidRequest(f"{request.constraint.param} cannot be combined with tool_choice "
+                                 f"{tool_use.choice!r}: the answer is a tool call.", param=request.constraint.param,
+                                 code="invalid_value")
+        return replace(request, constraint=OutputConstraint("json_schema", call_schema(tool_use), "tools"))
+
+    @staticmethod
+    def _render_chat(fmt: ChatFormat, request: GenerationRequest) -> str:
+        """The prompt of a chat: plain, or with the functions offered and the calls made so far (the
+        format's own tool syntax where it has one, else Jarvis's convention)."""
+        messages, tool_use = request.messages or [], request.tool_use
+        if tool_use is None and not uses_tools(messages):
+            return fmt(messages, True)
+        if fmt.tool_prompt is not None:
+            offered = tool_use.tools if tool_use is not None and tool_use.choice != "none" else ()
+            return fmt.tool_prompt(template_messages(messages),
+                                   [{"type": "function", "function": f} for f in offered], True)
+        return fmt(convention_messages(messages, tool_use), True)
 
     def brings_bos(self, text: str) -> bool:
         """The text begins with the model's <bos>: tokenize it without adding another."""
@@ -223,6 +256,17 @@ class EngineRuntime:
             if used and feature not in self.engine.supports:
                 raise InvalidRequest(f"`{feature}` is not supported by the {self.engine.name} engine; omit it or "
                                      f"serve with an engine that has it.", param=feature, code="unsupported_parameter")
+        tool_use = request.tool_use
+        if tool_use is not None and tool_use.choice != "none" and not self.engine.handles_tools:
+            if self.engine.applies_chat_template:
+                raise InvalidRequest(f"tools are not supported by the {self.engine.name} engine.", param="tools",
+                                     code="unsupported_parameter")
+            if not tool_use.constrained and request.constraint is not None:
+                raise InvalidRequest(f"{request.constraint.param} cannot be combined with tools under tool_choice "
+                                     f"auto on the {self.engine.name} engine: the output would be held to the "
+                                     f"format and no call could be made. Use tool_choice required or a named "
+                                     f"function, or leave one of them out.", param=request.constraint.param,
+                                     code="unsupported_parameter")
         constraint = request.constraint
         if constraint is None:
             return None
@@ -253,11 +297,13 @@ class EngineRuntime:
         self._started(request)
         error: BaseException | None = None
         parts: list[str] = []
+        calls: list[ToolCallDelta] = []
         last: GenerationChunk | None = None
         try:
             async with self.admission.slot():
                 async for chunk in self._engine_stream(request):
                     parts.append(chunk.text)
+                    calls.extend(chunk.tool_calls)
                     last = chunk
                     yield chunk
         except BaseException as exc:
@@ -267,7 +313,7 @@ class EngineRuntime:
             result = None
             if error is None and last is not None and last.finish_reason is not None:
                 result = GenerationResult("".join(parts), last.finish_reason, last.prompt_tokens or 0,
-                                          last.completion_tokens or 0)
+                                          last.completion_tokens or 0, tool_calls=whole_calls(calls))
             self._finished(request, result, error)
 
     # Every engine call passes through one of these two, once: the engine's request counters, the tokens
@@ -280,6 +326,8 @@ class EngineRuntime:
         try:
             result = await self.engine.generate(request)
             stats.tokens_generated += result.completion_tokens
+            if request.tool_parser is not None:
+                result = _calls_of_result(request.tool_parser(), result)
             return result
         finally:
             stats.requests_finished += 1
@@ -289,6 +337,8 @@ class EngineRuntime:
         stats = self.engine.stats
         stats.requests_started += 1
         counted, finished = 0, False
+        parser = request.tool_parser() if request.tool_parser is not None else None
+        calls = 0
         try:
             async for chunk in self.engine.stream(request):
                 request.mark_first_token(chunk)
@@ -298,6 +348,16 @@ class EngineRuntime:
                     finished = True  # the final count is the engine's (tokens held back by a stop matcher too)
                     if chunk.completion_tokens is not None:
                         stats.tokens_generated += chunk.completion_tokens - counted
+                if parser is not None:  # the text becomes content and tool-call pieces
+                    chunk.text, chunk.tool_calls = parser.feed(chunk.text)
+                    if chunk.finish_reason is not None:
+                        rest, more = parser.finish()
+                        chunk.text, chunk.tool_calls = chunk.text + rest, [*chunk.tool_calls, *more]
+                    calls += sum(d.id is not None for d in chunk.tool_calls)
+                    if chunk.finish_reason == "stop" and calls:
+                        chunk.finish_reason = "tool_calls"
+                    if not (chunk.text or chunk.tool_calls or chunk.logprobs or chunk.finish_reason):
+                        continue
                 yield chunk
         finally:
             stats.requests_finished += 1
@@ -319,6 +379,25 @@ class EngineRuntime:
             self.hooks.jarvis_request_finished(request=request, result=result, error=error)
         except Exception:
             log.exception("a jarvis_request_finished hook raised; ignored")
+
+
+def _calls_of_result(parser: Any, result: GenerationResult) -> GenerationResult:
+    """A whole output read by a tool-call parser: the content outside the calls, and the calls."""
+    text, deltas = parser.feed(result.text)
+    rest, more = parser.finish()
+    calls = whole_calls([*deltas, *more])
+    if result.finish_reason == "length":  # the last call may be cut off: a client could not send it back
+        calls = [c for c in calls if _is_json(c.arguments)]
+    reason = "tool_calls" if calls and result.finish_reason == "stop" else result.finish_reason
+    return replace(result, text=text + rest, tool_calls=calls, finish_reason=reason)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _as_api_error(exc: BaseException) -> BaseException:

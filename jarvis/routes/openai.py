@@ -21,7 +21,7 @@ from jarvis.errors import InvalidRequest
 from jarvis.limits import client_id
 from jarvis.routes.openapi_docs import json_body
 from jarvis.runtime import EngineRuntime
-from jarvis.serving.chat import chat_events, chat_generations, create_chat_completion
+from jarvis.serving.chat import start_chat
 from jarvis.serving.completions import completion_events, completion_generations, create_completion
 from jarvis.serving.requests import decode_json, validate_body
 
@@ -70,11 +70,10 @@ class OpenAIController(Controller):
     async def chat_completions(self, request: Request) -> Response:
         body = await parse_body(request, wire.ChatCompletionRequest)
         runtime, client = admit(request)
+        run = start_chat(runtime, body, client)
         if body.stream:
-            gens = chat_generations(runtime, body, client)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(chat_events(runtime, gens, include_usage))
-        return Response(await create_chat_completion(runtime, body, client))
+            return sse_response(run.sse(bool(body.stream_options and body.stream_options.include_usage)))
+        return Response(await run.result())
 
     @post("/completions", status_code=200, summary="Create a text completion (OpenAI-compatible).",
           operation_class=json_body(wire.CompletionRequest))

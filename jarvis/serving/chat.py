@@ -1,15 +1,40 @@
-"""Chat completions: a `ChatCompletionRequest` → n generations → the OpenAI response or its SSE events."""
+"""Chat completions: a `ChatCompletionRequest` → n generations → the OpenAI response or its SSE events.
+
+`start_chat` validates and prepares a request (every 400 comes before anything runs) and returns a
+`ChatRun`; its `result()` is the `chat.completion` body, its `events()` the choices' pieces as they come
+(`ChoiceEvent`: content, tool-call pieces, the finish), which `sse()` renders as OpenAI's chunks and the
+Responses API as its own typed events. Tool calls arrive already read out of the text (the runtime parses
+them, or an engine that handles tools returns them).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest, RequestContext
-from jarvis.serving.render import chat_logprobs, sse, stream_events, usage
-from jarvis.serving.requests import choice_seed, generation_options
+from jarvis.engine import GenerationRequest, GenerationResult, RequestContext, TokenLogprob, ToolCallDelta
+from jarvis.errors import APIError
+from jarvis.serving.render import chat_logprobs, merged_streams, sse, usage
+from jarvis.serving.requests import choice_seed, generation_options, tool_use
+
+
+@dataclass(frozen=True)
+class ChoiceEvent:
+    """One piece of one choice of a streamed chat: `content` (assistant text), or a piece of tool call
+    `call_index` (its first piece carries `call_id` and `name`, later ones more `arguments`); the choice's
+    last event carries `finish_reason`."""
+
+    index: int
+    content: str = ""
+    call_index: int | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
@@ -18,41 +43,99 @@ def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
     first = runtime.prepare(GenerationRequest(
         prompt=None, model=body.model, kind="chat", context=RequestContext(client=client),
         messages=[m.normalised() for m in body.messages], max_tokens=body.token_limit,
-        logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, **generation_options(body)))
+        logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, tool_use=tool_use(body),
+        **generation_options(body)))
     return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
+
+
+def start_chat(runtime: Any, body: wire.ChatCompletionRequest, client: str | None = None) -> "ChatRun":
+    return ChatRun(runtime, body, chat_generations(runtime, body, client))
+
+
+class ChatRun:
+    """A prepared chat completion: run it whole (`result`) or as it streams (`events`, `sse`)."""
+
+    def __init__(self, runtime: Any, body: wire.ChatCompletionRequest, gens: list[GenerationRequest]) -> None:
+        self.runtime, self.body, self.gens = runtime, body, gens
+        self.model = body.model
+        #: Set when `events()` ends: the prompt counted once, every choice's completion tokens summed.
+        self.usage: wire.Usage | None = None
+
+    async def result(self) -> dict[str, Any]:
+        """Every choice, concurrently, to the end: the OpenAI `chat.completion` body."""
+        results = await asyncio.gather(*(self.runtime.generate(gen) for gen in self.gens))
+        self.usage = usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))
+        return wire.dump(wire.ChatCompletion(
+            id=wire.new_id("chatcmpl"), created=wire.now(), model=self.model,
+            choices=[wire.ChatChoice(index=i, message=assistant_message(r), finish_reason=r.finish_reason,
+                                     logprobs=chat_logprobs(r.logprobs) if self.body.logprobs else None)
+                     for i, r in enumerate(results)],
+            usage=self.usage))
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        prompt_tokens, completion_tokens = 0, [0] * len(self.gens)
+        async for index, chunk in merged_streams(self.runtime, self.gens):
+            pieces = [ChoiceEvent(index, content=chunk.text)] if chunk.text else []
+            pieces += [ChoiceEvent(index, call_index=d.index, call_id=d.id, name=d.name, arguments=d.arguments)
+                       for d in chunk.tool_calls]
+            if chunk.logprobs:
+                if not pieces:
+                    pieces = [ChoiceEvent(index)]
+                pieces[0] = ChoiceEvent(**{**pieces[0].__dict__, "logprobs": chunk.logprobs})
+            if chunk.finish_reason is not None:
+                prompt_tokens = chunk.prompt_tokens or 0
+                completion_tokens[index] = chunk.completion_tokens or 0
+                pieces.append(ChoiceEvent(index, finish_reason=chunk.finish_reason))
+            for piece in pieces:
+                yield piece
+        self.usage = usage(prompt_tokens, sum(completion_tokens))
+
+    async def sse(self, include_usage: bool) -> AsyncIterator[str]:
+        """OpenAI's `chat.completion.chunk` events; every choice opens with the role. An error after the
+        stream began is its last event, as vLLM's server sends it."""
+        ident, created = wire.new_id("chatcmpl"), wire.now()
+        want_logprobs = self.body.logprobs
+
+        def event(choices: list[wire.ChatChunkChoice], usage_: wire.Usage | None = None) -> str:
+            return sse(wire.dump(wire.ChatCompletionChunk(id=ident, created=created, model=self.model,
+                                                          choices=choices, usage=usage_)))
+        try:
+            for i in range(len(self.gens)):
+                yield event([wire.ChatChunkChoice(index=i, delta=wire.ChatDelta(role="assistant", content=""))])
+            async for e in self.events():
+                yield event([wire.ChatChunkChoice(
+                    index=e.index, delta=_delta(e), finish_reason=e.finish_reason,
+                    logprobs=chat_logprobs(e.logprobs) if want_logprobs and e.logprobs else None)])
+            if include_usage:
+                yield event([], self.usage)
+        except APIError as exc:
+            yield sse(exc.to_body())
+        yield sse("[DONE]")
+
+
+def _delta(e: ChoiceEvent) -> wire.ChatDelta:
+    if e.call_index is None:
+        return wire.ChatDelta(content=e.content) if e.content else wire.ChatDelta()
+    call: dict[str, Any] = {"index": e.call_index, "function": {"arguments": e.arguments}}
+    if e.call_id is not None:
+        call.update(id=e.call_id, type="function")
+        call["function"]["name"] = e.name
+    return wire.ChatDelta(tool_calls=[call])
+
+
+def assistant_message(result: GenerationResult) -> wire.AssistantMessage:
+    """The answer: its content, and its tool calls (content is null when only calls were made)."""
+    if not result.tool_calls:
+        return wire.AssistantMessage(content=result.text)
+    return wire.AssistantMessage(content=result.text.strip() or None, tool_calls=[_call(c) for c in result.tool_calls])
+
+
+def _call(call: ToolCallDelta) -> wire.ToolCallOut:
+    return wire.ToolCallOut(id=call.id or "", function=wire.FunctionCallOut(name=call.name or "",
+                                                                           arguments=call.arguments))
 
 
 async def create_chat_completion(runtime: Any, body: wire.ChatCompletionRequest,
                                  client: str | None = None) -> dict[str, Any]:
     """Run a chat completion (every choice, concurrently) to the end and return the OpenAI response body."""
-    gens = chat_generations(runtime, body, client)
-    results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))
-    return wire.dump(wire.ChatCompletion(
-        id=wire.new_id("chatcmpl"), created=wire.now(), model=body.model,
-        choices=[wire.ChatChoice(index=i, message=wire.AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                                 logprobs=chat_logprobs(r.logprobs) if body.logprobs else None)
-                 for i, r in enumerate(results)],
-        usage=usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results))))
-
-
-def chat_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
-    """The SSE events of a streamed chat completion; choices carry their `index`."""
-    ident, created, model = wire.new_id("chatcmpl"), wire.now(), gens[0].model
-    want_logprobs = gens[0].logprobs
-
-    def event(choices: list[wire.ChatChunkChoice], usage_: wire.Usage | None = None) -> str:
-        return sse(wire.dump(wire.ChatCompletionChunk(id=ident, created=created, model=model, choices=choices,
-                                                      usage=usage_)))
-
-    def choice(index: int, chunk: GenerationChunk) -> wire.ChatChunkChoice:
-        return wire.ChatChunkChoice(
-            index=index, delta=wire.ChatDelta(content=chunk.text) if chunk.text else wire.ChatDelta(),
-            finish_reason=chunk.finish_reason,
-            logprobs=chat_logprobs(chunk.logprobs) if want_logprobs and chunk.logprobs else None)
-
-    def render(index: int, chunk: GenerationChunk) -> str | None:
-        return event([choice(index, chunk)]) if chunk.text or chunk.logprobs or chunk.finish_reason else None
-
-    opening = [event([wire.ChatChunkChoice(index=i, delta=wire.ChatDelta(role="assistant", content=""))])
-               for i in range(len(gens))]  # OpenAI opens every choice with the role
-    return stream_events(runtime, gens, opening, render, (lambda u: event([], u)) if include_usage else None)
+    return await start_chat(runtime, body, client).result()

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from jarvis import protocol as wire
-from jarvis.engine import OutputConstraint
+from jarvis.engine import OutputConstraint, ToolUse
 from jarvis.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
@@ -109,6 +109,63 @@ def generation_options(body: wire._SamplingRequest) -> dict[str, Any]:
         "logit_bias": {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
         "constraint": output_constraint(body), "ignore_eos": body.ignore_eos,
     }
+
+
+def tool_use(body: wire.ChatCompletionRequest) -> ToolUse | None:
+    """The functions a chat request offers and how they may be used; what does not add up is a 400."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice is not None and choice != "none" and choice != "auto":
+            raise InvalidRequest("tool_choice requires tools: there is no function to call.", param="tool_choice",
+                                 code="invalid_value")
+        if body.parallel_tool_calls is not None:
+            raise InvalidRequest("parallel_tool_calls is only allowed when tools are specified.",
+                                 param="parallel_tool_calls", code="invalid_value")
+        _check_history(body)
+        return None
+    names = [t.function.name for t in body.tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InvalidRequest(f"tools holds two functions named {name!r}.", param=f"tools[{i}].function.name",
+                                 code="invalid_value")
+    named = None
+    if isinstance(choice, wire.NamedToolChoice):
+        named = choice.function.name
+        if named not in names:
+            raise InvalidRequest(f"tool_choice names {named!r}, which is not among the tools ({', '.join(names)}).",
+                                 param="tool_choice", code="invalid_value")
+    _check_history(body)
+    functions = tuple(t.function.model_dump(exclude_none=True) for t in body.tools)
+    kind = "function" if named else (choice or "auto")
+    return ToolUse(functions, kind, named, body.parallel_tool_calls is not False)  # type: ignore[arg-type]
+
+
+def _check_history(body: wire.ChatCompletionRequest) -> None:
+    """Every tool message answers a call an earlier assistant message made; call arguments are JSON."""
+    calls: set[str] = set()
+    for i, m in enumerate(body.messages):
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidRequest("Only assistant messages carry tool_calls.", param=f"messages[{i}].tool_calls",
+                                 code="invalid_value")
+        for j, call in enumerate(m.tool_calls or []):
+            try:
+                json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                raise InvalidRequest(f"The arguments of call {call.id!r} are not JSON.",
+                                     param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                                     code="invalid_value") from None
+            calls.add(call.id)
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise InvalidRequest("A tool message needs tool_call_id: the id of the call it answers.",
+                                     param=f"messages[{i}].tool_call_id", code="invalid_value")
+            if m.tool_call_id not in calls:
+                raise InvalidRequest(f"messages[{i}] answers tool call {m.tool_call_id!r}, which no earlier "
+                                     "assistant message made.", param=f"messages[{i}].tool_call_id",
+                                     code="invalid_value")
+        elif m.tool_call_id is not None:
+            raise InvalidRequest("Only tool messages carry tool_call_id.", param=f"messages[{i}].tool_call_id",
+                                 code="invalid_value")
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jarvis.chat_format import ChatFormat, ChatFormatError, Messages
 from jarvis.engine import ModelInfo
 from jarvis.plugins.chat_formats.families import CHATML, FAMILIES, GEMMA, LLAMA3, MISTRAL
+from jarvis.tool_calls import template_parser
 
 #: Prefix of `ModelInfo.architecture` (GGUF `general.architecture`, HF `model_type`) -> its family.
 ARCHITECTURE_FAMILIES = {"gemma": GEMMA, "llama": LLAMA3, "mistral": MISTRAL, "qwen": CHATML}
@@ -50,14 +51,20 @@ def template_format(template: str, eos_token: str) -> ChatFormat:
     except TemplateError as exc:
         return ChatFormat("auto", _refusing(f"the model's chat template does not compile: {exc}"), stop)
 
-    def render(messages: Messages, add_generation_prompt: bool) -> str:
+    def render(messages: Messages, add_generation_prompt: bool, **extra: Any) -> str:
         try:
             return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   bos_token="", eos_token=eos_token)
+                                   bos_token="", eos_token=eos_token, **extra)
         except TemplateError as exc:
             raise ChatFormatError(f"the model's chat template failed: {exc}") from exc
 
-    return ChatFormat("auto", render, stop)
+    if "tools" not in template:  # the template teaches no tool syntax: Jarvis's convention serves tools
+        return ChatFormat("auto", render, stop)
+
+    def tool_prompt(messages: Messages, tools: Any, add_generation_prompt: bool) -> str:
+        return render(messages, add_generation_prompt, tools=list(tools) or None)
+
+    return ChatFormat("auto", render, stop, tool_prompt=tool_prompt, tool_parser=template_parser(template))
 
 
 def _refusing(message: str) -> Callable[[Messages, bool], str]:

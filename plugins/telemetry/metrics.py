@@ -10,7 +10,7 @@ adapter ("none" for the base model) and, on the request counter, the status
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jarvis.plugins.telemetry.resources import ResourceSampler
@@ -57,6 +57,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter("jarvis_prompt_tokens", "Prompt (input) tokens processed.", by_model, registry=r)
         self.completion_tokens = Counter("jarvis_completion_tokens", "Completion (output) tokens generated.",
                                          by_model, registry=r)
+        self.tool_calls = Counter("jarvis_tool_calls", "Tool calls the model made, by function name.",
+                                  [*by_model, "tool"], registry=r)
         self.alert_active = Gauge("jarvis_alert_active", "1 while the alert's threshold is crossed.", ["alert"],
                                   registry=r)
         for name in ALERTS:
@@ -70,8 +72,11 @@ class ServerMetrics:
         self._runtime = runtime
 
     def record(self, model: str, adapter: str | None, operation: str, status: str, *, latency_s: float,
-               ttft_s: float | None, prompt_tokens: int, completion_tokens: int, error_type: str | None) -> None:
+               ttft_s: float | None, prompt_tokens: int, completion_tokens: int, error_type: str | None,
+               tool_names: Sequence[str] = ()) -> None:
         label = adapter_label(adapter)
+        for name in tool_names:
+            self.tool_calls.labels(model, label, name).inc()
         self.requests.labels(model, label, operation, status).inc()
         if error_type is not None:
             self.errors.labels(model, label, error_type).inc()

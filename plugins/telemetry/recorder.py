@@ -100,7 +100,8 @@ class TelemetryRecorder:
         operation = "chat" if request.kind == "chat" else "text_completion"
         self.metrics.record(request.model, request.adapter, operation, status, latency_s=latency, ttft_s=ttft,
                             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            error_type=type(error).__name__ if status == "error" else None)
+                            error_type=type(error).__name__ if status == "error" else None,
+                            tool_names=[c.name or "" for c in getattr(result, "tool_calls", None) or []])
         self.finished_count += 1
         self.output_tokens += completion_tokens
         if status != "cancelled":

@@ -129,6 +129,10 @@ class Tracing:
             attributes["gen_ai.request.max_tokens"] = request.max_tokens
         if request.seed is not None:
             attributes["gen_ai.request.seed"] = request.seed
+        tool_use = getattr(request, "tool_use", None)
+        if tool_use is not None:
+            attributes["jarvis.request.tools"] = [f["name"] for f in tool_use.tools]
+            attributes["jarvis.request.tool_choice"] = tool_use.name or tool_use.choice
         return self.tracer.start_span(f"{operation} {request.model}", kind=SpanKind.INTERNAL, attributes=attributes)
 
     def finish_generation(self, span: Any, request: Any, result: Any, error: BaseException | None,
@@ -144,6 +148,13 @@ class Tracing:
             span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
+            calls = getattr(result, "tool_calls", None) or []
+            if calls:  # GenAI conventions' tool attributes, one event per call
+                span.set_attribute("jarvis.tool_calls.count", len(calls))
+                span.set_attribute("jarvis.tool_calls.names", [c.name or "" for c in calls])
+                for call in calls:
+                    span.add_event("gen_ai.tool.call", {"gen_ai.tool.name": call.name or "",
+                                                        "gen_ai.tool.call.id": call.id or ""})
         if status == "cancelled":
             span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])
         elif error is not None:

@@ -57,6 +57,8 @@ def server(request, jarvis_server):
     if request.param == "openai":
         upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN="1024")
         return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
+    if request.param == "hf":
+        request.getfixturevalue("hf_folder")  # converted before the server's start is timed
     return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN="1024")
 
 
