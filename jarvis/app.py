@@ -29,6 +29,7 @@ from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
 from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.openai import OpenAIController
+from jarvis.routes.responses import ResponsesController
 from jarvis.routes.tokenizer import TokenizerController
 from jarvis.runtime import EngineRuntime
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
@@ -114,7 +115,8 @@ def create_app(settings: JarvisSettings | None = None,
             pm.hook.jarvis_shutdown(app=app)
 
     app = Litestar(
-        route_handlers=[OpenAIController, AdapterController, TokenizerController, health, ready, *extra_routes],
+        route_handlers=[OpenAIController, ResponsesController, AdapterController, TokenizerController, health, ready,
+                        *extra_routes],
         lifespan=[lifespan],
         middleware=middleware,
         guards=[api_key_guard(keys, settings.protect_health)] if (keys := settings.all_api_keys) else [],

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from jarvis import protocol as wire
+from jarvis import protocol_responses as rwire
 from jarvis.errors import InvalidRequest
 from jarvis.serving.requests import validate_body
 
-ENDPOINTS: dict[str, type[wire.ChatCompletionRequest] | type[wire.CompletionRequest]] = {
+LineBody = wire.ChatCompletionRequest | wire.CompletionRequest | rwire.ResponsesRequest
+
+ENDPOINTS: dict[str, type[LineBody]] = {
     "/v1/chat/completions": wire.ChatCompletionRequest,
     "/v1/completions": wire.CompletionRequest,
+    "/v1/responses": rwire.ResponsesRequest,
 }
 
 
@@ -90,7 +94,7 @@ def parse_line(number: int, raw: str, endpoint: str, seen: dict[str, int]) -> Ba
     return BatchLine(number, custom_id, body=item.get("body"))
 
 
-def validate_line_body(line: BatchLine, endpoint: str) -> wire.ChatCompletionRequest | wire.CompletionRequest:
+def validate_line_body(line: BatchLine, endpoint: str) -> LineBody:
     """The body as the HTTP route would accept it; raises the route's InvalidRequest otherwise."""
     body = validate_body(line.body, ENDPOINTS[endpoint])
     if body.stream:

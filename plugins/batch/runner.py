@@ -23,6 +23,7 @@ from typing import Any
 from jarvis.errors import APIError, EngineFailure
 from jarvis.serving.chat import create_chat_completion
 from jarvis.serving.completions import create_completion
+from jarvis.serving.responses import create_response
 from jarvis.runtime import EngineRuntime
 from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
 from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
@@ -30,6 +31,9 @@ from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
 log = logging.getLogger("jarvis.batch")
 
 INTERRUPTED = "interrupted"
+#: What runs one line of each endpoint: the same serving call as its HTTP route (non-streamed).
+ENDPOINT_CALLS = {"/v1/chat/completions": create_chat_completion, "/v1/completions": create_completion,
+                  "/v1/responses": create_response}
 _STOP_CODES = {"cancelled": ("batch_cancelled", "the batch was cancelled before this request ran."),
                "expired": ("batch_expired", "the batch expired before this request ran.")}
 
@@ -157,8 +161,7 @@ class BatchJobRunner:
     async def _run_line(self, batch_id: str, endpoint: str, line: BatchLine) -> None:
         try:
             body = validate_line_body(line, endpoint)
-            call = create_chat_completion if endpoint == "/v1/chat/completions" else create_completion
-            status, payload = 200, await call(self.runtime, body)  # type: ignore[arg-type]
+            status, payload = 200, await ENDPOINT_CALLS[endpoint](self.runtime, body)  # type: ignore[operator]
         except APIError as exc:
             if not self.runtime.ready:
                 raise JobInterrupted() from exc

@@ -1,0 +1,81 @@
+"""The Responses API over HTTP: POST /v1/responses, GET and DELETE /v1/responses/{id}, and
+GET /v1/responses/{id}/input_items.
+
+Creating one parses the body (an unknown field is a 400 naming it), admits the client like every
+generation route, and hands the rest to `jarvis.serving.responses`, which checks the request and starts
+the chat run before anything is sent: every 400/404 is a plain error, and a stream answers with OpenAI's
+typed events (`event:` + `data:` lines, no `[DONE]`). Retrieval and deletion read the store of the
+server's state dir and need no engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from litestar import Controller, Request, delete, get, post
+from litestar.response import Response
+
+from jarvis import protocol_responses as rwire
+from jarvis.errors import InvalidRequest, NotFound
+from jarvis.responses_store import ResponseStore, responses_store
+from jarvis.routes.openai import admit, parse_body, sse_response
+from jarvis.routes.openapi_docs import json_body
+from jarvis.serving.responses import finish_response, prepare_response, response_events
+
+
+def store_of(request: Request) -> ResponseStore:
+    return responses_store(request.app.state.settings.state_path)
+
+
+def not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+
+
+class ResponsesController(Controller):
+    path = "/v1/responses"
+    tags = ["OpenAI"]
+
+    @post("/", status_code=200, summary="Create a model response (OpenAI Responses API).",
+          operation_class=json_body(rwire.ResponsesRequest))
+    async def create_response(self, request: Request) -> Response:
+        body = await parse_body(request, rwire.ResponsesRequest)
+        runtime, client = admit(request)
+        prepared = prepare_response(runtime, body, client, store_of(request))
+        if body.stream:
+            return sse_response(response_events(prepared))
+        return Response(await finish_response(prepared))
+
+    @get("/{response_id:str}", summary="Retrieve a stored response.")
+    async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:
+        found = store_of(request).get(response_id)
+        if found is None:
+            raise not_found(response_id)
+        return found
+
+    @delete("/{response_id:str}", status_code=200, summary="Delete a stored response.")
+    async def delete_response(self, request: Request, response_id: str) -> dict[str, Any]:
+        if not store_of(request).delete(response_id):
+            raise not_found(response_id)
+        return rwire.dump(rwire.DeletedResponse(id=response_id))
+
+    @get("/{response_id:str}/input_items", summary="List the input items a stored response answered "
+                                                   "(earlier turns of its conversation included).")
+    async def list_input_items(self, request: Request, response_id: str, after: str | None = None,
+                               limit: int = 20, order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+        if not 1 <= limit <= 100:
+            raise InvalidRequest(f"limit must be between 1 and 100, got {limit}.", param="limit",
+                                 code="invalid_value")
+        items = store_of(request).context(response_id)
+        if items is None:
+            raise not_found(response_id)
+        if order == "desc":
+            items = items[::-1]
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            if after not in ids:
+                raise InvalidRequest(f"after {after!r} is not an item of this response.", param="after",
+                                     code="invalid_value")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
