@@ -158,3 +158,34 @@ def test_percentile_is_nearest_rank():
     assert percentile([], 0.95) is None
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+
+
+def test_tool_calls_are_counted_by_function_and_put_on_the_span():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from jarvis.engine import ToolCallDelta, ToolUse
+    from jarvis.plugins.telemetry.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    rec = recorder()
+    rec.tracing = Tracing("jarvis-test", 10, exporter=exporter)
+    gen = GenerationRequest(prompt=None, model="base-model", kind="chat", max_tokens=32,
+                            context=RequestContext(engine="llama_cpp"),
+                            tool_use=ToolUse(({"name": "get_weather"}, {"name": "get_time"}), "required"))
+    calls = [ToolCallDelta(0, "call_a", "get_weather", "{}"), ToolCallDelta(1, "call_b", "get_weather", "{}"),
+             ToolCallDelta(2, "call_c", "get_time", "{}")]
+    rec.started(gen)
+    rec.finished(gen, GenerationResult("", "tool_calls", 10, 20, tool_calls=calls), None)
+    rec.tracing.provider.force_flush()
+    assert sorted(metric_line(rec, "jarvis_tool_calls_total")) == [
+        'jarvis_tool_calls_total{adapter="none",model="base-model",tool="get_time"} 1.0',
+        'jarvis_tool_calls_total{adapter="none",model="base-model",tool="get_weather"} 2.0']
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["jarvis.request.tools"] == ("get_weather", "get_time")
+    assert span.attributes["jarvis.request.tool_choice"] == "required"
+    assert span.attributes["jarvis.tool_calls.count"] == 3
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("tool_calls",)
+    assert [(e.name, e.attributes["gen_ai.tool.name"], e.attributes["gen_ai.tool.call.id"]) for e in span.events] == [
+        ("gen_ai.tool.call", "get_weather", "call_a"), ("gen_ai.tool.call", "get_weather", "call_b"),
+        ("gen_ai.tool.call", "get_time", "call_c")]
+    rec.stop()
