@@ -60,6 +60,11 @@ class ToolUse:
     parallel: bool = True
 
     @property
+    def offered(self) -> tuple[dict[str, Any], ...]:
+        """The functions the model is told about: none under tool_choice "none"."""
+        return () if self.choice == "none" else self.tools
+
+    @property
     def constrained(self) -> bool:
         """A call is required: decoding is constrained to valid call JSON instead of parsed from free text."""
         return self.choice in ("required", "function")

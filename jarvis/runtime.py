@@ -186,7 +186,7 @@ class EngineRuntime:
                                      f"{fmt.name!r}: {exc}", param="messages") from None
             stop = (*stop, *(s for s in fmt.stop if s not in stop))
             tool_use = request.tool_use
-            if tool_use is not None and tool_use.choice != "none":
+            if tool_use is not None and tool_use.offered:
                 parser = parser_for(tool_use, fmt.tool_parser if fmt.tool_prompt else None)
         cap = self.settings.max_tokens_cap
         max_tokens = request.max_tokens
@@ -238,7 +238,7 @@ class EngineRuntime:
         if tool_use is None and not uses_tools(messages):
             return fmt(messages, True)
         if fmt.tool_prompt is not None:
-            offered = tool_use.tools if tool_use is not None and tool_use.choice != "none" else ()
+            offered = tool_use.offered if tool_use is not None else ()
             return fmt.tool_prompt(template_messages(messages),
                                    [{"type": "function", "function": f} for f in offered], True)
         return fmt(convention_messages(messages, tool_use), True)
@@ -257,7 +257,7 @@ class EngineRuntime:
                 raise InvalidRequest(f"`{feature}` is not supported by the {self.engine.name} engine; omit it or "
                                      f"serve with an engine that has it.", param=feature, code="unsupported_parameter")
         tool_use = request.tool_use
-        if tool_use is not None and tool_use.choice != "none" and not self.engine.handles_tools:
+        if tool_use is not None and tool_use.offered and not self.engine.handles_tools:
             if self.engine.applies_chat_template:
                 raise InvalidRequest(f"tools are not supported by the {self.engine.name} engine.", param="tools",
                                      code="unsupported_parameter")

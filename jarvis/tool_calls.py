@@ -102,9 +102,8 @@ def convention_messages(messages: Sequence[Message], tool_use: ToolUse | None) -
     """The conversation as plain {"role", "content"} messages in Jarvis's convention: any chat format
     renders it. Consecutive user turns (tool results, then a question) become one."""
     out: list[dict[str, str]] = []
-    offered = tool_use is not None and tool_use.choice != "none" and tool_use.tools
-    if offered:
-        description = describe_tools(tool_use)  # type: ignore[arg-type]
+    if tool_use is not None and tool_use.offered:
+        description = describe_tools(tool_use)
         if messages and messages[0]["role"] == "system":
             out.append({"role": "system", "content": f"{messages[0].get('content') or ''}\n\n{description}".strip()})
             messages = messages[1:]
@@ -221,10 +220,9 @@ class TrailingJsonCallParser:
         self.buffer, self.holding, self.started = "", False, False
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        if self.holding:
-            self.buffer += text
-            return "", []
         self.buffer += text
+        if self.holding:
+            return "", []
         if self.marker is None:
             stripped = self.buffer.lstrip()
             if not stripped:
@@ -273,6 +271,7 @@ class JsonCallScanner:
         self.string: list[str] = []
         self.string_role: str | None = None  # "key" or "name" while reading one of those strings
         self.expect: str | None = None  # the key whose value comes next in a call object
+        self.awaiting_key = False  # in a call object, before a key's colon
         self.call_level = 0
         self.index = -1
         self.call_name: str | None = None
@@ -357,7 +356,7 @@ class JsonCallScanner:
                 self.string.append(c)
         elif c == '"':
             self.in_string, self.string = True, []
-            self.string_role = ("key" if at_call and self._awaiting_key else
+            self.string_role = ("key" if at_call and self.awaiting_key else
                                 "name" if at_call and self.expect == "name" else None)
         elif c in "{[":
             if at_call and self.expect == "arguments":
@@ -370,16 +369,14 @@ class JsonCallScanner:
                 self.call_level = 1 if c == "{" else 2
             if len(self.stack) == self.call_level and c == "{":
                 self.index += 1
-                self.call_name, self.held, self.expect, self._awaiting_key = None, "", None, True
+                self.call_name, self.held, self.expect, self.awaiting_key = None, "", None, True
         elif c in "}]":
             if self.stack:
                 self.stack.pop()
         elif at_call and c == ":":
-            self._awaiting_key = False
+            self.awaiting_key = False
         elif at_call and c == ",":
-            self.expect, self._awaiting_key = None, True
-
-    _awaiting_key = False
+            self.expect, self.awaiting_key = None, True
 
 
 def parser_for(tool_use: ToolUse, native: ParserFactory | None) -> ParserFactory:

@@ -92,6 +92,23 @@ def jarvis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         server.stop()
 
 
+ENGINE_IDS = lambda engine: "upstream" if engine == "openai" else engine  # noqa: E731
+
+
+def serve_engine(request: pytest.FixtureRequest, jarvis_server: Callable[..., RunningServer], engine: str,
+                 max_model_len: str = "1024") -> RunningServer:
+    """A server of the embedded model on `engine`: the session's vLLM server, an `openai` engine in front
+    of a llama.cpp Jarvis, or a fresh server (hf's model converted before its start is timed)."""
+    if engine == "vllm":
+        return request.getfixturevalue("vllm_server")
+    if engine == "openai":
+        upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN=max_model_len)
+        return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
+    if engine == "hf":
+        request.getfixturevalue("hf_folder")
+    return jarvis_server(JARVIS_INFERENCE_ENGINE=engine, JARVIS_MAX_MODEL_LEN=max_model_len)
+
+
 @pytest.fixture(scope="session")
 def embedded_gguf() -> Path:
     from jarvis.embedded_model import embedded_model_path

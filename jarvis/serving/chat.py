@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jarvis import protocol as wire
@@ -81,7 +81,7 @@ class ChatRun:
             if chunk.logprobs:
                 if not pieces:
                     pieces = [ChoiceEvent(index)]
-                pieces[0] = ChoiceEvent(**{**pieces[0].__dict__, "logprobs": chunk.logprobs})
+                pieces[0] = replace(pieces[0], logprobs=chunk.logprobs)
             if chunk.finish_reason is not None:
                 prompt_tokens = chunk.prompt_tokens or 0
                 completion_tokens[index] = chunk.completion_tokens or 0

@@ -27,22 +27,28 @@ def decode_json(raw: bytes) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-def validate_body(data: Any, model: type[M]) -> M:
-    """Validate a decoded JSON body into `model`, raising the 400 the HTTP route would return."""
+def validate_body(data: Any, model: type[M], where: str | None = None) -> M:
+    """Validate a decoded JSON body into `model`, raising the 400 the HTTP route would return. `where`:
+    the place of a part of a body (`input[2]`); its errors then name the place inside it (`input[2].role`)."""
     if not isinstance(data, dict):
+        if where is not None:
+            raise InvalidRequest(f"Invalid value for '{where}': expected a JSON object.", param=where,
+                                 code="invalid_value")
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+        first = (unknown or errors)[0]
+        if where is None:
+            param = ".".join(str(p) for p in first["loc"]) or None
+        else:
+            param = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
         if unknown:  # OpenAI's own words for a field it does not know
-            param = ".".join(str(p) for p in unknown[0]["loc"])
             raise InvalidRequest(f"Unrecognized request argument supplied: {param}. Jarvis does not support it; "
                                  "remove it (ignoring it would silently change what was asked for).",
                                  param=param, code="unrecognized_argument") from None
-        first = errors[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
         raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}" if param else first["msg"],
                              param=param, code="invalid_value") from None
 
@@ -115,7 +121,7 @@ def tool_use(body: wire.ChatCompletionRequest) -> ToolUse | None:
     """The functions a chat request offers and how they may be used; what does not add up is a 400."""
     choice = body.tool_choice
     if not body.tools:
-        if choice is not None and choice != "none" and choice != "auto":
+        if choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice requires tools: there is no function to call.", param="tool_choice",
                                  code="invalid_value")
         if body.parallel_tool_calls is not None:

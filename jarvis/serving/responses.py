@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 from jarvis import protocol as wire
 from jarvis import protocol_responses as rwire
 from jarvis.errors import APIError, InvalidRequest, NotFound
@@ -71,26 +69,6 @@ def response_usage(usage: wire.Usage) -> rwire.ResponseUsage:
 # --- request → chat ------------------------------------------------------------------------------------
 
 
-def _parse(model: type[BaseModel], raw: Any, where: str) -> Any:
-    """`raw` as `model`, or the 400 naming the exact place (`input[2].role`) in the request."""
-    if not isinstance(raw, dict):
-        raise InvalidRequest(f"Invalid value for '{where}': expected a JSON object.", param=where,
-                             code="invalid_value")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-        unknown = [e for e in errors if e["type"] == "extra_forbidden"]
-        first = (unknown or errors)[0]
-        param = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        if unknown:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. Jarvis does not support it; "
-                                 "remove it (ignoring it would silently change what was asked for).",
-                                 param=param, code="unrecognized_argument") from None
-        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param,
-                             code="invalid_value") from None
-
-
 def _unsupported(param: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, param=param, code="unsupported_parameter")
 
@@ -111,7 +89,7 @@ def _texts(parts: Any, where: str, allowed: tuple[str, ...]) -> list[dict[str, A
                 + (" (Jarvis serves a text model: images, files and audio are not supported)."
                    if isinstance(kind, str) and kind.startswith("input_") else "."),
                 param=f"{where}[{j}].type", code="invalid_value")
-        part = _parse(rwire.InputText, raw, f"{where}[{j}]")
+        part = validate_body(raw, rwire.InputText, f"{where}[{j}]")
         out.append({"type": part.type, "text": part.text, **({"annotations": []} if part.type == "output_text"
                                                              else {})})
     return out
@@ -127,17 +105,17 @@ def input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"input[{i}]"
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            msg = _parse(rwire.MessageItem, item, where)
+            msg = validate_body(item, rwire.MessageItem, where)
             allowed = ("output_text",) if msg.role == "assistant" else ("input_text",)
             content = _texts(msg.content, f"{where}.content", allowed)
             items.append({"type": "message", "id": msg.id or rwire.new_id("msg"), "role": msg.role,
                           "status": "completed", "content": content})
         elif kind == "function_call":
-            call = _parse(rwire.FunctionCallItem, item, where)
+            call = validate_body(item, rwire.FunctionCallItem, where)
             items.append({"type": "function_call", "id": call.id or rwire.new_id("fc"), "call_id": call.call_id,
                           "name": call.name, "arguments": call.arguments, "status": "completed"})
         elif kind == "function_call_output":
-            out = _parse(rwire.FunctionCallOutputItem, item, where)
+            out = validate_body(item, rwire.FunctionCallOutputItem, where)
             text = out.output if isinstance(out.output, str) else "".join(
                 p["text"] for p in _texts(out.output, f"{where}.output", ("input_text",)))
             items.append({"type": "function_call_output", "id": out.id or rwire.new_id("fco"),
@@ -190,7 +168,7 @@ def function_tools(raw: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
                     else "is not a tool type Jarvis knows")
             raise _unsupported(f"tools[{i}].type", f"tools[{i}].type {kind!r} {what}. Declare a function tool "
                                '({"type": "function", "name", "parameters"}) and run it in your code.')
-        tool = _parse(rwire.FunctionToolParam, item, f"tools[{i}]")
+        tool = validate_body(item, rwire.FunctionToolParam, f"tools[{i}]")
         if any(t["name"] == tool.name for t in tools):
             raise InvalidRequest(f"tools[{i}].name {tool.name!r} is declared twice.", param=f"tools[{i}].name",
                                  code="invalid_value")

@@ -129,7 +129,7 @@ class Tracing:
             attributes["gen_ai.request.max_tokens"] = request.max_tokens
         if request.seed is not None:
             attributes["gen_ai.request.seed"] = request.seed
-        tool_use = getattr(request, "tool_use", None)
+        tool_use = request.tool_use
         if tool_use is not None:
             attributes["jarvis.request.tools"] = [f["name"] for f in tool_use.tools]
             attributes["jarvis.request.tool_choice"] = tool_use.name or tool_use.choice
@@ -148,7 +148,7 @@ class Tracing:
             span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
-            calls = getattr(result, "tool_calls", None) or []
+            calls = result.tool_calls
             if calls:  # GenAI conventions' tool attributes, one event per call
                 span.set_attribute("jarvis.tool_calls.count", len(calls))
                 span.set_attribute("jarvis.tool_calls.names", [c.name or "" for c in calls])

@@ -19,6 +19,8 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from conftest import ENGINE_IDS, serve_engine
+
 pytestmark = pytest.mark.slow
 
 MODEL = "gemma-3-270m"
@@ -50,16 +52,9 @@ class Person(BaseModel):
     address: Address
 
 
-@pytest.fixture(scope="module", params=ENGINES, ids=lambda e: "upstream" if e == "openai" else e)
+@pytest.fixture(scope="module", params=ENGINES, ids=ENGINE_IDS)
 def server(request, jarvis_server):
-    if request.param == "vllm":
-        return request.getfixturevalue("vllm_server")
-    if request.param == "openai":
-        upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN="1024")
-        return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
-    if request.param == "hf":
-        request.getfixturevalue("hf_folder")  # converted before the server's start is timed
-    return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN="1024")
+    return serve_engine(request, jarvis_server, request.param)
 
 
 @pytest.fixture(scope="module")
