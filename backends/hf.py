@@ -10,6 +10,7 @@ its own (`adapter_names`), so base and adapter requests share forward passes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,26 @@ class HfSettings(BaseSettings):
                         json_schema_extra={"fix": "set JARVIS_HF_DECODE to auto, dynamic, static or graphs"})
     threads: int | None = Field(None, ge=1, le=512, description="torch CPU threads; unset = torch's default.",
                                 json_schema_extra={"fix": "set JARVIS_HF_THREADS to a positive integer or unset it"})
+    batching: str = Field("auto", pattern="^(auto|continuous|waves)$",
+                          description="continuous: transformers' ContinuousBatchingManager (requests join the "
+                                      "running batch, paged KV cache shared by common prefixes) for the requests it "
+                                      "covers, waves for the rest; waves: the wave scheduler only; auto = continuous "
+                                      "on CUDA, waves on CPU.",
+                          json_schema_extra={"fix": "set JARVIS_HF_BATCHING to auto, continuous or waves"})
+    page_size: int = Field(256, ge=16, le=4096, description="Tokens per block of the paged KV cache (continuous).",
+                           json_schema_extra={"fix": "set JARVIS_HF_PAGE_SIZE between 16 and 4096"})
+    kv_cache_memory: float = Field(0.9, gt=0, le=0.95,
+                                   description="Share of the free accelerator memory the paged KV cache may take "
+                                               "(continuous, CUDA).",
+                                   json_schema_extra={"fix": "set JARVIS_HF_KV_CACHE_MEMORY above 0 and at most 0.95"})
+    kv_cache_blocks: int | None = Field(None, ge=1, description="Paged KV cache size in blocks of page_size tokens; "
+                                        "unset = from kv_cache_memory on CUDA, max_batch_size full contexts on CPU.",
+                                        json_schema_extra={"fix": "set JARVIS_HF_KV_CACHE_BLOCKS to a positive "
+                                                                  "integer or unset it"})
+    cuda_graphs: str = Field("auto", pattern="^(auto|on|off)$",
+                             description="CUDA graphs in continuous batching; auto = transformers' choice (off for "
+                                         "attention that needs a mask, as sdpa does).",
+                             json_schema_extra={"fix": "set JARVIS_HF_CUDA_GRAPHS to auto, on or off"})
 
 
 def resolve_device(setting: str) -> str:
@@ -111,12 +132,21 @@ class HfEngine(Engine):
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.quantization = quantization_config(self.options.quantization, self.device)
+        # On CPU, transformers' per-request top-k / top-p processors sort the whole vocabulary for every row and
+        # step, which costs more than a small model's forward pass: waves sample faster there.
+        self.continuous = self.options.batching == "continuous" or (
+            self.options.batching == "auto" and self.device.startswith("cuda"))
         self.decode = self.options.decode
         if self.decode == "auto":
-            self.decode = "graphs" if self.device.startswith("cuda") else "dynamic"
+            self.decode = "graphs" if self.device.startswith("cuda") and not self.continuous else "dynamic"
         if self.decode == "graphs" and not self.device.startswith("cuda"):
             raise ConfigError("JARVIS_HF_DECODE", "graphs", "CUDA graphs need a CUDA device",
                               "set JARVIS_HF_DECODE=static or dynamic on CPU")
+        if self.decode == "graphs" and self.continuous:
+            raise ConfigError("JARVIS_HF_DECODE", "graphs", "the waves' CUDA graph capture cannot run beside "
+                              "continuous batching's generation thread on the same device",
+                              "set JARVIS_HF_BATCHING=waves to decode waves with CUDA graphs, or leave "
+                              "JARVIS_HF_DECODE=auto (dynamic waves for what continuous batching does not cover)")
         self.folder: Path | None = None
         if settings.model_name is not None:
             self.folder = Path(settings.model_name).expanduser()
@@ -128,6 +158,9 @@ class HfEngine(Engine):
         self._scheduler: Any = None
         self._info: ModelInfo | None = None
         self._masks: Any = None
+        self._continuous: Any = None
+        self._paths: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -145,9 +178,11 @@ class HfEngine(Engine):
             torch.set_num_threads(self.options.threads)
         folder = self.folder or embedded_hf_model(self.settings.data_dir)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        # sdpa reads both the paged cache of continuous batching and the waves' caches, so one model serves both
+        attention = {"attn_implementation": "sdpa"} if self.continuous else {}
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=self.dtype, quantization_config=self.quantization,
-            device_map=self.device if self.quantization else None)
+            device_map=self.device if self.quantization else None, **attention)
         if not self.quantization:
             model.to(self.device)
         model.eval()
@@ -165,6 +200,15 @@ class HfEngine(Engine):
                                          self.options.batch_wait_ms / 1000, decode=self.decode,
                                          max_len=self.settings.max_model_len)
         self._scheduler.start()
+        if self.continuous:
+            from jarvis.backends.hf_continuous import ContinuousBatcher
+
+            o = self.options
+            self._continuous = ContinuousBatcher(
+                self._handle, o.max_batch_size, self.settings.max_model_len, page_size=o.page_size,
+                kv_cache_memory=o.kv_cache_memory, kv_cache_blocks=o.kv_cache_blocks,
+                cuda_graphs={"auto": None, "on": True, "off": False}[o.cuda_graphs])
+            self._continuous.start()
         model_id = folder.name.removesuffix("-hf") if self.folder is None else folder.name
         self._info = ModelInfo(
             id=model_id, max_model_len=self.settings.max_model_len, path=str(folder),
@@ -174,8 +218,13 @@ class HfEngine(Engine):
         log.info("transformers loaded %s on %s (%s)", folder, self.device, self.dtype)
 
     async def stop(self) -> None:
+        if self._continuous is not None:
+            await asyncio.to_thread(self._continuous.stop)
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
+
+    def health_problem(self) -> str | None:
+        return self._continuous.health_problem() if self._continuous is not None else None
 
     def model_info(self) -> ModelInfo:
         if self._info is None:
@@ -199,21 +248,41 @@ class HfEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
                 "quantization": self.options.quantization,
-                "batching": {"kind": "dynamic (waves, per-row finishing)", "decode": self._scheduler.decode
-                             if self._scheduler else None,
+                "batching": {"kind": "continuous (transformers' ContinuousBatchingManager) and waves for what "
+                                     "it does not cover" if self.continuous else "dynamic (waves, per-row finishing)",
+                             "decode": self._scheduler.decode if self._scheduler else None,
                              "max_batch_size": self.options.max_batch_size,
                              "batch_wait_ms": self.options.batch_wait_ms,
                              "waves": self._scheduler.waves if self._scheduler else 0,
-                             "forward_passes": self.stats.forward_passes}}
+                             "forward_passes": self.stats.forward_passes,
+                             "continuous": self._continuous.describe() if self._continuous else None,
+                             "served_by": dict(self._paths), "recent": list(self._recent)}}
 
     # --- generation ------------------------------------------------------------------------------
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         relay = WorkerRelay()
         ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
-        self._scheduler.submit(request, ids, relay.emit, relay.cancelled)
+        path, reason = self._route(request, ids, relay)
+        self._paths[path] += 1
+        self._recent.append({"request_id": request.request_id, "path": path, "reason": reason})
         async for chunk in relay.chunks():
             yield chunk
+
+    def _route(self, request: GenerationRequest, ids: list[int], relay: WorkerRelay) -> tuple[str, str | None]:
+        """Continuous batching when it covers the request, else the waves: the path taken, and why not the first."""
+        from jarvis.backends.hf_continuous import uncovered
+
+        if self._continuous is None:
+            reason = "JARVIS_HF_BATCHING=waves"
+        else:
+            reason = uncovered(request) or ("adapter loaded" if self._handle.has_adapters else None)
+            if reason is None:
+                if self._continuous.submit(request, ids, relay.emit, relay.cancelled):
+                    return "continuous", None
+                reason = "adapter loading"
+        self._scheduler.submit(request, ids, relay.emit, relay.cancelled)
+        return "waves", reason
 
     # --- adapters --------------------------------------------------------------------------------
 
@@ -224,12 +293,18 @@ class HfEngine(Engine):
         from peft import PeftModel
 
         h = self._handle
-        with h.lock:
-            if hasattr(h.model, "peft_config"):
-                h.model.load_adapter(adapter.path, adapter_name=adapter.name)
-            else:
-                h.model = PeftModel.from_pretrained(h.model, adapter.path, adapter_name=adapter.name)
-            h.model.eval()
+        if self._continuous is not None:  # it runs the plain model: let its requests finish first
+            self._continuous.pause()
+        try:
+            with h.lock:
+                if hasattr(h.model, "peft_config"):
+                    h.model.load_adapter(adapter.path, adapter_name=adapter.name)
+                else:
+                    h.model = PeftModel.from_pretrained(h.model, adapter.path, adapter_name=adapter.name)
+                h.model.eval()
+        finally:
+            if self._continuous is not None and not h.has_adapters:  # the first adapter failed to load
+                self._continuous.resume()
 
     async def unload_adapter(self, name: str) -> None:
         def unload() -> None:
@@ -238,6 +313,8 @@ class HfEngine(Engine):
                 remaining = [n for n in h.model.peft_config if n != name]
                 if not remaining:  # back to the plain base model, LoRA layers removed
                     h.model = h.model.unload()
+                    if self._continuous is not None:
+                        self._continuous.resume()
                     return
                 h.model.delete_adapter(name)
                 if h.model.active_adapter not in remaining:
