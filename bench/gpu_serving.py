@@ -1,20 +1,25 @@
-"""Jarvis's vLLM engine vs `vllm serve` on one GPU: the same model, the same engine arguments, `vllm bench serve`.
+"""Jarvis's engines vs `vllm serve` on one GPU: the same model, the same engine arguments, `vllm bench serve`.
 
   raw     `vllm serve MODEL` with the engine arguments Jarvis plans for the settings below, as CLI flags;
-  jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL.
+  jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL;
+  hf      `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=hf (bf16, continuous batching), --sides raw,hf.
 
 The model is random weights of a real shape (Gemma-3-270M from bench/gemma3_270m_config.json, or Llama-3-8B
-with its vocabulary widened to the tokenizer's), bf16, saved with the embedded model's tokenizer. Both
-servers run at once (JARVIS_VLLM_GPU_MEMORY_UTILIZATION each, default 0.4), each in its own process session
-so a later call can reuse them (--keep-servers, then --reuse). `vllm bench serve --backend openai
---ignore-eos` (dropped for both sides when Jarvis refuses the field; random prompts, 256 in / 128 out by
-default) drives one server at a time, alternating which goes first at each concurrency level; the table gives
-raw, jarvis and jarvis/raw for output tokens/s, TTFT, TPOT and ITL (p50, p99), and single-stream TPOT against
-the memory-bandwidth floor (weight bytes / 4.3 TB/s).
+with its vocabulary widened to the tokenizer's), bf16, saved with the embedded model's tokenizer, or real
+weights: the embedded GGUF (--gguf) converted on the host. The servers run at once (the vLLM ones with
+JARVIS_VLLM_GPU_MEMORY_UTILIZATION each, default 0.4; the hf one starts after them and takes
+--hf-kv-cache-memory of what they leave), each in its own process session so a later call can reuse them
+(--keep-servers, then --reuse). `vllm bench serve --backend openai --ignore-eos` (dropped for every side when
+Jarvis refuses the field; random prompts, 256 in / 128 out by default, temperature 1) drives one server at a
+time, alternating which goes first at each level: concurrency levels (--concurrency) and request rates
+(--rates, Poisson arrivals). The tables give raw, the side and side/raw for output tokens/s, TTFT, TPOT and ITL
+(p50, p99), the goals each side is held to, and single-stream TPOT against the memory-bandwidth floor (weight
+bytes / 4.3 TB/s).
 
     python bench/gpu_serving.py --tokenizer DIR [--shape gemma3-270m|llama3-8b] [--concurrency 1,16,64,256]
-    python bench/gpu_serving.py --dry-run        # no GPU: the plan, the two commands, the bench command
-    python bench/gpu_serving.py --report DIR     # no GPU: the table again from a run's saved results
+    python bench/gpu_serving.py --gguf FILE --sides raw,hf --concurrency 1,16,64 --rates 8,32
+    python bench/gpu_serving.py --dry-run        # no GPU: the plan, the commands, the bench command
+    python bench/gpu_serving.py --report DIR     # no GPU: the tables again from a run's saved results
 
 A GPU host needs vllm (the `vllm` module and its `bench serve`) and Jarvis installed; see ../shared/gpu.
 """
@@ -52,7 +57,9 @@ BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 
 METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
            ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
            ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
-SIDES = ("raw", "jarvis")
+SIDES = ("raw", "jarvis", "hf")  # raw `vllm serve`; Jarvis on its vllm engine; Jarvis on its transformers engine
+GOALS = {"jarvis": "tok/s ≥ 0.98× raw and TTFT p50 ≤ 1.05× at every level; single-stream TPOT ≤ 1.05×",
+         "hf": "tok/s ≥ 0.5× raw vLLM and TTFT p50 ≤ 2× at C=16 and C=64"}
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -111,6 +118,16 @@ def make_model(shape: str, tokenizer_dir: Path, folder: Path) -> Path:
     return folder
 
 
+def convert_gguf(gguf: Path, folder: Path) -> Path:
+    """The GGUF's weights as a transformers folder (Jarvis's converter; kept when already there)."""
+    if not (folder / "config.json").is_file():
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "jarvis", "models", "convert", "--gguf", str(gguf), "--out",
+                        str(folder)], check=True)
+        print(f"converted {gguf.name} in {time.monotonic() - started:.0f} s: {folder}")
+    return folder
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
@@ -119,10 +136,24 @@ def weight_bytes(folder: Path) -> int:
 
 
 def jarvis_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, str]:
+    """The vllm side's settings; they also give the engine arguments both vLLM servers run."""
     return {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": name,
             "JARVIS_VLLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),
             "JARVIS_MAX_MODEL_LEN": str(args.max_model_len), "JARVIS_VLLM_DTYPE": "bf16",
             "JARVIS_VLLM_ENABLE_LORA": "false", **dict(kv.split("=", 1) for kv in args.set)}
+
+
+def hf_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, str]:
+    """The transformers side: bf16 on the GPU, continuous batching with rows for the highest level."""
+    return {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": name,
+            "JARVIS_DEVICE": "cuda", "JARVIS_DTYPE": "bf16", "JARVIS_MAX_MODEL_LEN": str(args.max_model_len),
+            "JARVIS_HF_MAX_BATCH_SIZE": str(min(256, max(levels_of(args.concurrency)))),
+            "JARVIS_HF_KV_CACHE_MEMORY": str(args.hf_kv_cache_memory),
+            **dict(kv.split("=", 1) for kv in args.set_hf)}
+
+
+def levels_of(spec: str) -> list[int]:
+    return [int(c) for c in spec.split(",") if c]
 
 
 def planned(settings: dict[str, str], folder: Path, assume_h200: bool) -> tuple[dict[str, Any], dict[str, str]]:
@@ -168,34 +199,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dict[str, str], work: Path,
+def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dict[str, dict[str, str]], work: Path,
              ports: dict[str, int]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """What each side runs, and the environment it adds (only these JARVIS_* reach Jarvis)."""
+    """What each side in `ports` runs, and the environment it adds (only these JARVIS_* reach Jarvis)."""
     raw = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(ports["raw"]), "--served-model-name", name, *cli_flags(engine_args)]
+           "--port", str(ports.get("raw", 0)), "--served-model-name", name, *cli_flags(engine_args)]
     jarvis = [sys.executable, "-m", "jarvis", "serve"]
-    return {"raw": (raw, {"VLLM_CACHE_ROOT": str(work / "vllm-cache-raw")}),
-            "jarvis": (jarvis, {**settings, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(ports["jarvis"]),
+    every = {"raw": (raw, {"VLLM_CACHE_ROOT": str(work / "vllm-cache-raw")})}
+    for side in ("jarvis", "hf"):
+        every[side] = (jarvis, {**settings[side], "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(ports.get(side, 0)),
                                 "JARVIS_DATA_DIR": str(work / "jarvis-data"),
-                                "JARVIS_STATE_DIR": str(work / "jarvis-state"),
-                                "VLLM_CACHE_ROOT": str(work / "vllm-cache-jarvis")})}
+                                "JARVIS_STATE_DIR": str(work / f"jarvis-state-{side}"),
+                                "VLLM_CACHE_ROOT": str(work / "vllm-cache-jarvis")})
+    return {side: every[side] for side in ports}
 
 
 def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env: dict[str, str],
-                  settings: dict[str, str], work: Path, timeout_s: float) -> dict[str, Any]:
-    """Both servers at once, each in a new process session (it outlives this script); ready or their logs."""
-    ports = {side: free_port() for side in SIDES}
+                  settings: dict[str, dict[str, str]], work: Path, sides: tuple[str, ...],
+                  timeout_s: float) -> dict[str, Any]:
+    """The vLLM servers at once, then the transformers one (it sizes its KV cache from the memory they leave),
+    each in a new process session (it outlives this script); ready or their logs."""
+    ports = {side: free_port() for side in sides}
     base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
-    state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {}}
-    for side, (command, extra) in commands(folder, name, engine_args, settings, work, ports).items():
-        log = work / f"{side}.log"
-        env = {**base, **plan_env, **extra}
-        process = subprocess.Popen(command, env=env, cwd=work, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        state["servers"][side] = {"pid": process.pid, "port": ports[side], "log": str(log), "command": command}
-        print(f"started {side} (pid {process.pid}, port {ports[side]}): {' '.join(command)}")
-    (work / "state.json").write_text(json.dumps(state, indent=2))
-    wait_ready(state, timeout_s)
+    state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {},
+                             "sides": list(sides)}
+    for group in ([s for s in sides if s != "hf"], [s for s in sides if s == "hf"]):
+        for side, (command, extra) in commands(folder, name, engine_args, settings, work,
+                                               {s: ports[s] for s in group}).items():
+            log = work / f"{side}.log"
+            env = {**base, **plan_env, **extra}
+            process = subprocess.Popen(command, env=env, cwd=work, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            state["servers"][side] = {"pid": process.pid, "port": ports[side], "log": str(log), "command": command}
+            print(f"started {side} (pid {process.pid}, port {ports[side]}): {' '.join(command)}")
+        (work / "state.json").write_text(json.dumps(state, indent=2))
+        wait_ready(state, timeout_s)
     return state
 
 
@@ -221,7 +259,7 @@ def ready(side: str, port: int) -> bool:
 
 
 def wait_ready(state: dict[str, Any], timeout_s: float) -> None:
-    started, waiting = time.monotonic(), set(SIDES)
+    started, waiting = time.monotonic(), set(state["servers"])
     while waiting:
         for side in sorted(waiting):
             server = state["servers"][side]
@@ -264,17 +302,20 @@ def parity(state: dict[str, Any]) -> dict[str, Any]:
     tokens = {side: re.findall(r"max_num_batched_tokens=(\d+)", Path(s["log"]).read_text())
               for side, s in state["servers"].items()}
     report: dict[str, Any] = {"max_num_batched_tokens": {s: t[-1] if t else None for s, t in tokens.items()}}
-    if lines["raw"] and lines["jarvis"]:
+    if lines.get("raw") and lines.get("jarvis"):
         raw_items, jarvis_items = lines["raw"].split(", "), lines["jarvis"].split(", ")
         report["engine_config_identical"] = raw_items == jarvis_items
         report["only_raw"] = [i for i in raw_items if i not in jarvis_items]
         report["only_jarvis"] = [i for i in jarvis_items if i not in raw_items]
         report["engine_config"] = lines["raw"]
-    try:
-        report["jarvis_engine"] = httpx.get(f"http://127.0.0.1:{state['servers']['jarvis']['port']}/v1/engine",
-                                            timeout=10).json()
-    except (httpx.HTTPError, ValueError) as exc:
-        report["jarvis_engine"] = f"unavailable: {exc}"
+    for side in ("jarvis", "hf"):
+        if side not in state["servers"]:
+            continue
+        try:
+            report[f"{side}_engine"] = httpx.get(f"http://127.0.0.1:{state['servers'][side]['port']}/v1/engine",
+                                                 timeout=10).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            report[f"{side}_engine"] = f"unavailable: {exc}"
     return report
 
 
@@ -282,18 +323,23 @@ def parity(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def jarvis_takes_ignore_eos(state: dict[str, Any]) -> tuple[bool, str]:
-    """Whether Jarvis accepts vLLM's `ignore_eos` (one 1-token request); both sides get it only if it does."""
+    """Whether every Jarvis side accepts vLLM's `ignore_eos` (one 1-token request); all sides get it only if so."""
     body = {"model": state["name"], "prompt": "Hello", "max_tokens": 1, "ignore_eos": True}
-    try:
-        response = httpx.post(f"http://127.0.0.1:{state['servers']['jarvis']['port']}/v1/completions", json=body,
-                              timeout=60)
-    except httpx.HTTPError as exc:
-        return False, str(exc)
-    return response.status_code == 200, f"{response.status_code} {response.text[:300]}"
+    for side in ("jarvis", "hf"):
+        if side not in state["servers"]:
+            continue
+        try:
+            response = httpx.post(f"http://127.0.0.1:{state['servers'][side]['port']}/v1/completions", json=body,
+                                  timeout=60)
+        except httpx.HTTPError as exc:
+            return False, f"{side}: {exc}"
+        if response.status_code != 200:
+            return False, f"{side}: {response.status_code} {response.text[:300]}"
+    return True, "200"
 
 
 def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: int, args: argparse.Namespace,
-                  result_dir: Path, filename: str) -> list[str]:
+                  result_dir: Path, filename: str, rate: float | None = None) -> list[str]:
     if state.get("ignore_eos", True):
         data = ["--dataset-name", "random", "--random-input-len", str(args.input_len),
                 "--random-output-len", str(args.output_len), "--ignore-eos"]
@@ -303,7 +349,7 @@ def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: i
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", f"http://127.0.0.1:{state['servers'][side]['port']}", "--endpoint", "/v1/completions",
             "--model", state["name"], "--tokenizer", state["model"], *data, "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            *(["--request-rate", str(rate)] if rate else []), "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
             "--result-filename", filename]
 
@@ -358,13 +404,25 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def load_results(result_dir: Path) -> dict[int, dict[str, list[dict[str, float]]]]:
-    """{concurrency: {side: [summary per round]}} from the files `vllm bench serve` saved."""
-    results: dict[int, dict[str, list[dict[str, float]]]] = {}
-    for f in sorted(result_dir.glob("*-c*-r*.json")):
-        side, c, _ = re.match(r"(raw|jarvis)-c(\d+)-r(\d+)\.json", f.name).groups()
-        results.setdefault(int(c), {}).setdefault(side, []).append(summarize(json.loads(f.read_text())))
-    return results
+Level = tuple[str, float]  # ("c", concurrency) or ("q", request rate per second)
+
+
+def level_name(level: Level) -> str:
+    kind, value = level
+    return f"C={value:g}" if kind == "c" else f"{value:g}/s"
+
+
+def load_results(result_dir: Path) -> dict[Level, dict[str, list[dict[str, float]]]]:
+    """{level: {side: [summary per round]}} from the files `vllm bench serve` saved."""
+    results: dict[Level, dict[str, list[dict[str, float]]]] = {}
+    for f in sorted(result_dir.glob("*-r*.json")):
+        match = re.match(r"(raw|jarvis|hf)-([cq])([\d.]+)-r(\d+)\.json", f.name)
+        if match is None:
+            continue
+        side, kind, value, _ = match.groups()
+        level = (kind, float(value))
+        results.setdefault(level, {}).setdefault(side, []).append(summarize(json.loads(f.read_text())))
+    return dict(sorted(results.items()))
 
 
 def median_of(rounds: list[dict[str, float]], key: str) -> float | None:
@@ -372,79 +430,103 @@ def median_of(rounds: list[dict[str, float]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def ratio_table(results: dict[int, dict[str, list[dict[str, float]]]]) -> str:
-    """One row per concurrency: raw, jarvis, jarvis/raw for each metric (times in ms; median of rounds)."""
-    head = f"{'C':>4} " + " ".join(f"{label:^26}" for label, _, _ in METRICS)
-    sub = f"{'':>4} " + " ".join(f"{'raw':>9}{'jarvis':>9}{'ratio':>8}" for _ in METRICS)
-    rows = [head, sub]
-    for c in sorted(results):
-        sides = results[c]
-        if not all(s in sides for s in SIDES):
+def ratio(sides: dict[str, list[dict[str, float]]], side: str, key: str) -> float | None:
+    mine, raw = median_of(sides.get(side, []), key), median_of(sides.get("raw", []), key)
+    return mine / raw if mine is not None and raw else None
+
+
+def ratio_table(results: dict[Level, dict[str, list[dict[str, float]]]], side: str) -> str:
+    """One row per level: raw, `side`, side/raw for each metric (times in ms; median of rounds)."""
+    head = f"{'level':>7} " + " ".join(f"{label:^26}" for label, _, _ in METRICS)
+    sub = f"{'':>7} " + " ".join(f"{'raw':>9}{side:>9}{'ratio':>8}" for _ in METRICS)
+    rows = [f"{side} vs raw vLLM", head, sub]
+    for level, sides in results.items():
+        if "raw" not in sides or side not in sides:
             continue
         cells = []
         for _, key, _ in METRICS:
-            raw, jarvis = median_of(sides["raw"], key), median_of(sides["jarvis"], key)
-            ratio = f"{jarvis / raw:8.3f}" if raw and jarvis is not None else f"{'-':>8}"
+            raw, mine, r = median_of(sides["raw"], key), median_of(sides[side], key), ratio(sides, side, key)
             digits = 0 if key == "output_throughput" else 2
-            cells.append(f"{raw:9.{digits}f}{jarvis:9.{digits}f}{ratio}" if raw is not None and jarvis is not None
-                         else f"{'-':>26}")
-        rows.append(f"{c:>4} " + " ".join(cells))
+            cells.append(f"{raw:9.{digits}f}{mine:9.{digits}f}" + (f"{r:8.3f}" if r is not None else f"{'-':>8}")
+                         if raw is not None and mine is not None else f"{'-':>26}")
+        rows.append(f"{level_name(level):>7} " + " ".join(cells))
     return "\n".join(rows)
 
 
-def goals(results: dict[int, dict[str, list[dict[str, float]]]], weights: int | None, output_len: int) -> str:
-    """The targets: tok/s ratio ≥ 0.98 and TTFT p50 ≤ 1.05× at every level, single-stream TPOT ≤ 1.05×."""
+def check(value: float | None, limit: float, at_least: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ({'ok' if (value >= limit if at_least else value <= limit) else 'MISS'} " \
+           f"{'≥' if at_least else '≤'}{limit:g})"
+
+
+def goals(results: dict[Level, dict[str, list[dict[str, float]]]], weights: int | None, output_len: int) -> str:
+    """The targets of each side against raw vLLM (GOALS), and single-stream decode against the bandwidth floor."""
     lines = []
-    for c in sorted(results):
-        sides = results[c]
-        if not all(s in sides for s in SIDES):
+    for side in ("jarvis", "hf"):
+        rows = {level: sides for level, sides in results.items() if side in sides and "raw" in sides}
+        if not rows:
             continue
-        if not (median_of(sides["raw"], "output_throughput") and median_of(sides["jarvis"], "output_throughput")):
-            lines.append(f"C={c:<4} no completed requests on one side: see its log under logs/")
-            continue
-        tps = median_of(sides["jarvis"], "output_throughput") / median_of(sides["raw"], "output_throughput")
-        ttft = median_of(sides["jarvis"], "ttft_p50") / median_of(sides["raw"], "ttft_p50")
-        line = (f"C={c:<4} tok/s ratio {tps:.3f} ({'ok' if tps >= 0.98 else 'MISS'} ≥0.98)   "
-                f"TTFT p50 ratio {ttft:.3f} ({'ok' if ttft <= 1.05 else 'MISS'} ≤1.05)")
-        if c == 1:
-            tpot = median_of(sides["jarvis"], "tpot_p50") / median_of(sides["raw"], "tpot_p50")
-            line += f"   TPOT p50 ratio {tpot:.3f} ({'ok' if tpot <= 1.05 else 'MISS'} ≤1.05)"
-        short = [s for s in SIDES for r in sides[s] if r.get("completed") and r.get("total_output_tokens")
-                 and r["total_output_tokens"] < r["completed"] * output_len]
-        if short:
-            line += f"   (fewer output tokens than asked on: {', '.join(sorted(set(short)))})"
-        lines.append(line)
-    if weights and 1 in results and all(s in results[1] for s in SIDES):
-        floor_ms = weights / (BANDWIDTH_TB_S * 1e12) * 1e3
-        for side in SIDES:
-            tpot = median_of(results[1][side], "tpot_p50")
-            if not tpot:
+        lines.append(f"{side}: {GOALS[side]}")
+        for level, sides in rows.items():
+            if not (median_of(sides["raw"], "output_throughput") and median_of(sides[side], "output_throughput")):
+                lines.append(f"  {level_name(level):<7} no completed requests on one side: see its log under logs/")
                 continue
-            lines.append(f"single-stream decode {side}: TPOT p50 {tpot:.3f} ms vs bandwidth floor {floor_ms:.3f} ms "
-                         f"({weights / 2**30:.2f} GiB of weights / {BANDWIDTH_TB_S} TB/s): {tpot / floor_ms:.1f}× the floor")
+            if side == "hf" and level not in (("c", 16.0), ("c", 64.0)):
+                continue
+            tps, ttft = ratio(sides, side, "output_throughput"), ratio(sides, side, "ttft_p50")
+            line = (f"  {level_name(level):<7} tok/s ratio {check(tps, 0.98 if side == 'jarvis' else 0.5, True)}   "
+                    f"TTFT p50 ratio {check(ttft, 1.05 if side == 'jarvis' else 2.0, False)}")
+            if side == "jarvis" and level == ("c", 1.0):
+                line += f"   TPOT p50 ratio {check(ratio(sides, side, 'tpot_p50'), 1.05, False)}"
+            short = [s for s in ("raw", side) for r in sides[s] if r.get("completed") and r.get("total_output_tokens")
+                     and r["total_output_tokens"] < r["completed"] * output_len]
+            if short:
+                line += f"   (fewer output tokens than asked on: {', '.join(sorted(set(short)))})"
+            lines.append(line)
+    single = results.get(("c", 1.0), {})
+    if weights and single:
+        floor_ms = weights / (BANDWIDTH_TB_S * 1e12) * 1e3
+        for side, rounds in single.items():
+            tpot = median_of(rounds, "tpot_p50")
+            if tpot:
+                lines.append(f"single-stream decode {side}: TPOT p50 {tpot:.3f} ms vs bandwidth floor {floor_ms:.3f} "
+                             f"ms ({weights / 2**30:.2f} GiB of weights / {BANDWIDTH_TB_S} TB/s): "
+                             f"{tpot / floor_ms:.1f}× the floor")
     return "\n".join(lines)
+
+
+def run_levels(args: argparse.Namespace) -> list[Level]:
+    return [("c", float(c)) for c in levels_of(args.concurrency)] + \
+           [("q", float(q)) for q in args.rates.split(",") if q]
 
 
 def benchmark(state: dict[str, Any], args: argparse.Namespace, result_dir: Path, deadline: float) -> None:
     result_dir.mkdir(parents=True, exist_ok=True)
     logs = result_dir / "logs"
     logs.mkdir(exist_ok=True)
-    for side in SIDES:  # warm-up, not counted: first requests, tokenizer caches, lazily built paths
+    sides = tuple(state["sides"])
+    for side in sides:  # warm-up, not counted: first requests, tokenizer caches, lazily built paths
         run_bench(bench_command(side, state, 8, 16, args, logs, f"warmup-{side}.json"), logs / f"warmup-{side}.log")
-    levels = [int(c) for c in args.concurrency.split(",")]
+    rate_concurrency = max(levels_of(args.concurrency))
     for r in range(args.rounds):
-        for i, c in enumerate(levels):
-            order = SIDES if (i + r) % 2 == 0 else SIDES[::-1]
+        for i, (kind, value) in enumerate(run_levels(args)):
+            order = sides if (i + r) % 2 == 0 else sides[::-1]
             for side in order:
-                name = f"{side}-c{c}-r{r}"
+                name = f"{side}-{kind}{value:g}-r{r}"
                 if (result_dir / f"{name}.json").is_file():
                     continue  # done by an earlier call (--reuse)
                 if time.monotonic() > deadline:
                     print(f"deadline reached: {name} and later runs not done (rerun with --reuse)")
                     return
                 started = time.monotonic()
-                run_bench(bench_command(side, state, c, prompts_for(c, args), args, result_dir, f"{name}.json"),
-                          logs / f"{name}.log")
+                if kind == "c":
+                    command = bench_command(side, state, int(value), prompts_for(int(value), args), args, result_dir,
+                                            f"{name}.json")
+                else:  # arrivals at `value` per second (Poisson), at most the highest concurrency level at once
+                    command = bench_command(side, state, rate_concurrency, max(args.min_prompts, int(value * 10)),
+                                            args, result_dir, f"{name}.json", rate=value)
+                run_bench(command, logs / f"{name}.log")
                 s = summarize(json.loads((result_dir / f"{name}.json").read_text()))
                 print(f"{name}: {s['output_throughput']:.0f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, TPOT p50 "
                       f"{s['tpot_p50']:.2f} ms ({time.monotonic() - started:.0f} s)", flush=True)
@@ -462,7 +544,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tokenizer_config.json; default: the embedded model's converted tokenizer")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_serving",
                         help="where the model, logs and results go (default: %(default)s)")
+    parser.add_argument("--sides", default="raw,jarvis", help="servers to compare, comma-separated, raw first: raw "
+                        "(vllm serve), jarvis (Jarvis's vllm engine), hf (Jarvis's transformers engine)")
+    parser.add_argument("--gguf", type=Path, help="real weights: a GGUF file (the embedded model's) converted on the "
+                        "host with `jarvis models convert`; default: random weights of --shape")
     parser.add_argument("--concurrency", default="1,16,64,256", help="levels, comma-separated")
+    parser.add_argument("--rates", default="", help="request rates per second (Poisson arrivals), comma-separated, "
+                        "each at most the highest --concurrency at once")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--waves", type=int, default=4, help="prompts per level = max(min-prompts, waves × C)")
@@ -472,6 +560,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--set", action="append", default=[], metavar="JARVIS_VLLM_X=V",
                         help="another Jarvis setting, for both servers (it changes the planned engine arguments)")
+    parser.add_argument("--set-hf", action="append", default=[], metavar="JARVIS_HF_X=V",
+                        help="another setting of the hf side")
+    parser.add_argument("--hf-kv-cache-memory", type=float, default=0.5,
+                        help="the hf side's share of the GPU memory the vLLM servers leave (default %(default)s)")
     parser.add_argument("--ready-timeout", type=float, default=420)
     parser.add_argument("--budget", type=float, default=540, help="seconds; no new bench run starts after it")
     parser.add_argument("--keep-servers", action="store_true", help="leave both servers running at the end")
@@ -482,22 +574,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                         help="a folder for results.tgz (default: $OUT when set)")
     args = parser.parse_args(argv)
-    for kv in args.set:
+    for kv in args.set + args.set_hf:
         if "=" not in kv or not kv.startswith("JARVIS_"):
-            parser.error(f"--set takes JARVIS_NAME=VALUE, not {kv!r}")
+            parser.error(f"--set and --set-hf take JARVIS_NAME=VALUE, not {kv!r}")
     try:
-        levels = [int(c) for c in args.concurrency.split(",")]
+        levels = levels_of(args.concurrency)
+        rates = [float(q) for q in args.rates.split(",") if q]
     except ValueError:
-        parser.error(f"--concurrency takes integers separated by commas, not {args.concurrency!r}")
-    if not levels or min(levels) < 1:
-        parser.error("--concurrency levels must be ≥ 1")
+        parser.error("--concurrency takes integers and --rates numbers, separated by commas")
+    if not levels or min(levels) < 1 or any(q <= 0 for q in rates):
+        parser.error("--concurrency levels must be ≥ 1 and --rates above 0")
+    args.sides = tuple(args.sides.split(","))
+    if args.sides[0] != "raw" or len(args.sides) < 2 or not set(args.sides) <= set(SIDES):
+        parser.error(f"--sides is raw and one or more of {', '.join(SIDES[1:])}, raw first")
     return args
 
 
 def print_report(result_dir: Path, weights: int | None, output_len: int) -> None:
     results = load_results(result_dir)
-    print("\n" + ratio_table(results) + "\n")
-    print(goals(results, weights, output_len))
+    present = {side for sides in results.values() for side in sides}
+    for side in ("jarvis", "hf"):
+        if side in present:
+            print("\n" + ratio_table(results, side))
+    print("\n" + goals(results, weights, output_len))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -507,20 +606,21 @@ def main(argv: list[str] | None = None) -> None:
         print_report(args.report, meta.get("weight_bytes"), meta.get("output_len", args.output_len))
         return
     started = time.monotonic()
-    work = args.work / args.shape
+    label = "gemma-3-270m" if args.gguf else args.shape
+    work = args.work / label
     work.mkdir(parents=True, exist_ok=True)
-    name = f"random-{args.shape}"
+    name = label if args.gguf else f"random-{args.shape}"
     folder = work / name
     if args.dry_run:
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / name
             probe.mkdir()
             (probe / "config.json").write_text(json.dumps(shape_config(args.shape, 262144, 2, 1)))
-            settings = jarvis_settings(folder, name, args)
-            engine_args, env = planned(settings, probe, assume_h200=True)
+            settings = {"jarvis": jarvis_settings(folder, name, args), "hf": hf_settings(folder, name, args)}
+            engine_args, env = planned(settings["jarvis"], probe, assume_h200=True)
         print(f"engine arguments (planned for one H200): {json.dumps(engine_args)}\nenvironment: {env}")
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
-                                               {"raw": 8001, "jarvis": 8002}).items():
+                                               {s: 8001 + i for i, s in enumerate(args.sides)}).items():
             print(f"{side}: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(command)}")
         state = {"servers": {s: {"port": p} for s, p in (("raw", 8001), ("jarvis", 8002))}, "model": str(folder),
                  "name": name}
@@ -538,12 +638,15 @@ def main(argv: list[str] | None = None) -> None:
         pids = ", ".join(f"{side} pid {server['pid']}" for side, server in state["servers"].items())
         print(f"reusing servers: {pids}")
     else:
-        source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
-        make_model(args.shape, tokenizer_folder(source, work), folder)
-        settings = jarvis_settings(folder, name, args)
-        engine_args, env = planned(settings, folder, assume_h200=False)
-        print(f"engine arguments, both servers: {json.dumps(engine_args)}")
-        state = start_servers(folder, name, engine_args, env, settings, work, args.ready_timeout)
+        if args.gguf:
+            convert_gguf(args.gguf, folder)
+        else:
+            source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
+            make_model(args.shape, tokenizer_folder(source, work), folder)
+        settings = {"jarvis": jarvis_settings(folder, name, args), "hf": hf_settings(folder, name, args)}
+        engine_args, env = planned(settings["jarvis"], folder, assume_h200=False)
+        print(f"engine arguments, both vLLM servers: {json.dumps(engine_args)}")
+        state = start_servers(folder, name, engine_args, env, settings, work, args.sides, args.ready_timeout)
     result_dir = work / "results"
     result_dir.mkdir(exist_ok=True)
     report = parity(state)
@@ -563,8 +666,10 @@ def main(argv: list[str] | None = None) -> None:
         most = max(prompts_for(int(c), args) for c in args.concurrency.split(","))
         state["prompts"] = random_prompts(Path(state["model"]), most, args.input_len, work / "prompts.jsonl")
     weights = weight_bytes(Path(state["model"]))
+    if args.gguf:  # the converted folder is float32; every side serves it in bf16
+        weights //= 2
     (result_dir / "meta.json").write_text(json.dumps({
-        "shape": args.shape, "weight_bytes": weights, "engine_args": state["engine_args"],
+        "shape": label, "sides": state["sides"], "weight_bytes": weights, "engine_args": state["engine_args"],
         "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
         "ignore_eos": state["ignore_eos"]}, indent=2))
     try:
@@ -577,9 +682,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(server["log"], result_dir / "logs" / f"server-{side}.log")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(args.out / f"gpu_serving-{args.shape}.tgz", "w:gz") as tar:
-                tar.add(result_dir, arcname=f"{args.shape}-results")
-        print(f"\n{args.shape}, vllm {vllm_version()}, engine arguments (both): {json.dumps(state['engine_args'])}")
+            with tarfile.open(args.out / f"gpu_serving-{label}-{'-'.join(state['sides'])}.tgz", "w:gz") as tar:
+                tar.add(result_dir, arcname=f"{label}-results")
+        print(f"\n{label}, vllm {vllm_version()}, engine arguments (vLLM sides): {json.dumps(state['engine_args'])}")
         print_report(result_dir, weights, args.output_len)
 
 
