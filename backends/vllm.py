@@ -65,6 +65,7 @@ class VllmEngine(Engine):
             raise SettingsError(problems)
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._special: dict[str, int] | None = None
         self._info: ModelInfo | None = None
         self._served_dir: Path | None = None
         self._loras: dict[str, Any] = {}
@@ -217,15 +218,27 @@ class VllmEngine(Engine):
         extra: dict[str, Any] = {}
         if request.compiled_constraint is not None:
             extra.update(request.compiled_constraint)
+        # vLLM matches stop strings on text detokenized without special tokens, so a stop that is one special
+        # token (a chat format's <end_of_turn>) would never match: it stops as a token id instead
+        special = self._special_tokens()
+        stop = [s for s in request.stop if s not in special]
+        stop_ids = [special[s] for s in request.stop if s in special]
         return SamplingParams(
             max_tokens=max(1, max_tokens) if max_tokens is not None else None,  # 0 = score the prompt only
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             top_k=request.top_k if request.top_k > 0 else -1, min_p=request.min_p,
             repetition_penalty=request.repetition_penalty, logit_bias=request.logit_bias or None,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            stop=list(request.stop) or None, logprobs=request.top_logprobs if request.logprobs else None,
+            stop=stop or None, stop_token_ids=stop_ids or None,
+            logprobs=request.top_logprobs if request.logprobs else None,
             prompt_logprobs=request.top_logprobs if request.echo and request.logprobs else None,
             ignore_eos=request.ignore_eos, output_kind=RequestOutputKind.DELTA, **extra)
+
+    def _special_tokens(self) -> dict[str, int]:
+        """The tokenizer's special added tokens, text → id (made once)."""
+        if self._special is None:
+            self._special = {t.content: i for i, t in self._tokenizer.added_tokens_decoder.items() if t.special}
+        return self._special
 
     def compile_constraint(self, constraint: Any) -> dict[str, Any]:
         """SamplingParams keywords for vLLM's structured outputs, checked first with xgrammar (vLLM's default

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from gpu_serving import alive, free_port
+from gpu_serving import alive, convert_gguf, free_port
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "The three primary colors are", "Once upon a time, in a small village,", "import numpy as np\n",
@@ -173,33 +173,36 @@ def agreement(tokenizer: Any, got: list[str], want: list[str]) -> str:
 def check(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
+    started = time.monotonic()
     reference = json.loads((args.reference / "reference.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="parity-"))
-    folder = work / "gemma-3-270m"
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "jarvis", "models", "convert", "--gguf", str(args.gguf), "--out",
-                    str(folder)], check=True)
-    print(f"converted {args.gguf.name} in {time.monotonic() - started:.0f} s", flush=True)
+    folder = convert_gguf(args.gguf, args.work / "gemma-3-270m" / "gemma-3-270m")  # where gpu_serving looks
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    want = reference["hf_cpu_fp32"]
+    print(f"greedy answers ({len(PROMPTS)} prompts, {MAX_TOKENS} tokens) against the hf engine in float32 on CPU:")
+    print(f"  {'llama_cpp (Q4_K_M) CPU':<28} {agreement(tokenizer, reference['llama_cpp'], want)}", flush=True)
     adapter = reference.get("adapter")
     base_settings = {"JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": "gemma-3-270m",
-                     "JARVIS_DEVICE": "cuda", "JARVIS_MAX_MODEL_LEN": "2048", "JARVIS_ADAPTER_ROOT": str(args.reference)}
+                     "JARVIS_DEVICE": args.device, "JARVIS_MAX_MODEL_LEN": "2048", "JARVIS_ADAPTER_ROOT": str(args.reference)}
     # each row: the base prompts first (graphs and continuous batching serve them), then the adapter loaded
     # over HTTP (its requests take PEFT's per-row path on hf, vLLM's LoRA kernels on vllm)
     runs = {
+        "vllm bf16": {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_VLLM_DTYPE": "bf16",
+                      "JARVIS_VLLM_GPU_MEMORY_UTILIZATION": "0.3",
+                      "JARVIS_VLLM_ENABLE_LORA": "true" if adapter else "false"},
+        "hf continuous bf16": {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_DTYPE": "bf16",
+                               "JARVIS_HF_BATCHING": "continuous"},
         "hf waves+graphs bf16": {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_DTYPE": "bf16", "JARVIS_HF_BATCHING": "waves",
                                  "JARVIS_HF_DECODE": "graphs"},
         "hf waves+graphs fp32": {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_DTYPE": "fp32", "JARVIS_HF_BATCHING": "waves",
                                  "JARVIS_HF_DECODE": "graphs"},
-        "hf continuous bf16": {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_DTYPE": "bf16",
-                               "JARVIS_HF_BATCHING": "continuous"},
-        "vllm bf16": {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_VLLM_DTYPE": "bf16",
-                      "JARVIS_VLLM_GPU_MEMORY_UTILIZATION": "0.3",
-                      "JARVIS_VLLM_ENABLE_LORA": "true" if adapter else "false"},
     }
     results: dict[str, Any] = {"reference": reference}
     for label, settings in runs.items():
         slug = label.replace(" ", "-").replace("+", "-")
+        if time.monotonic() - started > args.budget:
+            print(f"  {label:<28} not run: the {args.budget:.0f} s budget is spent", flush=True)
+            continue
         try:
             with jarvis({**base_settings, **settings}, work, slug) as base:
                 row: dict[str, Any] = {"answers": answers(base, "gemma-3-270m", PROMPTS, chat=False),
@@ -210,27 +213,20 @@ def check(args: argparse.Namespace) -> None:
         except SystemExit as failure:  # one engine failing to start does not hide the others' rows
             row = {"error": str(failure)[-3000:]}
         results[label] = row
-        print(f"{label}: done", flush=True)
+        if "error" in row:
+            print(f"  {label:<28} failed: {row['error'][-600:]}", flush=True)
+            continue
+        print(f"  {label:<28} {agreement(tokenizer, row['answers'], want)}", flush=True)
+        if adapter:
+            print(f"  {'':<4}adapter {adapter['name']!r} vs PEFT on CPU: "
+                  f"{agreement(tokenizer, row['adapter'], adapter['peft_cpu_fp32'])}", flush=True)
     (work / "parity.json").write_text(json.dumps(results, indent=2, default=str))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy(work / "parity.json", args.out / "parity.json")
-    print(f"\ngreedy answers ({len(PROMPTS)} prompts, {MAX_TOKENS} tokens) against the hf engine in float32 on CPU:")
-    print(f"  {'llama_cpp (Q4_K_M) CPU':<28} {agreement(tokenizer, reference['llama_cpp'], reference['hf_cpu_fp32'])}")
-    for label, row in results.items():
-        if label == "reference":
-            continue
-        if "error" in row:
-            print(f"  {label:<28} failed: {row['error'].splitlines()[-1] if row['error'] else '?'}")
-            continue
-        print(f"  {label:<28} {agreement(tokenizer, row['answers'], reference['hf_cpu_fp32'])}")
     if adapter:
-        print(f"\nadapter {adapter['name']!r} ({len(adapter['prompts'])} chat prompts) against PEFT in float32 on CPU:")
         changed = sum(a != b for a, b in zip(adapter["peft_cpu_fp32"], adapter["base_cpu_fp32"]))
-        print(f"  (the adapter changes {changed}/{len(adapter['prompts'])} of the base model's answers on CPU)")
-        for label, row in results.items():
-            if label != "reference" and "adapter" in row:
-                print(f"  {label:<28} {agreement(tokenizer, row['adapter'], adapter['peft_cpu_fp32'])}")
+        print(f"(the adapter changes {changed}/{len(adapter['prompts'])} of the base model's answers on CPU)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,6 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--gguf", type=Path, required=True)
     chk.add_argument("--reference", type=Path, required=True, help="the folder `record` wrote")
     chk.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    chk.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_serving",
+                     help="the converted model goes to WORK/gemma-3-270m/, where gpu_serving.py --gguf looks")
+    chk.add_argument("--budget", type=float, default=480, help="seconds; no new row starts after it")
+    chk.add_argument("--device", default="cuda", help="cpu tries the script without a GPU (the graphs rows fail)")
     args = parser.parse_args(argv)
     record(args) if args.mode == "record" else check(args)
 

@@ -128,6 +128,18 @@ def test_stop_sequence_cuts_the_text(client):
     assert streamed == cut.choices[0].text
 
 
+
+def test_a_special_token_stops_like_any_stop_string(client):
+    """A chat format's stop is a special token (Gemma's <end_of_turn>, id 106): vLLM matches stop strings on
+    text without special tokens, so the engine must stop on it as a token. logit_bias makes it the only
+    choice after the first token."""
+    free = complete(client, "The capital of France is", max_tokens=6)
+    assert free.choices[0].finish_reason == "length"
+    cut = complete(client, "The capital of France is", max_tokens=6, stop=["<end_of_turn>"],
+                   logit_bias={"106": 100})
+    assert cut.choices[0].finish_reason == "stop", cut.choices[0]
+    assert cut.usage.completion_tokens <= 1 and "<end_of_turn>" not in cut.choices[0].text
+
 def test_seed_makes_sampling_repeatable(client):
     kw = dict(temperature=1.0, max_tokens=20, seed=1234)
     a, b = complete(client, "My favourite food is", **kw), complete(client, "My favourite food is", **kw)
