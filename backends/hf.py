@@ -69,6 +69,19 @@ class HfSettings(BaseSettings):
                              json_schema_extra={"fix": "set JARVIS_HF_CUDA_GRAPHS to auto, on or off"})
 
 
+def continuous_batching_problem() -> str | None:
+    """Why this transformers cannot run continuous batching beside the waves, or None. Before 5.19 the manager
+    switches the model to a paged-only attention ("paged|sdpa"), which a wave's ordinary forward cannot use."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.19"):
+        return (f"transformers {transformers.__version__} switches the whole model to paged attention for "
+                "continuous batching, which the waves that serve the other requests cannot use (5.19 and later "
+                "read both caches with sdpa)")
+    return None
+
+
 def resolve_device(setting: str) -> str:
     import torch
 
@@ -136,6 +149,13 @@ class HfEngine(Engine):
         # step, which costs more than a small model's forward pass: waves sample faster there.
         self.continuous = self.options.batching == "continuous" or (
             self.options.batching == "auto" and self.device.startswith("cuda"))
+        self.continuous_unavailable = continuous_batching_problem()
+        if self.continuous and self.continuous_unavailable:
+            if self.options.batching == "continuous":
+                raise ConfigError("JARVIS_HF_BATCHING", "continuous", self.continuous_unavailable,
+                                  "pip install 'transformers>=5.19', or set JARVIS_HF_BATCHING=waves")
+            log.warning("continuous batching is off: %s", self.continuous_unavailable)
+            self.continuous = False
         self.decode = self.options.decode
         if self.decode == "auto":
             self.decode = "graphs" if self.device.startswith("cuda") and not self.continuous else "dynamic"
@@ -248,7 +268,8 @@ class HfEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
                 "quantization": self.options.quantization,
-                "batching": {"kind": "continuous (transformers' ContinuousBatchingManager) and waves for what "
+                "batching": {"continuous_unavailable": self.continuous_unavailable,
+                             "kind": "continuous (transformers' ContinuousBatchingManager) and waves for what "
                                      "it does not cover" if self.continuous else "dynamic (waves, per-row finishing)",
                              "decode": self._scheduler.decode if self._scheduler else None,
                              "max_batch_size": self.options.max_batch_size,
@@ -339,16 +360,19 @@ def jarvis_register_commands(cli: Any) -> None:
     @models.command("convert")
     @click.option("--gguf", type=click.Path(exists=True, dir_okay=False), help="GGUF file (default: embedded).")
     @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: the cache).")
-    def convert(gguf: str | None, out: str | None) -> None:
+    @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+                  help="A tokenizer folder to use instead of the GGUF's (checked against llama.cpp's ids).")
+    def convert(gguf: str | None, out: str | None, tokenizer: str | None) -> None:
         """Convert a GGUF model (default: the embedded one) into a transformers folder."""
         from jarvis.backends.hf_convert import convert_gguf, converted_dir, embedded_hf_model
 
         settings = load_settings()
-        if gguf is None and out is None:
+        if gguf is None and out is None and tokenizer is None:
             folder = embedded_hf_model(settings.data_dir)
         else:
             from jarvis.embedded_model import embedded_model_path
 
             source = Path(gguf) if gguf else embedded_model_path(settings.data_dir)
-            folder = convert_gguf(source, Path(out) if out else converted_dir(settings.data_dir))
+            folder = convert_gguf(source, Path(out) if out else converted_dir(settings.data_dir),
+                                  tokenizer_dir=Path(tokenizer) if tokenizer else None)
         click.echo(str(folder))

@@ -15,6 +15,7 @@ own forward; while any adapter is loaded every request takes the waves).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -105,10 +106,13 @@ class ContinuousBatcher:
         blocks = self.kv_cache_blocks
         if blocks is None and h.device.type == "cpu":  # on CPU the manager would size the cache from all RAM
             blocks = self.max_batch_size * -(-self.max_len // self.page_size)
-        config = ContinuousBatchingConfig(
-            page_size=self.page_size, num_blocks=blocks, max_requests_per_batch=self.max_batch_size,
-            max_memory_percent=self.kv_cache_memory, allow_block_sharing=True, per_request_processors=True,
-            auto_switch_to_flash=False, use_cuda_graph=self.cuda_graphs)
+        wanted = dict(page_size=self.page_size, num_blocks=blocks, max_requests_per_batch=self.max_batch_size,
+                      max_memory_percent=self.kv_cache_memory, allow_block_sharing=True, per_request_processors=True,
+                      auto_switch_to_flash=False, use_cuda_graph=self.cuda_graphs)
+        known = set(inspect.signature(ContinuousBatchingConfig).parameters)
+        if "page_size" not in known:  # transformers before 5.19 calls it block_size (and has no auto_switch_to_flash)
+            wanted["block_size"] = wanted.pop("page_size")
+        config = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in known})
         self._manager = h.model.init_continuous_batching(generation_config=generation,
                                                          continuous_batching_config=config)
         self._manager.start()
@@ -118,7 +122,8 @@ class ContinuousBatcher:
         self._stopping.set()
         if self._manager is not None:
             self._manager.stop(block=True, timeout=60, hard_stop=True)
-        self._reader.join(timeout=10)
+        if self._reader.is_alive():
+            self._reader.join(timeout=10)
         self._fail_all(RuntimeError("the transformers engine stopped"))
 
     def describe(self) -> dict[str, Any]:

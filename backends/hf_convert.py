@@ -41,6 +41,17 @@ PROBE_TEXTS = (
     "line one\n\n\tline two\r\n",
     "def f(x):\n    return x ** 2  # 12345",
 )
+#: llama.cpp's ids for PROBE_TEXTS on the embedded GGUF (by sha256), so a host without llama_cpp (a GPU host
+#: carrying only transformers and vLLM) still checks the converted tokenizer: transformers 5.17's GGUF
+#: tokenizer for Gemma 3, for one, splits words into pieces llama.cpp never makes. A test keeps them equal to
+#: what llama.cpp gives.
+RECORDED_PROBE_IDS = {"a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": (
+    [2, 818, 5279, 529, 7001, 563], [2], [2, 5830, 2557, 236764, 45330, 2557, 236743],
+    [2, 105, 2364, 107, 10979, 993, 106, 107, 105, 4368, 107],
+    [2, 1789, 238527, 560, 33443, 2192, 86459, 236743, 242015, 174898, 238527, 236755, 55515, 236859],
+    [2, 1257, 886, 108, 255968, 1257, 1156, 251, 107],
+    [2, 2063, 517, 236769, 236781, 1473, 107, 140, 2060, 1123, 5213, 236743, 236778, 138, 236865, 236743, 236770,
+     236778, 236800, 236812, 236810])}
 
 
 class ConversionError(RuntimeError):
@@ -90,12 +101,14 @@ def llama_cpp_token_ids(gguf: Path, texts: tuple[str, ...]) -> list[list[int]]:
         vocab.close()
 
 
-def tokenizer_mismatches(folder: Path, gguf: Path, texts: tuple[str, ...] = PROBE_TEXTS) -> list[str]:
-    """Each probe text the converted tokenizer (loaded back from `folder`) tokenizes unlike llama.cpp."""
+def tokenizer_mismatches(folder: Path, gguf: Path, texts: tuple[str, ...] = PROBE_TEXTS,
+                         expected: list[list[int]] | None = None) -> list[str]:
+    """Each probe text the converted tokenizer (loaded back from `folder`) tokenizes unlike llama.cpp (or
+    unlike `expected`, llama.cpp's ids recorded earlier)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    expected = llama_cpp_token_ids(gguf, texts)
+    expected = expected if expected is not None else llama_cpp_token_ids(gguf, texts)
     return [f"{text!r}: transformers {got} vs llama.cpp {want}"
             for text, want in zip(texts, expected)
             if (got := tokenizer(text, add_special_tokens=True)["input_ids"]) != want]
@@ -121,8 +134,10 @@ def apply_gguf_special_tokens(tokenizer: object, flags: dict[str, bool]) -> None
         tokenizer.init_kwargs[key] = value  # type: ignore[attr-defined]
 
 
-def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None) -> Path:
-    """Write `out_dir` (config, tokenizer, float32 safetensors) from a GGUF file."""
+def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None,
+                 tokenizer_dir: Path | None = None) -> Path:
+    """Write `out_dir` (config, tokenizer, float32 safetensors) from a GGUF file; the tokenizer from
+    `tokenizer_dir` instead of the GGUF's when given (checked against llama.cpp's ids all the same)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,7 +145,8 @@ def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None)
     if is_converted(out_dir, digest):
         return out_dir
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else \
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A model read from GGUF carries a GGUF "quantizer" that refuses save_pretrained; the weights
     # are already de-quantized, so the folder is an ordinary float32 checkpoint.
@@ -143,15 +159,24 @@ def convert_gguf(gguf: Path, out_dir: Path, *, source_sha256: str | None = None)
     apply_gguf_special_tokens(tokenizer, gguf_tokenizer_flags(gguf))
     tokenizer.save_pretrained(staging)
     probes: int | str = len(PROBE_TEXTS)
-    if importlib.util.find_spec("llama_cpp") is None:  # e.g. a GPU host that carries only transformers + vLLM
+    recorded = RECORDED_PROBE_IDS.get(digest)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        mismatches = tokenizer_mismatches(staging, gguf)
+    elif recorded is not None:  # e.g. a GPU host that carries only transformers + vLLM
+        probes = f"{len(PROBE_TEXTS)}, against llama.cpp's recorded ids"
+        mismatches = tokenizer_mismatches(staging, gguf, expected=[list(ids) for ids in recorded])
+    else:
         probes = "skipped: llama_cpp is not installed"
         log.warning("tokenizer of %s not checked against llama.cpp (llama_cpp is not installed)", gguf.name)
         mismatches = []
-    else:
-        mismatches = tokenizer_mismatches(staging, gguf)
     if mismatches:
-        raise ConversionError(f"the tokenizer converted from {gguf.name} does not tokenize as llama.cpp does "
-                              f"(left unpublished in {staging}):\n  " + "\n  ".join(mismatches))
+        import transformers
+
+        raise ConversionError(
+            f"the tokenizer converted from {gguf.name} by transformers {transformers.__version__} does not "
+            f"tokenize as llama.cpp does (left unpublished in {staging}):\n  " + "\n  ".join(mismatches)
+            + "\nfix: install transformers>=5.19, or give a tokenizer folder that does "
+              "(jarvis models convert --tokenizer DIR)")
     (staging / MARKER).write_text(json.dumps({
         "source": str(gguf), "source_sha256": digest, "dtype": "float32", "converter_version": CONVERTER_VERSION,
         "tokenizer_probes": probes, "seconds": round(time.monotonic() - started, 1)}, indent=2))

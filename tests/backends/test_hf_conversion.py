@@ -79,3 +79,29 @@ def test_a_stale_conversion_is_redone(hf_folder, embedded_gguf, tmp_path):
     redone = json.loads((stale / MARKER).read_text())
     assert redone["converter_version"] == CONVERTER_VERSION and redone["tokenizer_probes"] > 0
     assert tokenizer_mismatches(stale, embedded_gguf, TEXTS) == []
+
+
+def test_recorded_probe_ids_are_llama_cpps(embedded_gguf, hf_folder):
+    """The ids a host without llama_cpp checks against are llama.cpp's own, and the published tokenizer
+    gives them; a tokenizer that splits words differently (transformers 5.17's GGUF tokenizer for Gemma 3
+    does) fails them."""
+    from transformers import AutoTokenizer
+
+    from jarvis.backends.hf_convert import PROBE_TEXTS, RECORDED_PROBE_IDS
+
+    stamp = json.loads((hf_folder / MARKER).read_text())
+    recorded = [list(ids) for ids in RECORDED_PROBE_IDS[stamp["source_sha256"]]]
+    assert recorded == llama_cpp_token_ids(embedded_gguf, PROBE_TEXTS)
+    assert tokenizer_mismatches(hf_folder, embedded_gguf, expected=recorded) == []
+    split = [[2, 818, 505, 670, 509, 514, 529, 2102, 508, 588, 563]] + recorded[1:]  # 5.17's "The capital of ..."
+    mismatches = tokenizer_mismatches(hf_folder, embedded_gguf, expected=split)
+    assert len(mismatches) == 1 and "The capital of France is" in mismatches[0]
+
+
+def test_a_tokenizer_folder_replaces_the_ggufs(hf_folder, embedded_gguf, jarvis_cli, tmp_path):
+    out = tmp_path / "with-tokenizer"
+    done = jarvis_cli("models", "convert", "--gguf", str(embedded_gguf), "--out", str(out),
+                      "--tokenizer", str(hf_folder))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out)
+    assert tokenizer_mismatches(out, embedded_gguf, TEXTS) == []
