@@ -275,8 +275,9 @@ class VllmEngine(Engine):
         async with aclosing(outputs):  # closing it aborts the request inside vLLM
             async for output in outputs:
                 out = output.outputs[0]
-                chunk = GenerationChunk(text="", token_count=0)
-                if not score_only:
+                if score_only:
+                    chunk = GenerationChunk(text="")
+                else:
                     produced += len(out.token_ids)
                     chunk = GenerationChunk(text=out.text, token_count=len(out.token_ids),
                                             logprobs=self._logprobs(out.token_ids, out.logprobs, request))

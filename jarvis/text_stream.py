@@ -30,7 +30,6 @@ class StopSequenceMatcher:
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
-        self._longest = max((len(s) for s in self.stops), default=0)
         self._pending = ""
         self.stopped = False
 
@@ -41,11 +40,11 @@ class StopSequenceMatcher:
         if not self.stops:
             return text
         buffer = self._pending + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [at for at in map(buffer.find, self.stops) if at >= 0]
+        if found:
             self.stopped = True
             self._pending = ""
-            return buffer[:cut]
+            return buffer[:min(found)]
         hold = self._held_tail(buffer)
         self._pending = buffer[len(buffer) - hold:] if hold else ""
         return buffer[: len(buffer) - hold]
@@ -56,8 +55,14 @@ class StopSequenceMatcher:
         return "" if self.stopped else tail
 
     def _held_tail(self, buffer: str) -> int:
-        for size in range(min(self._longest - 1, len(buffer)), 0, -1):
-            tail = buffer[-size:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return size
-        return 0
+        """The length of the longest end of `buffer` that begins a stop sequence (it may still become one).
+        Only an end that starts with a stop's first character can: those are the only ones tried."""
+        held = 0
+        for stop in self.stops:
+            at = buffer.find(stop[0], max(0, len(buffer) - len(stop) + 1))
+            while at >= 0 and len(buffer) - at > held:
+                if stop.startswith(buffer[at:]):
+                    held = len(buffer) - at
+                    break
+                at = buffer.find(stop[0], at + 1)
+        return held

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.engine import GenerationRequest, GenerationResult, RequestContext, TokenLogprob, ToolCallDelta
 from jarvis.errors import APIError
-from jarvis.serving.render import chat_logprobs, merged_streams, sse, usage
+from jarvis.serving.render import ChunkEvents, chat_logprobs, merged_streams, sse, usage
 from jarvis.serving.requests import choice_seed, generation_options, tool_use
 
 
@@ -75,52 +75,54 @@ class ChatRun:
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         prompt_tokens, completion_tokens = 0, [0] * len(self.gens)
         async for index, chunk in merged_streams(self.runtime, self.gens):
-            pieces = [ChoiceEvent(index, content=chunk.text)] if chunk.text else []
-            pieces += [ChoiceEvent(index, call_index=d.index, call_id=d.id, name=d.name, arguments=d.arguments)
-                       for d in chunk.tool_calls]
-            if chunk.logprobs:
-                if not pieces:
-                    pieces = [ChoiceEvent(index)]
-                pieces[0] = replace(pieces[0], logprobs=chunk.logprobs)
+            logprobs = chunk.logprobs  # they go with the chunk's first piece
+            if chunk.text or (logprobs and not chunk.tool_calls):
+                yield ChoiceEvent(index, content=chunk.text, logprobs=logprobs)
+                logprobs = []
+            for d in chunk.tool_calls:
+                yield ChoiceEvent(index, call_index=d.index, call_id=d.id, name=d.name, arguments=d.arguments,
+                                  logprobs=logprobs)
+                logprobs = []
             if chunk.finish_reason is not None:
                 prompt_tokens = chunk.prompt_tokens or 0
                 completion_tokens[index] = chunk.completion_tokens or 0
-                pieces.append(ChoiceEvent(index, finish_reason=chunk.finish_reason))
-            for piece in pieces:
-                yield piece
+                yield ChoiceEvent(index, finish_reason=chunk.finish_reason)
         self.usage = usage(prompt_tokens, sum(completion_tokens))
 
     async def sse(self, include_usage: bool) -> AsyncIterator[str]:
         """OpenAI's `chat.completion.chunk` events; every choice opens with the role. An error after the
         stream began is its last event, as vLLM's server sends it."""
-        ident, created = wire.new_id("chatcmpl"), wire.now()
+        events = ChunkEvents(wire.ChatCompletionChunk(id=wire.new_id("chatcmpl"), created=wire.now(),
+                                                      model=self.model, choices=[]))
         want_logprobs = self.body.logprobs
-
-        def event(choices: list[wire.ChatChunkChoice], usage_: wire.Usage | None = None) -> str:
-            return sse(wire.dump(wire.ChatCompletionChunk(id=ident, created=created, model=self.model,
-                                                          choices=choices, usage=usage_)))
         try:
             for i in range(len(self.gens)):
-                yield event([wire.ChatChunkChoice(index=i, delta=wire.ChatDelta(role="assistant", content=""))])
+                yield events.event([_choice(i, {"role": "assistant", "content": "", "tool_calls": None})])
             async for e in self.events():
-                yield event([wire.ChatChunkChoice(
-                    index=e.index, delta=_delta(e), finish_reason=e.finish_reason,
-                    logprobs=chat_logprobs(e.logprobs) if want_logprobs and e.logprobs else None)])
+                logprobs = wire.dump(chat_logprobs(e.logprobs)) if want_logprobs and e.logprobs else None
+                yield events.event([_choice(e.index, _delta(e), e.finish_reason, logprobs)])
             if include_usage:
-                yield event([], self.usage)
+                yield events.usage_event(self.usage)
         except APIError as exc:
             yield sse(exc.to_body())
         yield sse("[DONE]")
 
 
-def _delta(e: ChoiceEvent) -> wire.ChatDelta:
+def _choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `ChatChunkChoice` as a plain dict in its field order (what its event serializes)."""
+    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def _delta(e: ChoiceEvent) -> dict[str, Any]:
+    """The event's `ChatDelta` as a plain dict in its field order."""
     if e.call_index is None:
-        return wire.ChatDelta(content=e.content) if e.content else wire.ChatDelta()
+        return {"role": None, "content": e.content or None, "tool_calls": None}
     call: dict[str, Any] = {"index": e.call_index, "function": {"arguments": e.arguments}}
     if e.call_id is not None:
         call.update(id=e.call_id, type="function")
         call["function"]["name"] = e.name
-    return wire.ChatDelta(tool_calls=[call])
+    return {"role": None, "content": None, "tool_calls": [call]}
 
 
 def assistant_message(result: GenerationResult) -> wire.AssistantMessage:

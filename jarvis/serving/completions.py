@@ -9,7 +9,7 @@ from typing import Any
 
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, RequestContext
-from jarvis.serving.render import completion_logprobs, sse, stream_events, usage
+from jarvis.serving.render import ChunkEvents, completion_logprobs, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
 
@@ -49,27 +49,25 @@ async def create_completion(runtime: Any, body: wire.CompletionRequest,
 
 def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
     """The SSE events of a streamed completion of one prompt (n choices, each with its `index`)."""
-    ident, created, model = wire.new_id("cmpl"), wire.now(), gens[0].model
+    events = ChunkEvents(wire.Completion(id=wire.new_id("cmpl"), created=wire.now(), model=gens[0].model, choices=[]))
     offsets, echoed = [0] * len(gens), [False] * len(gens)
 
-    def event(choices: list[wire.CompletionChoice], usage_: wire.Usage | None = None) -> str:
-        return sse(wire.dump(wire.Completion(id=ident, created=created, model=model, choices=choices, usage=usage_)))
-
-    def choice(index: int, chunk: GenerationChunk) -> wire.CompletionChoice:
-        gen, text, entries = gens[index], chunk.text, list(chunk.logprobs)
+    def choice(index: int, chunk: GenerationChunk) -> dict[str, Any]:
+        """The chunk as a `CompletionChoice` (a plain dict in its field order)."""
+        gen, text, entries = gens[index], chunk.text, chunk.logprobs
         if gen.echo and not echoed[index]:
             echoed[index] = True
             text = (gen.prompt or "") + text
             entries = [*(chunk.prompt_logprobs or []), *entries]
         logprobs = None
         if gen.logprobs:
-            logprobs = completion_logprobs(GenerationResult("", "stop", 0, 0, logprobs=entries), echo=False,
-                                           offset=offsets[index])
+            logprobs = wire.dump(completion_logprobs(GenerationResult("", "stop", 0, 0, logprobs=entries),
+                                                     echo=False, offset=offsets[index]))
             offsets[index] += sum(len(e.token) for e in entries)
-        return wire.CompletionChoice(index=index, text=text, finish_reason=chunk.finish_reason, logprobs=logprobs)
+        return {"index": index, "text": text, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
 
     def render(index: int, chunk: GenerationChunk) -> str | None:
         wanted = chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs
-        return event([choice(index, chunk)]) if wanted else None
+        return events.event([choice(index, chunk)]) if wanted else None
 
-    return stream_events(runtime, gens, [], render, (lambda u: event([], u)) if include_usage else None)
+    return stream_events(runtime, gens, [], render, events.usage_event if include_usage else None)

@@ -8,9 +8,14 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pydantic import BaseModel
+
 from jarvis import protocol as wire
 from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
 from jarvis.errors import APIError
+
+#: Compact JSON, as every event is written (`json.dumps(..., separators=...)` would build an encoder per call).
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> wire.Usage:
@@ -41,7 +46,31 @@ def completion_logprobs(result: GenerationResult, echo: bool, offset: int = 0) -
 
 
 def sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {payload if isinstance(payload, str) else compact_json(payload)}\n\n"
+
+
+class ChunkEvents:
+    """The SSE events of one streamed response. Its chunks (`template`: one without choices) repeat every
+    field but `choices`, and `usage` on the last, so the repeated fields are serialized once; an event
+    serializes only its choices, given as plain dicts in the wire model's field order. Each event is the
+    text `sse(wire.dump(chunk))` gives for the same chunk model, without a model built per token."""
+
+    def __init__(self, template: BaseModel) -> None:
+        self._fields = wire.dump(template)
+        names = list(self._fields)
+        at = names.index("choices")
+        before = compact_json({name: self._fields[name] for name in names[:at]})
+        after = compact_json({name: self._fields[name] for name in names[at + 1:]})
+        self._open = f'data: {before[:-1]},"choices":'
+        self._close = ("}" if after == "{}" else f",{after[1:]}") + "\n\n"
+
+    def event(self, choices: list[dict[str, Any]]) -> str:
+        """A chunk with these choices."""
+        return f"{self._open}{compact_json(choices)}{self._close}"
+
+    def usage_event(self, usage_: wire.Usage) -> str:
+        """The chunk that ends a stream asked for usage: no choices, the usage of the whole stream."""
+        return sse({**self._fields, "choices": [], "usage": wire.dump(usage_)})
 
 
 async def stream_events(runtime: Any, gens: list[GenerationRequest], opening: list[str],

@@ -53,3 +53,36 @@ def test_incomplete_utf8_at_the_end_is_replaced_not_dropped():
     decoder = TokenTextDecoder()
     assert decoder.feed("é".encode()[:1]) == ""
     assert decoder.flush() == "\ufffd"
+
+
+def _reference(stops, pieces):
+    """The matcher's contract, brute force: show what no stop can still begin; cut at the earliest stop."""
+    stops = [s for s in stops if s]
+    shown, pending = [], ""
+    for piece in pieces:
+        buffer = pending + piece
+        cuts = [buffer.find(s) for s in stops if s in buffer]
+        if cuts:
+            shown.append(buffer[:min(cuts)])
+            return shown, "", True
+        hold = max((n for n in range(1, len(buffer) + 1) if any(s.startswith(buffer[-n:]) for s in stops)),
+                   default=0)
+        shown.append(buffer[:len(buffer) - hold])
+        pending = buffer[len(buffer) - hold:]
+    return shown, pending, False
+
+
+def test_matcher_agrees_with_brute_force_on_random_streams():
+    import random
+
+    rng = random.Random(1234)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab<>") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("ab<> ") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        shown, tail, stopped = run(stops, pieces)
+        expected_shown, expected_tail, expected_stopped = _reference(stops, pieces)
+        assert (shown[:len(expected_shown)], tail, stopped) == (expected_shown, expected_tail, expected_stopped), \
+            (stops, pieces)
+        assert all(s == "" for s in shown[len(expected_shown):])  # nothing is shown after a stop
