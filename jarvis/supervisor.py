@@ -9,6 +9,7 @@ supervisor knows engines and time, not adapters or requests.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,11 @@ class EngineSupervisor:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise
         await self._on_started()  # before "ready": a restarted server answers for its adapters at once
+        # What the engine's start left on the heap (torch, vLLM, the model's modules) lives as long as the
+        # server: moved out of the collector's reach, as `vllm serve` does, a full collection no longer walks
+        # it in the middle of a stream
+        gc.collect()
+        gc.freeze()
         self.state, self.failure, self.next_start_attempt = "ready", None, None
         log.info("engine %s ready: model %s (context %d tokens)", self.engine.name, self.info.id,
                  self.info.max_model_len)
