@@ -18,10 +18,10 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from jarvis.backends.hf_batching import IncrementalDetokenizer, ModelHandle
+from jarvis.backends.hf_batching import IncrementalDetokenizer, ModelHandle, Sequence
 from jarvis.engine import Emit, GenerationChunk, GenerationRequest
 from jarvis.text_stream import StopSequenceMatcher
 
@@ -53,17 +53,11 @@ def uncovered(request: GenerationRequest) -> str | None:
 
 
 @dataclass
-class Stream:
-    """One request inside the manager, as the result reader sees it."""
+class Stream(Sequence):
+    """One request inside the manager, as the result reader sees it: a wave's row (no generator, no grammar)
+    plus how many of the manager's tokens it has taken."""
 
-    request: GenerationRequest
-    prompt_ids: list[int]
-    emit: Emit
-    cancel: threading.Event
-    detok: IncrementalDetokenizer
-    stops: StopSequenceMatcher
     delivered: int = 0
-    completion: list[int] = field(default_factory=list)
 
 
 class ContinuousBatcher:
@@ -165,7 +159,7 @@ class ContinuousBatcher:
         h, r = self.handle, request
         rid = f"{r.request_id}-{next(self._ids)}"
         stream = Stream(r, prompt_ids, emit, cancel, IncrementalDetokenizer(h.tokenizer, prompt_ids),
-                        StopSequenceMatcher(r.stop))
+                        StopSequenceMatcher(r.stop), generator=None)
         greedy = r.temperature == 0 or r.top_k == 1
         with self._lock:
             if self._paused:
@@ -214,14 +208,14 @@ class ContinuousBatcher:
             if token in h.eos_ids and not r.ignore_eos:
                 reason = "stop"
                 break
-            stream.completion.append(token)
+            stream.generated.append(token)
             count += 1
             text += stream.stops.feed(stream.detok.push(token))
             if stream.stops.stopped:
                 reason = "stop"
                 self._manager.cancel_request(rid)
                 break
-            if len(stream.completion) >= (r.max_tokens or 0):
+            if len(stream.generated) >= (r.max_tokens or 0):
                 reason = "length"
                 break
         if reason is None and output.is_finished():
@@ -235,7 +229,7 @@ class ContinuousBatcher:
         self._close(rid)
         tail = "" if stream.stops.stopped else stream.stops.flush()
         stream.emit(GenerationChunk(text=tail, finish_reason=reason,  # type: ignore[arg-type]
-                                    prompt_tokens=len(stream.prompt_ids), completion_tokens=len(stream.completion)))
+                                    prompt_tokens=len(stream.prompt_ids), completion_tokens=len(stream.generated)))
 
     def _close(self, rid: str) -> None:
         with self._lock:
