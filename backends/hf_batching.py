@@ -103,6 +103,7 @@ class BatchScheduler:
         self.max_len = max_len
         self._static: dict[int, Any] = {}  # bucket → StaticCache, reused wave after wave
         self._decode_step: Any = None
+        self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self.waves = 0
@@ -116,10 +117,10 @@ class BatchScheduler:
 
     def submit(self, request: GenerationRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> None:
-        generator = None
-        if request.temperature > 0:
+        generator = None  # a seeded row's own draws; unseeded rows share the scheduler's generator
+        if samples(request) and request.seed is not None:
             generator = torch.Generator(device=self.handle.device)
-            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+            generator.manual_seed(request.seed)
         matcher = request.compiled_constraint() if request.compiled_constraint is not None else None
         self._queue.put(Sequence(request, prompt_ids, emit, cancel,
                                  IncrementalDetokenizer(self.handle.tokenizer, prompt_ids),
@@ -262,28 +263,34 @@ class BatchScheduler:
     # --- per row -------------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, live: list[Sequence]) -> list[int]:
-        greedy = logits.argmax(-1).tolist()  # one device→host copy for every greedy row
-        tokens = []
-        for row, seq, best in zip(logits, live, greedy):
-            r = seq.request
-            shaped = adjusted_logits(row, seq)
+        """One token per row, with one device→host copy for the whole wave.
+
+        Greedy rows take the argmax; rows that sample with no seed are drawn together (one softmax, one
+        multinomial over the batch, from the scheduler's generator); a seeded row draws from its own
+        generator, so its text depends on its seed alone, never on the rows beside it."""
+        work = logits
+        for i, seq in enumerate(live):
+            shaped = adjusted_logits(logits[i], seq)
             if shaped is not None:
-                row, best = shaped, int(shaped.argmax())
-            if r.temperature == 0 or seq.generator is None or r.top_k == 1:
-                tokens.append(best)
-                continue
-            probs = torch.softmax(row / r.temperature, dim=-1)
-            if r.top_k > 1:
-                kth = probs.topk(min(r.top_k, probs.numel())).values[-1]
-                probs = probs.masked_fill(probs < kth, 0.0)
-            if r.min_p > 0:
-                probs = probs.masked_fill(probs < r.min_p * probs.max(), 0.0)
-            if r.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > r.top_p * sorted_probs.sum()
-                probs = probs.scatter(0, order[drop], 0.0)
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
-        return tokens
+                if work is logits:
+                    work = logits.clone()  # the caller's logits stay unshaped: they give the logprobs
+                work[i] = shaped
+        picks = work.argmax(-1)
+        shared = [i for i, seq in enumerate(live) if samples(seq.request) and seq.generator is None]
+        if shared:
+            index = torch.tensor(shared, device=work.device)
+            drawn = sample_rows(work[index], [live[i].request for i in shared], self._generator())
+            picks = picks.index_copy(0, index, drawn)
+        for i, seq in enumerate(live):
+            if samples(seq.request) and seq.generator is not None:
+                picks[i] = sample_rows(work[i:i + 1], [seq.request], seq.generator)[0]
+        return picks.tolist()
+
+    def _generator(self) -> torch.Generator:
+        if self._shared_generator is None:
+            self._shared_generator = torch.Generator(device=self.handle.device)
+            self._shared_generator.manual_seed(random.getrandbits(63))
+        return self._shared_generator
 
     def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Take `token` for `seq`; emit what it shows; True when the sequence is finished."""
@@ -329,6 +336,36 @@ class BatchScheduler:
             entries.append(seq_logprob(h.tokenizer, logits[pos - 1], token, detok.push(token),
                                        seq.request.top_logprobs))
         return entries
+
+
+def samples(request: GenerationRequest) -> bool:
+    """Whether the request draws its tokens (else it takes the most likely one)."""
+    return request.temperature > 0 and request.top_k != 1
+
+
+def sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of `logits` under each row's temperature, top-k, min-p and top-p, as one batch."""
+    device = logits.device
+    temperature = torch.tensor([r.temperature for r in requests], device=device, dtype=logits.dtype)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    vocab = probs.shape[-1]
+    top_k = [min(r.top_k, vocab) if r.top_k > 1 else 0 for r in requests]
+    if any(top_k):  # keep each row's k most likely tokens (ties with the k-th kept)
+        values = probs.topk(max(top_k), dim=-1).values
+        kth = values.gather(1, torch.tensor([[max(k, 1) - 1] for k in top_k], device=device))
+        kth = kth.masked_fill(torch.tensor([[k == 0] for k in top_k], device=device), 0.0)
+        probs = probs.masked_fill(probs < kth, 0.0)
+    min_p = [r.min_p for r in requests]
+    if any(min_p):
+        floor = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None] * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+    top_p = [r.top_p for r in requests]
+    if any(p < 1.0 for p in top_p):  # the smallest set of most likely tokens whose mass reaches top_p
+        ordered, order = probs.sort(dim=-1, descending=True)
+        limit = torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None] * ordered.sum(-1, keepdim=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered > limit, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, ordered)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor | None:

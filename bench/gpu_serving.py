@@ -2,7 +2,8 @@
 
   raw     `vllm serve MODEL` with the engine arguments Jarvis plans for the settings below, as CLI flags;
   jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL;
-  hf      `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=hf (bf16, continuous batching), --sides raw,hf.
+  hf      `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=hf (bf16, the engine's defaults), --sides raw,hf;
+          hf-waves and hf-graphs force its wave scheduler, or continuous batching with CUDA graphs.
 
 The model is random weights of a real shape (Gemma-3-270M from bench/gemma3_270m_config.json, or Llama-3-8B
 with its vocabulary widened to the tokenizer's), bf16, saved with the embedded model's tokenizer, or real
@@ -57,9 +58,12 @@ BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 
 METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
            ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
            ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
-SIDES = ("raw", "jarvis", "hf")  # raw `vllm serve`; Jarvis on its vllm engine; Jarvis on its transformers engine
+SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-graphs")  # raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
+#: The transformers sides: the engine's defaults, and the two batching paths forced (settings on top of hf_settings).
+HF_SIDES = {"hf": {}, "hf-waves": {"JARVIS_HF_BATCHING": "waves"},
+            "hf-graphs": {"JARVIS_HF_BATCHING": "continuous", "JARVIS_HF_CUDA_GRAPHS": "on"}}
 GOALS = {"jarvis": "tok/s ≥ 0.98× raw and TTFT p50 ≤ 1.05× at every level; single-stream TPOT ≤ 1.05×",
-         "hf": "tok/s ≥ 0.5× raw vLLM and TTFT p50 ≤ 2× at C=16 and C=64"}
+         **{side: "tok/s ≥ 0.5× raw vLLM and TTFT p50 ≤ 2× at C=16 and C=64" for side in HF_SIDES}}
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -152,6 +156,11 @@ def hf_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, 
             **dict(kv.split("=", 1) for kv in args.set_hf)}
 
 
+def all_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    return {"jarvis": jarvis_settings(folder, name, args),
+            **{side: {**hf_settings(folder, name, args), **preset} for side, preset in HF_SIDES.items()}}
+
+
 def levels_of(spec: str) -> list[int]:
     return [int(c) for c in spec.split(",") if c]
 
@@ -206,7 +215,7 @@ def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dic
            "--port", str(ports.get("raw", 0)), "--served-model-name", name, *cli_flags(engine_args)]
     jarvis = [sys.executable, "-m", "jarvis", "serve"]
     every = {"raw": (raw, {"VLLM_CACHE_ROOT": str(work / "vllm-cache-raw")})}
-    for side in ("jarvis", "hf"):
+    for side in settings:
         every[side] = (jarvis, {**settings[side], "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(ports.get(side, 0)),
                                 "JARVIS_DATA_DIR": str(work / "jarvis-data"),
                                 "JARVIS_STATE_DIR": str(work / f"jarvis-state-{side}"),
@@ -223,7 +232,8 @@ def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env
     base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
     state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {},
                              "sides": list(sides)}
-    for group in ([s for s in sides if s != "hf"], [s for s in sides if s == "hf"]):
+    # one transformers server at a time: each sizes its KV cache from what the servers before it left
+    for group in ([s for s in sides if s not in HF_SIDES], *([s] for s in sides if s in HF_SIDES)):
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
                                                {s: ports[s] for s in group}).items():
             log = work / f"{side}.log"
@@ -308,7 +318,7 @@ def parity(state: dict[str, Any]) -> dict[str, Any]:
         report["only_raw"] = [i for i in raw_items if i not in jarvis_items]
         report["only_jarvis"] = [i for i in jarvis_items if i not in raw_items]
         report["engine_config"] = lines["raw"]
-    for side in ("jarvis", "hf"):
+    for side in SIDES[1:]:
         if side not in state["servers"]:
             continue
         try:
@@ -325,7 +335,7 @@ def parity(state: dict[str, Any]) -> dict[str, Any]:
 def jarvis_takes_ignore_eos(state: dict[str, Any]) -> tuple[bool, str]:
     """Whether every Jarvis side accepts vLLM's `ignore_eos` (one 1-token request); all sides get it only if so."""
     body = {"model": state["name"], "prompt": "Hello", "max_tokens": 1, "ignore_eos": True}
-    for side in ("jarvis", "hf"):
+    for side in SIDES[1:]:
         if side not in state["servers"]:
             continue
         try:
@@ -416,7 +426,7 @@ def load_results(result_dir: Path) -> dict[Level, dict[str, list[dict[str, float
     """{level: {side: [summary per round]}} from the files `vllm bench serve` saved."""
     results: dict[Level, dict[str, list[dict[str, float]]]] = {}
     for f in sorted(result_dir.glob("*-r*.json")):
-        match = re.match(r"(raw|jarvis|hf)-([cq])([\d.]+)-r(\d+)\.json", f.name)
+        match = re.match(r"(raw|jarvis|hf|hf-waves|hf-graphs)-([cq])([\d.]+)-r(\d+)\.json", f.name)
         if match is None:
             continue
         side, kind, value, _ = match.groups()
@@ -463,7 +473,7 @@ def check(value: float | None, limit: float, at_least: bool) -> str:
 def goals(results: dict[Level, dict[str, list[dict[str, float]]]], weights: int | None, output_len: int) -> str:
     """The targets of each side against raw vLLM (GOALS), and single-stream decode against the bandwidth floor."""
     lines = []
-    for side in ("jarvis", "hf"):
+    for side in SIDES[1:]:
         rows = {level: sides for level, sides in results.items() if side in sides and "raw" in sides}
         if not rows:
             continue
@@ -472,7 +482,7 @@ def goals(results: dict[Level, dict[str, list[dict[str, float]]]], weights: int 
             if not (median_of(sides["raw"], "output_throughput") and median_of(sides[side], "output_throughput")):
                 lines.append(f"  {level_name(level):<7} no completed requests on one side: see its log under logs/")
                 continue
-            if side == "hf" and level not in (("c", 16.0), ("c", 64.0)):
+            if side in HF_SIDES and level not in (("c", 16.0), ("c", 64.0)):
                 continue
             tps, ttft = ratio(sides, side, "output_throughput"), ratio(sides, side, "ttft_p50")
             line = (f"  {level_name(level):<7} tok/s ratio {check(tps, 0.98 if side == 'jarvis' else 0.5, True)}   "
@@ -545,7 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_serving",
                         help="where the model, logs and results go (default: %(default)s)")
     parser.add_argument("--sides", default="raw,jarvis", help="servers to compare, comma-separated, raw first: raw "
-                        "(vllm serve), jarvis (Jarvis's vllm engine), hf (Jarvis's transformers engine)")
+                        "(vllm serve), jarvis (Jarvis's vllm engine), hf (Jarvis's transformers engine, its defaults), "
+                        "hf-waves (its wave scheduler), hf-graphs (continuous batching with CUDA graphs)")
     parser.add_argument("--gguf", type=Path, help="real weights: a GGUF file (the embedded model's) converted on the "
                         "host with `jarvis models convert`; default: random weights of --shape")
     parser.add_argument("--concurrency", default="1,16,64,256", help="levels, comma-separated")
@@ -593,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def print_report(result_dir: Path, weights: int | None, output_len: int) -> None:
     results = load_results(result_dir)
     present = {side for sides in results.values() for side in sides}
-    for side in ("jarvis", "hf"):
+    for side in SIDES[1:]:
         if side in present:
             print("\n" + ratio_table(results, side))
     print("\n" + goals(results, weights, output_len))
@@ -616,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
             probe = Path(tmp) / name
             probe.mkdir()
             (probe / "config.json").write_text(json.dumps(shape_config(args.shape, 262144, 2, 1)))
-            settings = {"jarvis": jarvis_settings(folder, name, args), "hf": hf_settings(folder, name, args)}
+            settings = all_settings(folder, name, args)
             engine_args, env = planned(settings["jarvis"], probe, assume_h200=True)
         print(f"engine arguments (planned for one H200): {json.dumps(engine_args)}\nenvironment: {env}")
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
@@ -643,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
             make_model(args.shape, tokenizer_folder(source, work), folder)
-        settings = {"jarvis": jarvis_settings(folder, name, args), "hf": hf_settings(folder, name, args)}
+        settings = all_settings(folder, name, args)
         engine_args, env = planned(settings["jarvis"], folder, assume_h200=False)
         print(f"engine arguments, both vLLM servers: {json.dumps(engine_args)}")
         state = start_servers(folder, name, engine_args, env, settings, work, args.sides, args.ready_timeout)
