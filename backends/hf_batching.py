@@ -6,8 +6,8 @@ the prompts are left-padded into one prefill, and every step feeds the next
 token of every row through one forward pass over the shared KV cache. Each
 row has its own sampling settings, seed, adapter, stop sequences and token
 limit; a row that finishes is answered at once and pruned from the cache, so
-the wave shrinks as it goes. Requests that arrive during a wave start the
-next one.
+the wave shrinks as it goes. Requests that arrive during a "dynamic" wave
+start the next one.
 
 Two ways to decode a wave (`decode=`):
   * "dynamic": a growing KV cache, finished rows pruned at once; the default on CPU.
@@ -18,10 +18,21 @@ Two ways to decode a wave (`decode=`):
     (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
     dominates a small model's step. Waves with adapters decode "dynamic" (PEFT's per-row
     adapter routing is not graph-friendly).
+
+A static wave takes requests while it runs: every row writes its next token to the same cache
+slot `at`, so a waiting request is prefilled on its own and its KV copied into a free row just
+left of `at` (the rows before it masked off, its positions its own), and it decodes from the
+next step on. It joins when its prompt fits left of `at` and its answer in the cache; else the
+rows all shift left as far as the longest one allows; if it still does not fit, it waits at the
+head of the line and nobody overtakes it, so the wave drains until it fits or the next wave
+starts with it. Every layer of the static cache keeps the whole context, sliding-window ones too
+(the mask keeps their window): transformers' sliding layers count the position in a Python int,
+and a replayed CUDA graph would be captured again for each value of it.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import random
 import threading
@@ -93,6 +104,24 @@ class ModelHandle:
         return hasattr(self.model, "peft_config")
 
 
+@dataclass
+class StaticWave:
+    """A static wave: one row per slot of a preallocated cache, every row writing its next token to slot `at`."""
+
+    requests: list[Sequence]  # every request the wave took: a failure answers them all
+    slots: list[Sequence | None]  # the request decoding in each row; None: a free row
+    feed: list[int]  # each row's next input token (a free row's is computed and dropped)
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    at: int
+
+    @staticmethod
+    def history(seq: Sequence) -> int:
+        """The cache slots `seq` fills: its prompt and its tokens fed so far (the newest is fed next)."""
+        return len(seq.prompt_ids) + len(seq.generated) - 1
+
+
 class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
                  decode: str = "dynamic", max_len: int = 4096) -> None:
@@ -101,12 +130,16 @@ class BatchScheduler:
         self.gather_seconds = gather_seconds
         self.decode = decode
         self.max_len = max_len
-        self._static: dict[int, Any] = {}  # bucket → StaticCache, reused wave after wave
+        self._static: dict[int, Any] = {}  # bucket → whole_context_cache, reused wave after wave
         self._decode_step: Any = None
         self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        #: Taken from the queue, not yet decoding: its head waits for room in the running wave, or starts the next.
+        self._pending: collections.deque[Sequence | None] = collections.deque()
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self.waves = 0
+        self.joined = 0  # requests that joined a static wave already decoding
+        self.shifts = 0  # times a static wave moved its rows left to make room
 
     def start(self) -> None:
         self._thread.start()
@@ -128,29 +161,35 @@ class BatchScheduler:
 
     # --- the scheduler thread ----------------------------------------------------------------------
 
+    def _take(self, timeout: float | None) -> Sequence | None:
+        """The next request: the pending ones first, then the queue (queue.Empty on timeout)."""
+        if self._pending:
+            return self._pending.popleft()
+        return self._queue.get(timeout=timeout)
+
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._take(None)
             if first is None:
                 return
             wave = [first]
             deadline = time.monotonic() + self.gather_seconds
             while len(wave) < self.max_batch_size:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._take(max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:  # stop after this wave
-                    self._queue.put(None)
+                    self._pending.appendleft(None)
                     break
                 wave.append(item)
+            self.waves += 1
             try:
                 with torch.inference_mode():
                     self._decode_wave(wave)
             except BaseException as exc:  # a failed wave fails its requests, never the scheduler
                 for seq in wave:
                     seq.emit(exc)
-            self.waves += 1
 
     def _forward(self, **inputs: Any) -> Any:
         h = self.handle
@@ -158,23 +197,28 @@ class BatchScheduler:
             h.stats.forward_passes += 1
             return h.model(**inputs, use_cache=True)
 
+    def _starting(self, arrivals: list[Sequence]) -> list[Sequence]:
+        """The arrivals that need decoding: prompt scores go out first, the cancelled and the zero-token finish."""
+        for seq in arrivals:
+            if seq.request.echo and seq.request.logprobs:
+                seq.emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(seq)))
+        live = [s for s in arrivals if not s.cancel.is_set() and self._has_budget(s)]
+        for seq in arrivals:
+            if seq not in live:
+                self._finish(seq, "cancelled" if seq.cancel.is_set() else "length")
+        return live
+
     def _decode_wave(self, wave: list[Sequence]) -> None:
         from transformers import DynamicCache
 
         h = self.handle
-        for seq in wave:
-            if seq.request.echo and seq.request.logprobs:
-                seq.emit(GenerationChunk(text="", prompt_logprobs=self._score_prompt(seq)))
-        live = [s for s in wave if not s.cancel.is_set() and self._has_budget(s)]
-        for seq in wave:
-            if seq not in live:
-                self._finish(seq, "cancelled" if seq.cancel.is_set() else "length")
+        live = self._starting(wave)
         if not live:
             return
         width = max(len(s.prompt_ids) for s in live)
         longest = width + max(s.request.max_tokens or 0 for s in live)
         if self.decode != "dynamic" and not h.has_adapters and longest <= self.max_len:
-            return self._decode_static(live, width)
+            return self._decode_static(wave, live, width)
         ids, mask = self._left_padded(live, width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=h.model.config)
@@ -200,9 +244,7 @@ class BatchScheduler:
                                 attention_mask=mask, position_ids=positions, past_key_values=cache,
                                 logits_to_keep=1, **extra)
 
-    def _decode_static(self, live: list[Sequence], width: int) -> None:
-        from transformers import StaticCache
-
+    def _decode_static(self, wave: list[Sequence], live: list[Sequence], width: int) -> None:
         h = self.handle
         # "graphs" keeps one shape, the full batch, so a single CUDA graph serves every wave; "static"
         # rounds up to a power of two to waste less compute on CPU.
@@ -213,32 +255,115 @@ class BatchScheduler:
         mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
         mask[:, :width] = prompt_mask
         prefill_positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        positions = prefill_positions[:, -1:]
         cache = self._static.get(bucket)
         if cache is None:
-            cache = self._static[bucket] = StaticCache(config=h.model.config, max_cache_len=self.max_len)
+            cache = self._static[bucket] = whole_context_cache(h.model.config, self.max_len)
         else:
             cache.reset()
         out = self._forward(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
                             past_key_values=cache, logits_to_keep=1)
-        done = [False] * len(live)
-        step = 0
+        w = StaticWave(wave, [*live, *[None] * (bucket - len(live))], [int(ids[0, -1])] * bucket, cache, mask,
+                       prefill_positions[:, -1:].clone(), at=width)
         while True:
             logits = out.logits[:, -1, :].float()
-            tokens = self._sample(logits[: len(live)], live)
-            for i, (seq, token) in enumerate(zip(live, tokens)):
-                if not done[i]:
-                    done[i] = self._advance(seq, token, logits[i])
-            if all(done):
+            busy = [j for j, seq in enumerate(w.slots) if seq is not None]
+            rows = logits if len(busy) == bucket else logits[busy]
+            for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
+                if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
+                    w.slots[j] = None
+                else:
+                    w.feed[j] = token
+            self._join(w)
+            if all(seq is None for seq in w.slots):
                 return
-            mask[:, width + step] = 1
-            positions = positions + 1
-            step += 1
-            feed = torch.tensor(tokens + [tokens[0]] * (bucket - len(live)), device=h.device).unsqueeze(-1)
+            mask[:, w.at] = 1
+            w.positions += 1
+            w.at += 1
             with h.lock:
                 h.stats.forward_passes += 1
-                out = self._step_fn()(input_ids=feed, attention_mask=mask, position_ids=positions,
-                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
+                                      attention_mask=mask, position_ids=w.positions, past_key_values=cache,
+                                      use_cache=True, logits_to_keep=1)
+
+    def _waiting(self) -> bool:
+        """Whether a request waits: the head of `_pending`, filled from the queue without blocking."""
+        if not self._pending:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                return False
+        return True
+
+    def _fits(self, seq: Sequence, w: StaticWave) -> bool:
+        """Whether `seq` can join `w` as it stands: its prompt fits left of `at`, its answer in the cache."""
+        return (not self.handle.has_adapters and len(seq.prompt_ids) <= w.at
+                and w.at + (seq.request.max_tokens or 0) <= self.max_len)
+
+    def _make_room(self, seq: Sequence, w: StaticWave) -> bool:
+        """Shift every row of `w` left, as far as its longest row and `seq`'s prompt allow, if `seq` then fits.
+
+        The positions stay, and the rows keep their order in the cache, so no row's attention changes."""
+        target = max([len(seq.prompt_ids)] + [w.history(s) for s in w.slots if s is not None])
+        if self.handle.has_adapters or not (
+                target < w.at and target + (seq.request.max_tokens or 0) <= self.max_len):
+            return False
+        k, kept = w.at - target, target
+        for layer in w.cache.layers:
+            layer.keys[:, :, :kept] = layer.keys[:, :, k:w.at].clone()
+            layer.values[:, :, :kept] = layer.values[:, :, k:w.at].clone()
+            layer.cumulative_length.sub_(k)  # in place: a CUDA graph reads it from its address
+        w.mask[:, :kept] = w.mask[:, k:w.at].clone()
+        w.mask[:, kept:] = 0
+        w.mask[:, kept - 1] = 1  # a free row sees at least one slot: an all-masked row would turn its garbage NaN
+        w.at = kept
+        self.shifts += 1
+        return self._fits(seq, w)
+
+    def _join(self, w: StaticWave) -> None:
+        """Waiting requests take the free rows of the running static wave, oldest first, their first token sampled.
+
+        The arrivals are prefilled together on a small dynamic cache; each one's keys and values are copied
+        into its row, ending just before `at`, its row's mask shows only its prompt, and its positions
+        restart from its own (a dynamic sliding-window layer keeps only the window's last tokens: the ones
+        before them are out of every later query's window, so the row's older slots there go unread). A
+        request that does not fit stays at the head of the line: nobody overtakes it, so the wave drains
+        until it fits or the next wave starts with it."""
+        from transformers import DynamicCache
+
+        free = [j for j, seq in enumerate(w.slots) if seq is None]
+        arrivals: list[Sequence] = []
+        while len(arrivals) < len(free) and self._waiting():
+            seq = self._pending[0]
+            if seq is None or not (self._fits(seq, w) or (not arrivals and self._make_room(seq, w))):
+                break  # stopping, or the head waits for room
+            arrivals.append(self._pending.popleft())  # type: ignore[arg-type]
+        if not arrivals:
+            return
+        w.requests.extend(arrivals)
+        live = self._starting(arrivals)
+        if not live:
+            return
+        self.joined += len(live)
+        h, width, at = self.handle, max(len(s.prompt_ids) for s in live), w.at
+        ids, prompt_mask = self._left_padded(live, width)
+        small = DynamicCache(config=h.model.config)
+        out = self._forward(input_ids=ids, attention_mask=prompt_mask, past_key_values=small, logits_to_keep=1,
+                            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+        rows = free[: len(live)]
+        for layer, part in zip(w.cache.layers, small.layers):
+            kept = part.keys.shape[-2]
+            for r, (seq, j) in enumerate(zip(live, rows)):
+                n = min(len(seq.prompt_ids), kept)
+                layer.keys[j, :, at - n:at] = part.keys[r, :, kept - n:]
+                layer.values[j, :, at - n:at] = part.values[r, :, kept - n:]
+        for seq, j in zip(live, rows):
+            w.mask[j] = 0
+            w.mask[j, at - len(seq.prompt_ids):at] = 1
+            w.positions[j] = len(seq.prompt_ids) - 1
+        logits = out.logits[:, -1, :].float()
+        for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
+            if not self._advance(seq, token, logits[r]):
+                w.slots[j], w.feed[j] = seq, token
 
     def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt ids left-padded to `width`, and the attention mask that hides the padding."""
@@ -336,6 +461,13 @@ class BatchScheduler:
             entries.append(seq_logprob(h.tokenizer, logits[pos - 1], token, detok.push(token),
                                        seq.request.top_logprobs))
         return entries
+
+
+def whole_context_cache(config: Any, max_len: int) -> Any:
+    """A static cache of `max_len` slots in every layer, the model's sliding-window layers included."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    return Cache(layers=[StaticLayer(max_cache_len=max_len) for _ in range(config.get_text_config().num_hidden_layers)])
 
 
 def samples(request: GenerationRequest) -> bool:

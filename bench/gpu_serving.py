@@ -3,7 +3,8 @@
   raw     `vllm serve MODEL` with the engine arguments Jarvis plans for the settings below, as CLI flags;
   jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL;
   hf      `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=hf (bf16, the engine's defaults), --sides raw,hf;
-          hf-waves and hf-graphs force its wave scheduler, or continuous batching with CUDA graphs.
+          hf-waves forces its wave scheduler (the default), hf-continuous transformers' continuous batching,
+          hf-graphs continuous batching with CUDA graphs forced.
 
 The model is random weights of a real shape (Gemma-3-270M from bench/gemma3_270m_config.json, or Llama-3-8B
 with its vocabulary widened to the tokenizer's), bf16, saved with the embedded model's tokenizer, or real
@@ -58,9 +59,10 @@ BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 
 METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
            ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
            ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
-SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-graphs")  # raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
+SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-continuous", "hf-graphs")  # raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
 #: The transformers sides: the engine's defaults, and the two batching paths forced (settings on top of hf_settings).
 HF_SIDES = {"hf": {}, "hf-waves": {"JARVIS_HF_BATCHING": "waves"},
+            "hf-continuous": {"JARVIS_HF_BATCHING": "continuous"},
             "hf-graphs": {"JARVIS_HF_BATCHING": "continuous", "JARVIS_HF_CUDA_GRAPHS": "on"}}
 GOALS = {"jarvis": "tok/s ≥ 0.98× raw and TTFT p50 ≤ 1.05× at every level; single-stream TPOT ≤ 1.05×",
          **{side: "tok/s ≥ 0.5× raw vLLM and TTFT p50 ≤ 2× at C=16 and C=64" for side in HF_SIDES}}
@@ -426,7 +428,7 @@ def load_results(result_dir: Path) -> dict[Level, dict[str, list[dict[str, float
     """{level: {side: [summary per round]}} from the files `vllm bench serve` saved."""
     results: dict[Level, dict[str, list[dict[str, float]]]] = {}
     for f in sorted(result_dir.glob("*-r*.json")):
-        match = re.match(r"(raw|jarvis|hf|hf-waves|hf-graphs)-([cq])([\d.]+)-r(\d+)\.json", f.name)
+        match = re.match(r"(raw|jarvis|hf|hf-waves|hf-continuous|hf-graphs)-([cq])([\d.]+)-r(\d+)\.json", f.name)
         if match is None:
             continue
         side, kind, value, _ = match.groups()
@@ -556,7 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the model, logs and results go (default: %(default)s)")
     parser.add_argument("--sides", default="raw,jarvis", help="servers to compare, comma-separated, raw first: raw "
                         "(vllm serve), jarvis (Jarvis's vllm engine), hf (Jarvis's transformers engine, its defaults), "
-                        "hf-waves (its wave scheduler), hf-graphs (continuous batching with CUDA graphs)")
+                        "hf-waves (its wave scheduler), hf-continuous (transformers' continuous batching), hf-graphs "
+                        "(continuous batching with CUDA graphs)")
     parser.add_argument("--gguf", type=Path, help="real weights: a GGUF file (the embedded model's) converted on the "
                         "host with `jarvis models convert`; default: random weights of --shape")
     parser.add_argument("--concurrency", default="1,16,64,256", help="levels, comma-separated")

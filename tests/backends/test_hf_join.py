@@ -1,0 +1,152 @@
+"""A static wave takes requests while it decodes: a request that joins a running wave answers what it answers
+alone, also past the model's sliding window; one that does not fit waits for room, and nobody overtakes it.
+
+The scheduler runs in this process on the embedded model (fp32, CPU); greedy answers are compared token for
+token with the same request decoded in a wave of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from jarvis.backends.hf_batching import BatchScheduler, ModelHandle
+from jarvis.engine import EngineStats, GenerationChunk, GenerationRequest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def handle(hf_folder) -> ModelHandle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    return ModelHandle(model, tokenizer, torch.device("cpu"), frozenset({tokenizer.eos_token_id}),
+                       threading.Lock(), EngineStats())
+
+
+class Answer:
+    """One submitted request: the tokens it streams, and when it has finished."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.text = ""
+        self.finish: str | None = None
+        self.first_at = self.done_at = 0.0
+        self.started = threading.Event()
+        self.done = threading.Event()
+
+    def __call__(self, chunk: GenerationChunk | BaseException) -> None:
+        if isinstance(chunk, BaseException):
+            self.finish = repr(chunk)
+            self.done.set()
+            return
+        if chunk.token_count and not self.tokens:
+            self.first_at = time.monotonic()
+        self.tokens += chunk.token_count
+        self.text += chunk.text
+        if self.tokens >= 3:
+            self.started.set()
+        if chunk.finish_reason:
+            self.finish, self.done_at = chunk.finish_reason, time.monotonic()
+            self.done.set()
+
+
+@pytest.fixture
+def scheduler(handle):
+    made: list[BatchScheduler] = []
+
+    def make(**kw) -> BatchScheduler:
+        s = BatchScheduler(handle, max_batch_size=kw.pop("max_batch_size", 4), gather_seconds=0.0,
+                           decode="static", max_len=kw.pop("max_len", 1024))
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def submit(s: BatchScheduler, prompt_ids: list[int], max_tokens: int) -> Answer:
+    answer = Answer()
+    request = GenerationRequest(prompt=None, model="m", max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    s.submit(request, prompt_ids, answer, threading.Event())
+    return answer
+
+
+def ids(handle: ModelHandle, text: str) -> list[int]:
+    return handle.tokenizer(text)["input_ids"]
+
+
+def alone(s: BatchScheduler, prompt_ids: list[int], max_tokens: int) -> str:
+    answer = submit(s, prompt_ids, max_tokens)
+    assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    return answer.text
+
+
+def test_requests_join_a_running_wave_and_answer_as_they_would_alone(handle, scheduler):
+    s = scheduler()
+    first = submit(s, ids(handle, "The history of the ocean begins with"), 40)
+    assert first.started.wait(120)
+    later = [ids(handle, "Fact: the moon is"), ids(handle, "A short poem about autumn leaves and rain:")]
+    joined = [submit(s, p, 12) for p in later]
+    for answer in (first, *joined):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert s.waves == 1 and s.joined == 2, (s.waves, s.joined)
+    assert [a.text for a in joined] == [alone(s, p, 12) for p in later]
+    assert first.text == alone(s, ids(handle, "The history of the ocean begins with"), 40)
+
+
+@pytest.mark.parametrize("case", ["prompt longer than the wave's", "answer past the cache's end"])
+def test_a_request_that_does_not_fit_waits_for_room_and_nobody_overtakes_it(handle, scheduler, case):
+    s = scheduler(max_len=96)
+    first = submit(s, ids(handle, "Once upon a time"), 30)
+    assert first.started.wait(120)
+    if case == "prompt longer than the wave's":
+        misfit, n = ids(handle, "The causes of the industrial revolution, in a few words, are " * 3), 8
+    else:
+        misfit, n = ids(handle, "Tell me"), 90
+    held = submit(s, misfit, n)
+    behind = submit(s, ids(handle, "Fact: the moon is"), 4)  # it would fit, but it must not pass `held`
+    for answer in (first, held, behind):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert first.done_at <= held.first_at <= behind.first_at
+    assert held.text == alone(s, misfit, n)
+
+
+def test_rows_shift_left_to_make_room_and_answer_the_same(handle, scheduler):
+    """A long prompt that finished early leaves the wave's `at` far right: a request that would run past the
+    cache's end joins once every row has moved left, the running row included, and nothing changes."""
+    s = scheduler(max_len=72)
+    long_prompt = ids(handle, "Write down every colour of the rainbow, one by one, in order, and then " * 3)[:40]
+    short, late = ids(handle, "Fact: the moon is"), ids(handle, "The capital of France")
+    quick = submit(s, long_prompt, 4)
+    running = submit(s, short, 30)
+    assert quick.done.wait(120) and not running.done.is_set()
+    joiner = submit(s, late, 30)
+    for answer in (running, joiner):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert (s.waves, s.joined) == (1, 1) and s.shifts >= 1, (s.waves, s.joined, s.shifts)
+    assert [running.text, joiner.text] == [alone(s, short, 30), alone(s, late, 30)]
+
+
+def test_joining_past_the_sliding_window(handle, scheduler):
+    """Gemma 3's local layers see the last 512 tokens: a wave past that many slots takes a short joiner, and a
+    joiner whose prompt is longer than the window (its prefill keeps only the window's last tokens there)."""
+    window = handle.model.config.sliding_window
+    long_prompt = ids(handle, "The quick brown fox jumps over the lazy dog. " * (window // 10 + 4))
+    assert len(long_prompt) > window + 8
+    s = scheduler(max_len=len(long_prompt) + 64)
+    first = submit(s, long_prompt, 40)
+    assert first.started.wait(300)
+    later = [ids(handle, "Fact: the moon is"), long_prompt[: window + 2]]
+    joined = [submit(s, p, 10) for p in later]
+    for answer in (first, *joined):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert s.joined == 2, s.joined
+    assert [a.text for a in joined] == [alone(s, p, 10) for p in later]
