@@ -277,6 +277,7 @@ class HfEngine(Engine):
                              "batch_wait_ms": self.options.batch_wait_ms,
                              "waves": self._scheduler.waves if self._scheduler else 0,
                              "joined_running_wave": self._scheduler.joined if self._scheduler else 0,
+                             "wave_shifts": self._scheduler.shifts if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,
                              "continuous": self._continuous.describe() if self._continuous else None,
                              "served_by": dict(self._paths), "recent": list(self._recent)}}
