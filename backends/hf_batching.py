@@ -219,8 +219,7 @@ class BatchScheduler:
         longest = width + max(s.request.max_tokens or 0 for s in live)
         if self.decode != "dynamic" and not h.has_adapters and longest <= self.max_len:
             return self._decode_static(wave, live, width)
-        ids, mask = self._left_padded(live, width)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = self._left_padded(live, width)
         cache = DynamicCache(config=h.model.config)
         extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -251,10 +250,9 @@ class BatchScheduler:
         bucket = self.max_batch_size if self.decode == "graphs" else \
             min(self.max_batch_size, 1 << (len(live) - 1).bit_length())
         rows = live + [live[0]] * (bucket - len(live))  # padding rows repeat a real prompt; their output is dropped
-        ids, prompt_mask = self._left_padded(rows, width)
+        ids, prompt_mask, prefill_positions = self._left_padded(rows, width)
         mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
         mask[:, :width] = prompt_mask
-        prefill_positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = self._static.get(bucket)
         if cache is None:
             cache = self._static[bucket] = whole_context_cache(h.model.config, self.max_len)
@@ -294,18 +292,17 @@ class BatchScheduler:
                 return False
         return True
 
-    def _fits(self, seq: Sequence, w: StaticWave) -> bool:
-        """Whether `seq` can join `w` as it stands: its prompt fits left of `at`, its answer in the cache."""
-        return (not self.handle.has_adapters and len(seq.prompt_ids) <= w.at
-                and w.at + (seq.request.max_tokens or 0) <= self.max_len)
+    def _fits(self, seq: Sequence, at: int) -> bool:
+        """Whether `seq` can join a static wave at slot `at`: its prompt fits left of it, its answer in the cache."""
+        return (not self.handle.has_adapters and len(seq.prompt_ids) <= at
+                and at + (seq.request.max_tokens or 0) <= self.max_len)
 
     def _make_room(self, seq: Sequence, w: StaticWave) -> bool:
         """Shift every row of `w` left, as far as its longest row and `seq`'s prompt allow, if `seq` then fits.
 
         The positions stay, and the rows keep their order in the cache, so no row's attention changes."""
         target = max([len(seq.prompt_ids)] + [w.history(s) for s in w.slots if s is not None])
-        if self.handle.has_adapters or not (
-                target < w.at and target + (seq.request.max_tokens or 0) <= self.max_len):
+        if not (target < w.at and self._fits(seq, target)):
             return False
         k, kept = w.at - target, target
         for layer in w.cache.layers:
@@ -317,7 +314,7 @@ class BatchScheduler:
         w.mask[:, kept - 1] = 1  # a free row sees at least one slot: an all-masked row would turn its garbage NaN
         w.at = kept
         self.shifts += 1
-        return self._fits(seq, w)
+        return True
 
     def _join(self, w: StaticWave) -> None:
         """Waiting requests take the free rows of the running static wave, oldest first, their first token sampled.
@@ -330,11 +327,13 @@ class BatchScheduler:
         until it fits or the next wave starts with it."""
         from transformers import DynamicCache
 
+        if not self._waiting():  # the common step: nobody waits
+            return
         free = [j for j, seq in enumerate(w.slots) if seq is None]
         arrivals: list[Sequence] = []
         while len(arrivals) < len(free) and self._waiting():
             seq = self._pending[0]
-            if seq is None or not (self._fits(seq, w) or (not arrivals and self._make_room(seq, w))):
+            if seq is None or not (self._fits(seq, w.at) or (not arrivals and self._make_room(seq, w))):
                 break  # stopping, or the head waits for room
             arrivals.append(self._pending.popleft())  # type: ignore[arg-type]
         if not arrivals:
@@ -345,10 +344,10 @@ class BatchScheduler:
             return
         self.joined += len(live)
         h, width, at = self.handle, max(len(s.prompt_ids) for s in live), w.at
-        ids, prompt_mask = self._left_padded(live, width)
+        ids, prompt_mask, prompt_positions = self._left_padded(live, width)
         small = DynamicCache(config=h.model.config)
-        out = self._forward(input_ids=ids, attention_mask=prompt_mask, past_key_values=small, logits_to_keep=1,
-                            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+        out = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                            past_key_values=small, logits_to_keep=1)
         rows = free[: len(live)]
         for layer, part in zip(w.cache.layers, small.layers):
             kept = part.keys.shape[-2]
@@ -365,14 +364,15 @@ class BatchScheduler:
             if not self._advance(seq, token, logits[r]):
                 w.slots[j], w.feed[j] = seq, token
 
-    def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt ids left-padded to `width`, and the attention mask that hides the padding."""
+    def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt ids left-padded to `width`, the attention mask that hides the padding, and each row's positions
+        (counted from its first real token)."""
         h = self.handle
         pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else 0
         gaps = [width - len(s.prompt_ids) for s in rows]
         ids = torch.tensor([[pad] * g + s.prompt_ids for g, s in zip(gaps, rows)], device=h.device)
         mask = torch.tensor([[0] * g + [1] * (width - g) for g in gaps], device=h.device)
-        return ids, mask
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _step_fn(self) -> Any:
         """The decode forward: compiled into a replayed CUDA graph in "graphs" mode, else eager."""
