@@ -169,7 +169,7 @@ def levels_of(spec: str) -> list[int]:
 
 def planned(settings: dict[str, str], folder: Path, assume_h200: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The engine arguments and environment Jarvis's vllm engine would use for `settings` (plan_engine)."""
-    from jarvis.backends.vllm_config import PREFIX, Platform, VllmSettings, plan_engine
+    from jarvis.backends.vllm.config import PREFIX, Platform, VllmSettings, plan_engine
     from jarvis.settings import load_settings
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("JARVIS_")}

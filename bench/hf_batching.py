@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from jarvis.backends.hf_batching import BatchScheduler, ModelHandle
+from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
 from jarvis.engine import EngineStats, GenerationRequest
 
 HERE = Path(__file__).parent
@@ -41,7 +41,7 @@ def load_model(args: argparse.Namespace):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        from jarvis.backends.hf_convert import embedded_hf_model
+        from jarvis.backends.model_tools.convert import embedded_hf_model
         from jarvis.settings import load_settings
 
         model = AutoModelForCausalLM.from_pretrained(embedded_hf_model(load_settings().data_dir), dtype=dtype)

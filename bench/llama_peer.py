@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--peer-defaults", action="store_true", help="run the peer with logits_all true (its default)")
     args = parser.parse_args()
 
-    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.embedded_model import embedded_model_path
     from jarvis.settings import load_settings
 

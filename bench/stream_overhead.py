@@ -106,7 +106,7 @@ def replay_plugin() -> Any:
     """A plugin registering `llama_cpp_replayed`: the llama.cpp engine (model, tokenizer, chat format, first
     decode all real) whose repeated requests replay the chunks of their first decode without decoding."""
     from jarvis import hookimpl
-    from jarvis.backends.llama_cpp import LlamaCppEngine
+    from jarvis.backends.llama_cpp.engine import LlamaCppEngine
     from jarvis.engine import GenerationChunk
 
     class ReplayedLlamaCpp(LlamaCppEngine):

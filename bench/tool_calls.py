@@ -125,7 +125,7 @@ def valid(result: dict[str, Any]) -> bool:
 def convert_model() -> None:
     """hf and vllm serve the embedded model as a transformers folder: convert it once, before the server
     starts (a no-op once done), so the conversion is neither timed nor raced by the server."""
-    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.settings import load_settings
 
     print(f"  model folder: {embedded_hf_model(load_settings().data_dir)}", file=sys.stderr)

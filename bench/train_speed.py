@@ -46,7 +46,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from jarvis.backends.hf_convert import converted_dir, embedded_hf_model
+from jarvis.backends.model_tools.convert import converted_dir, embedded_hf_model
 from jarvis.plugins.chat_formats.families import GEMMA
 from jarvis.plugins.training import trainer as jt
 from jarvis.plugins.training.config import TrainConfig

@@ -94,8 +94,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict:
     from transformers import AutoTokenizer
     from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-    from jarvis.backends.hf_convert import embedded_hf_model
-    from jarvis.backends.vllm_config import PREFIX, Platform, VllmSettings, plan_engine
+    from jarvis.backends.model_tools.convert import embedded_hf_model
+    from jarvis.backends.vllm.config import PREFIX, Platform, VllmSettings, plan_engine
     from jarvis.settings import load_settings
 
     os.environ.update(ENV)

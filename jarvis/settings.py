@@ -3,7 +3,7 @@
 Every field documents its valid values; a bad value fails at start with a
 `SettingsError` whose lines name the setting, the value, and the fix.
 Engine-specific knobs live beside their engine (e.g. `JARVIS_LLAMA_*` in
-`jarvis.backends.llama_cpp`), so this core module knows no engine by name.
+`jarvis.backends.llama_cpp.engine`), so this core module knows no engine by name.
 Names that need the plugin registries (engine, chat format) are checked in
 `jarvis.registry.check_settings` once plugins are loaded.
 """

@@ -142,7 +142,7 @@ LORA_PROMPT = "The best thing about Jarvis is"
 
 @pytest.fixture(scope="session")
 def hf_folder():
-    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.settings import load_settings
 
     return embedded_hf_model(load_settings().data_dir)

@@ -46,7 +46,7 @@ def options(*decorators: Any) -> Any:
 def local_base(model: str | None) -> Path:
     if model:
         return Path(model)
-    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.settings import load_settings
 
     return embedded_hf_model(load_settings().data_dir)

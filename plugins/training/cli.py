@@ -85,8 +85,8 @@ def train_command(config_file: Path | None, resume: bool, publish: str | None, *
 
 def run_training(config: Any, *, resume: bool = False, publish: str | None = None) -> Any:
     from jarvis.adapters import inspect_adapter
-    from jarvis.backends.hf import resolve_device
-    from jarvis.backends.hf_convert import embedded_hf_model
+    from jarvis.backends.hf.engine import resolve_device
+    from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.engine import ModelInfo
     from jarvis.plugin_manager import create_plugin_manager
     from jarvis.plugins.training import trainer
@@ -187,8 +187,8 @@ def publish_command(folder: Path, server: str, name: str | None) -> None:
 @click.option("--base-model", type=click.Path(file_okay=False, path_type=Path), help="Default: the embedded model.")
 def merge_command(folder: Path, out: Path, base_model: Path | None) -> None:
     """Merge adapter FOLDER into its base and write a full transformers model to OUT."""
-    from jarvis.backends.hf_convert import embedded_hf_model
-    from jarvis.backends.lora_merge import merge_adapter
+    from jarvis.backends.model_tools.convert import embedded_hf_model
+    from jarvis.backends.model_tools.lora_merge import merge_adapter
     from jarvis.settings import load_settings
 
     base = base_model or embedded_hf_model(load_settings().data_dir)

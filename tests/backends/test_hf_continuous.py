@@ -40,7 +40,7 @@ def request(**fields) -> GenerationRequest:
     ({"max_tokens": 0}, "max_tokens=0"),
 ])
 def test_what_the_manager_covers(fields, reason):
-    from jarvis.backends.hf_continuous import uncovered
+    from jarvis.backends.hf.continuous import uncovered
 
     assert uncovered(request(**{"temperature": 0.0, **fields})) == reason
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from jarvis.backends.hf_convert import (CONVERTER_VERSION, MARKER, convert_gguf, gguf_tokenizer_flags,
+from jarvis.backends.model_tools.convert import (CONVERTER_VERSION, MARKER, convert_gguf, gguf_tokenizer_flags,
                                         is_converted, llama_cpp_token_ids, tokenizer_mismatches)
 from jarvis.plugins.chat_formats.families import GEMMA
 
@@ -87,7 +87,7 @@ def test_recorded_probe_ids_are_llama_cpps(embedded_gguf, hf_folder):
     does) fails them."""
     from transformers import AutoTokenizer
 
-    from jarvis.backends.hf_convert import PROBE_TEXTS, RECORDED_PROBE_IDS
+    from jarvis.backends.model_tools.convert import PROBE_TEXTS, RECORDED_PROBE_IDS
 
     stamp = json.loads((hf_folder / MARKER).read_text())
     recorded = [list(ids) for ids in RECORDED_PROBE_IDS[stamp["source_sha256"]]]

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from jarvis.backends.hf_batching import BatchScheduler, ModelHandle
+from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
 from jarvis.engine import EngineStats, GenerationChunk, GenerationRequest
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from backends.hf_batching import BatchScheduler, ModelHandle, Sequence, sample_rows
+from jarvis.backends.hf.waves import BatchScheduler, ModelHandle, Sequence, sample_rows
 from jarvis.engine import EngineStats, GenerationRequest
 from jarvis.text_stream import StopSequenceMatcher
 

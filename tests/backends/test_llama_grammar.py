@@ -1,4 +1,4 @@
-"""The llama.cpp engine's grammar sampler checks the sampled token first (backends/llama_grammar.py).
+"""The llama.cpp engine's grammar sampler checks the sampled token first (backends/llama_cpp/grammar.py).
 
 It must decode what llama-cpp-python's stock sampler (the grammar applied to the whole vocabulary, then
 the chain) decodes: token for token when greedy, and from the same distribution when sampling.
@@ -16,8 +16,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar  # noqa: E402
 
-from jarvis.backends import llama_grammar  # noqa: E402
-from jarvis.backends.llama_grammar import GrammarCheckedLlama  # noqa: E402
+from jarvis.backends.llama_cpp import grammar as llama_grammar  # noqa: E402
+from jarvis.backends.llama_cpp.grammar import GrammarCheckedLlama  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colour", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"},

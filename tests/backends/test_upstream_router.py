@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from jarvis.backends.upstream_pool import Upstream, UpstreamPool, parse_upstreams
+from jarvis.backends.upstream.pool import Upstream, UpstreamPool, parse_upstreams
 from jarvis.errors import ConfigError, EngineUnavailable
 
 MODEL = "gemma-3-270m"

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from jarvis.backends.vllm_config import LORA_RANKS, Platform, VllmSettings, plan_engine
+from jarvis.backends.vllm.config import LORA_RANKS, Platform, VllmSettings, plan_engine
 from jarvis.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.usefixtures("vllm_installed")

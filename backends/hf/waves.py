@@ -80,7 +80,7 @@ class Sequence:
     stops: StopSequenceMatcher
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
-    #: The row's grammar state when its output is constrained (xgrammar_constraints.RowMatcher).
+    #: The row's grammar state when its output is constrained (model_tools.grammars.RowMatcher).
     matcher: Any = None
 
     @property

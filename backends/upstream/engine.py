@@ -10,7 +10,7 @@ upstream's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
 
 `JARVIS_UPSTREAMS` lists several such servers instead (replicas of one model):
 the engine then routes each request through an `UpstreamPool`
-(backends/upstream_pool.py: balancing, circuit breaking; backends/upstream_monitor.py:
+(backends/upstream/pool.py: balancing, circuit breaking; backends/upstream/monitor.py:
 health checks, adapter placement) and retries a failed attempt on another upstream as long as nothing
 has reached the client yet. One JARVIS_UPSTREAM_URL is a pool of one.
 """
@@ -31,11 +31,11 @@ from jarvis import hookimpl
 from jarvis.engine import (CONSTRAINT_FEATURES, SAMPLING_FEATURES, Engine, GenerationChunk, GenerationRequest,
                            GenerationResult, ModelInfo, TokenLogprob, ToolCallDelta, ToolUse)
 from jarvis.errors import APIError, ConfigError
-from jarvis.backends.upstream_monitor import UpstreamMonitor, unreachable, upstream_error
-from jarvis.backends.upstream_pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
+from jarvis.backends.upstream.monitor import UpstreamMonitor, unreachable, upstream_error
+from jarvis.backends.upstream.pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
 from jarvis.settings import JarvisSettings, load_settings
 
-log = logging.getLogger("jarvis.backends.openai_upstream")
+log = logging.getLogger("jarvis.backends.upstream.engine")
 
 PREFIX = "JARVIS_UPSTREAM_"
 

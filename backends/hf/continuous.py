@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from jarvis.backends.hf_batching import IncrementalDetokenizer, ModelHandle, Sequence
+from jarvis.backends.hf.waves import IncrementalDetokenizer, ModelHandle, Sequence
 from jarvis.engine import Emit, GenerationChunk, GenerationRequest
 from jarvis.text_stream import StopSequenceMatcher
 

@@ -37,7 +37,7 @@ from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
 
-log = logging.getLogger("jarvis.backends.llama_cpp")
+log = logging.getLogger("jarvis.backends.llama_cpp.engine")
 
 PREFIX = "JARVIS_LLAMA_"
 #: Rows of logits requested per decode when scoring a prompt (64 × vocabulary floats).
@@ -117,7 +117,7 @@ class LlamaCppEngine(Engine):
     def _load(self) -> None:
         from llama_cpp import Llama
 
-        from jarvis.backends.llama_grammar import GrammarCheckedLlama
+        from jarvis.backends.llama_cpp.grammar import GrammarCheckedLlama
 
         self._vocab = Llama(str(self.path), vocab_only=True, verbose=False)
         meta = self._vocab.metadata
@@ -181,7 +181,7 @@ class LlamaCppEngine(Engine):
         import llama_cpp
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-        from jarvis.backends.llama_grammar import schema_to_gbnf
+        from jarvis.backends.llama_cpp.grammar import schema_to_gbnf
 
         if constraint.kind == "json_object":
             grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root is an object
@@ -282,7 +282,7 @@ class LlamaCppEngine(Engine):
     async def load_adapter(self, adapter: Any) -> None:
         import llama_cpp
 
-        from jarvis.backends.llama_lora import convert_peft_to_gguf
+        from jarvis.backends.llama_cpp.lora import convert_peft_to_gguf
 
         meta = self._vocab.metadata
         arch = meta["general.architecture"]

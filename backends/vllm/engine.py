@@ -6,7 +6,7 @@ this delegate only translates: a `GenerationRequest` becomes token ids plus
 client that goes away aborts its request inside vLLM. Adapters are
 `LoRARequest`s added and removed at run time; `JARVIS_VLLM_MERGE_ADAPTER`
 serves one adapter merged into the weights instead. Configuration and the
-diagnosis of a layout that cannot work live in `vllm_config`.
+diagnosis of a layout that cannot work live in `config`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 
 from jarvis import hookimpl
 from jarvis.adapters import InvalidAdapter, inspect_adapter
-from jarvis.backends.vllm_config import PREFIX, Platform, VllmSettings, plan_engine, read_model_config
+from jarvis.backends.vllm.config import PREFIX, Platform, VllmSettings, plan_engine, read_model_config
 from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob
 from jarvis.errors import ConfigError, InvalidRequest
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
 
-log = logging.getLogger("jarvis.backends.vllm")
+log = logging.getLogger("jarvis.backends.vllm.engine")
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
@@ -75,7 +75,7 @@ class VllmEngine(Engine):
     def _base_dir(self) -> Path | None:
         if self.model_dir is not None:
             return self.model_dir
-        from jarvis.backends.hf_convert import converted_dir, is_converted
+        from jarvis.backends.model_tools.convert import converted_dir, is_converted
 
         folder = converted_dir(self.settings.data_dir)
         return folder if is_converted(folder) else None  # not converted yet: checked once it is
@@ -146,12 +146,12 @@ class VllmEngine(Engine):
         """The folder vLLM loads: the model, the embedded one converted, or either merged with an adapter."""
         base = self.model_dir
         if base is None:
-            from jarvis.backends.hf_convert import embedded_hf_model
+            from jarvis.backends.model_tools.convert import embedded_hf_model
 
             base = embedded_hf_model(self.settings.data_dir)
         if self.merge_source is None:
             return base
-        from jarvis.backends.lora_merge import merged_model
+        from jarvis.backends.model_tools.lora_merge import merged_model
 
         merged = merged_model(base, self.merge_source, self.settings.data_dir / "models" / "merged")
         log.info("serving %s merged into %s: %s", self.merge_source, base.name, merged)
@@ -245,7 +245,7 @@ class VllmEngine(Engine):
         backend) so a schema it cannot compile is a 400 before any stream begins. vLLM renamed the API:
         `structured_outputs=StructuredOutputsParams` (0.11 and later), `guided_decoding=GuidedDecodingParams`
         before."""
-        from jarvis.backends.xgrammar_constraints import grammar_of
+        from jarvis.backends.model_tools.grammars import grammar_of
 
         grammar_of(constraint)
         spec = {"json_object": {"json_object": True}, "json_schema": {"json": constraint.spec},

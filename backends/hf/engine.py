@@ -25,7 +25,7 @@ from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo,
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 
-log = logging.getLogger("jarvis.backends.hf")
+log = logging.getLogger("jarvis.backends.hf.engine")
 
 PREFIX = "JARVIS_HF_"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -192,8 +192,8 @@ class HfEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from jarvis.backends.hf_batching import BatchScheduler, ModelHandle
-        from jarvis.backends.hf_convert import embedded_hf_model
+        from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
+        from jarvis.backends.model_tools.convert import embedded_hf_model
 
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
@@ -222,7 +222,7 @@ class HfEngine(Engine):
                                          max_len=self.settings.max_model_len)
         self._scheduler.start()
         if self.continuous:
-            from jarvis.backends.hf_continuous import ContinuousBatcher
+            from jarvis.backends.hf.continuous import ContinuousBatcher
 
             o = self.options
             self._continuous = ContinuousBatcher(
@@ -261,7 +261,7 @@ class HfEngine(Engine):
     def compile_constraint(self, constraint: Any) -> Any:
         """An xgrammar grammar compiled for this tokenizer; each constrained row gets its own matcher."""
         if self._masks is None:
-            from jarvis.backends.xgrammar_constraints import TokenMasks
+            from jarvis.backends.model_tools.grammars import TokenMasks
 
             self._masks = TokenMasks(self._handle.tokenizer, self._handle.model.config.get_text_config().vocab_size)
         return self._masks.matcher_factory(self._masks.compile(constraint))
@@ -295,7 +295,7 @@ class HfEngine(Engine):
 
     def _route(self, request: GenerationRequest, ids: list[int], relay: WorkerRelay) -> tuple[str, str | None]:
         """Continuous batching when it covers the request, else the waves: the path taken, and why not the first."""
-        from jarvis.backends.hf_continuous import uncovered
+        from jarvis.backends.hf.continuous import uncovered
 
         if self._continuous is None:
             reason = "JARVIS_HF_BATCHING=waves"
@@ -367,7 +367,7 @@ def jarvis_register_commands(cli: Any) -> None:
                   help="A tokenizer folder to use instead of the GGUF's (checked against llama.cpp's ids).")
     def convert(gguf: str | None, out: str | None, tokenizer: str | None) -> None:
         """Convert a GGUF model (default: the embedded one) into a transformers folder."""
-        from jarvis.backends.hf_convert import convert_gguf, converted_dir, embedded_hf_model
+        from jarvis.backends.model_tools.convert import convert_gguf, converted_dir, embedded_hf_model
 
         settings = load_settings()
         if gguf is None and out is None and tokenizer is None:

@@ -21,10 +21,10 @@ from typing import Any
 
 import httpx
 
-from jarvis.backends.upstream_pool import Upstream, UpstreamPool
+from jarvis.backends.upstream.pool import Upstream, UpstreamPool
 from jarvis.errors import APIError, ConfigError, EngineUnavailable
 
-log = logging.getLogger("jarvis.backends.upstream_monitor")
+log = logging.getLogger("jarvis.backends.upstream.monitor")
 
 
 def upstream_error(response_status: int, body: bytes | str, url: str) -> APIError:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from jarvis.embedded_model import MODEL_ID, embedded_model_path, sha256_of
 
-log = logging.getLogger("jarvis.backends.hf_convert")
+log = logging.getLogger("jarvis.backends.model_tools.convert")
 
 MARKER = "jarvis-conversion.json"
 #: Bumped whenever the conversion's output changes; a folder stamped with another version is redone.

@@ -6,7 +6,7 @@ request, where it goes:
 
 - balancing: the eligible upstream with the fewest outstanding requests; ties
   go round-robin;
-- health: an upstream is up or down (its health check, backends/upstream_monitor.py,
+- health: an upstream is up or down (its health check, backends/upstream/monitor.py,
   says which; a connection error on a request marks it down at once); a down
   upstream is tried only when no other is left;
 - circuit breaking: JARVIS_UPSTREAM_FAILURE_THRESHOLD consecutive failures
@@ -14,7 +14,7 @@ request, where it goes:
   then it is half-open: one probe request decides between closed and open again;
 - adapters: a request for an adapter goes only to upstreams holding it.
 
-No network here: the engine (backends/openai_upstream.py) sends the requests
+No network here: the engine (backends/upstream/engine.py) sends the requests
 and reports each `Attempt`'s outcome.
 """
 
@@ -30,7 +30,7 @@ import httpx
 
 from jarvis.errors import ConfigError, EngineUnavailable
 
-log = logging.getLogger("jarvis.backends.upstream_pool")
+log = logging.getLogger("jarvis.backends.upstream.pool")
 
 Circuit = Literal["closed", "open", "half_open"]
 

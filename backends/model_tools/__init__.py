@@ -1,0 +1,2 @@
+"""Model tooling that engines, training and evaluation share: `convert` (GGUF → transformers folder),
+`lora_merge` (a PEFT adapter merged into its base), `grammars` (output constraints as xgrammar grammars)."""

@@ -1,0 +1,4 @@
+"""The `openai` engine: remote OpenAI-compatible servers. `engine` (the delegate), `pool` (replica routing,
+circuit breaking), `monitor` (health checks, adapter placement)."""
+
+from jarvis.backends.upstream.engine import jarvis_register_engines  # noqa: F401  (the plugin's hooks)
