@@ -58,7 +58,8 @@ class JarvisSettings(BaseSettings):
                       json_schema_extra={"fix": "set JARVIS_PORT to an integer between 1 and 65535"})
     chat_format: str = Field(
         "auto", description="How chat messages become a prompt; auto = the model's own template.",
-        json_schema_extra={"fix": "set JARVIS_CHAT_FORMAT to a registered format (auto, chatml, gemma, llama3, mistral)"})
+        json_schema_extra={"fix": "set JARVIS_CHAT_FORMAT to a registered format "
+                                  "(auto, chatml, gemma, llama3, mistral)"})
     chat_formats: dict[str, str] = Field(
         default_factory=dict,
         description='Per-model override of chat_format, JSON: {"model-id": "chatml"}.',
@@ -120,6 +121,12 @@ class JarvisSettings(BaseSettings):
     drain_timeout: float = Field(
         30, ge=0, le=86_400, description="On SIGTERM, seconds in-flight requests and streams may take to finish.",
         json_schema_extra={"fix": "set JARVIS_DRAIN_TIMEOUT to a number of seconds"})
+    keep_alive_timeout: float = Field(
+        75, gt=0, le=86_400,
+        description="Seconds an idle client connection stays open. Longer than clients' pool expiry (httpx and "
+                    "the openai SDK: 5 s, aiohttp: 15 s), as reverse proxies do (nginx: 75 s), so the server never "
+                    "closes a connection while a client sends its next request on it.",
+        json_schema_extra={"fix": "set JARVIS_KEEP_ALIVE_TIMEOUT to a number of seconds"})
     engine_start_retry: bool = Field(
         False, description="When the engine fails its first start: false = the server exits non-zero with the "
                            "reason; true = it stays up (503, /health says why) and retries with back-off.",

@@ -26,6 +26,10 @@ from jarvis.errors import APIError, ConfigError, EngineUnavailable
 
 log = logging.getLogger("jarvis.backends.upstream.monitor")
 
+#: Seconds an idle upstream connection is kept: below uvicorn's 5 s idle timeout (`vllm serve`, llama.cpp's
+#: Python server, an older Jarvis), so Jarvis never sends a request on a connection the upstream is closing.
+UPSTREAM_KEEPALIVE_EXPIRY = 4.0
+
 
 def upstream_error(response_status: int, body: bytes | str, url: str) -> APIError:
     """The upstream's error, keeping its message; statuses that are Jarvis's own problem become 502."""
@@ -72,11 +76,14 @@ class UpstreamMonitor:
     # --- start: the first upstream that answers makes the pool ready -------------------------------
 
     def open(self, timeout: float, connect_timeout: float) -> None:
+        """One connection pool per upstream; idle connections are dropped before the upstream's own idle
+        timeout could close one under a request (`UPSTREAM_KEEPALIVE_EXPIRY`)."""
         for u in self.upstreams:
             headers = {"Authorization": f"Bearer {u.api_key}"} if u.api_key else {}
             u.client = httpx.AsyncClient(base_url=u.url, headers=headers,
                                          timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                                                             keepalive_expiry=UPSTREAM_KEEPALIVE_EXPIRY))
 
     async def close(self) -> None:
         if self._checks is not None:

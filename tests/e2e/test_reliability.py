@@ -7,6 +7,7 @@ request loops are bounded in count and time.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import threading
@@ -46,8 +47,31 @@ async def stream_once(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
     return out
 
 
-def test_256_concurrent_streaming_clients_all_complete(jarvis_server):
-    server = jarvis_server(**LLAMA)
+@pytest.fixture(scope="module")
+def llama(jarvis_server):
+    """The module's server with default limits."""
+    return jarvis_server(**LLAMA)
+
+
+def test_a_connection_idle_as_long_as_clients_keep_theirs_is_still_open(llama):
+    """httpx (under the openai SDK) keeps an idle connection 5 s and reuses it; uvicorn's own idle timeout is
+    also 5 s, so the server could close the connection as the client sent on it ("Server disconnected without
+    sending a response"). The server keeps idle connections longer (JARVIS_KEEP_ALIVE_TIMEOUT)."""
+    port = int(llama.base_url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/health")
+    assert connection.getresponse().read() and connection.sock is not None
+    first = connection.sock
+    time.sleep(5.5)  # past the 5 s both sides used to keep
+    connection.request("GET", "/health")  # on the same socket: http.client reconnects only when it has none
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["status"] == "ready"
+    assert connection.sock is first
+    connection.close()
+
+
+def test_256_concurrent_streaming_clients_all_complete(llama):
+    server = llama
 
     async def load() -> list[dict]:
         limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
