@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from gpu_serving import alive, convert_gguf, free_port
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
@@ -167,7 +166,8 @@ def agreement(tokenizer: Any, got: list[str], want: list[str]) -> str:
     same = sum(g == w for g, w in zip(got, want))
     shares = [shared_tokens(tokenizer, g, w) for g, w in zip(got, want)]
     lead = sum(s for s, _ in shares) / len(shares)
-    return f"{same}/{len(want)} identical, {lead:.1f} of {sum(t for _, t in shares) / len(shares):.1f} leading tokens shared"
+    return (f"{same}/{len(want)} identical, {lead:.1f} of {sum(t for _, t in shares) / len(shares):.1f} "
+            "leading tokens shared")
 
 
 def check(args: argparse.Namespace) -> None:
@@ -183,7 +183,8 @@ def check(args: argparse.Namespace) -> None:
     print(f"  {'llama_cpp (Q4_K_M) CPU':<28} {agreement(tokenizer, reference['llama_cpp'], want)}", flush=True)
     adapter = reference.get("adapter")
     base_settings = {"JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": "gemma-3-270m",
-                     "JARVIS_DEVICE": args.device, "JARVIS_MAX_MODEL_LEN": "2048", "JARVIS_ADAPTER_ROOT": str(args.reference)}
+                     "JARVIS_DEVICE": args.device, "JARVIS_MAX_MODEL_LEN": "2048",
+                     "JARVIS_ADAPTER_ROOT": str(args.reference)}
     # each row: the base prompts first (graphs and continuous batching serve them), then the adapter loaded
     # over HTTP (its requests take PEFT's per-row path on hf, vLLM's LoRA kernels on vllm)
     runs = {

@@ -59,7 +59,8 @@ BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 
 METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
            ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
            ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
-SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-continuous", "hf-graphs")  # raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
+# raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
+SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-continuous", "hf-graphs")
 #: The transformers sides: the engine's defaults, and the two batching paths forced (settings on top of hf_settings).
 HF_SIDES = {"hf": {}, "hf-waves": {"JARVIS_HF_BATCHING": "waves"},
             "hf-continuous": {"JARVIS_HF_BATCHING": "continuous"},
@@ -288,7 +289,7 @@ def wait_ready(state: dict[str, Any], timeout_s: float) -> None:
 
 
 def stop_servers(state: dict[str, Any]) -> None:
-    for side, server in state["servers"].items():
+    for server in state["servers"].values():
         if alive(server["pid"]):
             os.killpg(server["pid"], signal.SIGTERM)  # its own session: the server and its engine process
     deadline = time.monotonic() + 60
@@ -360,8 +361,9 @@ def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: i
                 "--custom-output-len", str(args.output_len)]
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", f"http://127.0.0.1:{state['servers'][side]['port']}", "--endpoint", "/v1/completions",
-            "--model", state["name"], "--tokenizer", state["model"], *data, "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            *(["--request-rate", str(rate)] if rate else []), "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--model", state["name"], "--tokenizer", state["model"], *data, "--num-prompts", str(prompts),
+            "--max-concurrency", str(concurrency), *(["--request-rate", str(rate)] if rate else []),
+            "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
             "--result-filename", filename]
 
@@ -391,7 +393,8 @@ def run_bench(command: list[str], log: Path) -> None:
     import contextlib
 
     try:
-        from vllm.benchmarks.serve import add_cli_args, main as bench_main
+        from vllm.benchmarks.serve import add_cli_args
+        from vllm.benchmarks.serve import main as bench_main
     except ImportError:  # another layout: the CLI itself
         with open(log, "w") as out:
             done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=600)

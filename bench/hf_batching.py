@@ -138,7 +138,7 @@ def main() -> None:
                      "passes_per_token": (stats.forward_passes - before) / tokens})
         for c in levels:
             before = stats.forward_passes
-            seconds, tokens = timed(lambda: run_scheduler(scheduler, data[:c], args.max_tokens), sync)
+            seconds, tokens = timed(lambda c=c: run_scheduler(scheduler, data[:c], args.max_tokens), sync)
             rows.append({"path": "jarvis scheduler, concurrent", "concurrency": c, "tokens_per_s": tokens / seconds,
                          "passes_per_token": (stats.forward_passes - before) / tokens})
     scheduler.stop()

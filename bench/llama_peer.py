@@ -8,11 +8,11 @@ one sequence at a time (Jarvis: JARVIS_LLAMA_N_PARALLEL=1; the peer serves one r
           position, which makes it slower: `--peer-defaults` measures that too).
 
 vLLM's `vllm bench serve` (in process: `vllm.benchmarks.serve`) sends random prompts of --input-len
-tokens and asks for --output-len tokens with `ignore_eos` and temperature 0 on both, streaming over /v1/completions, at each
-concurrency; the servers alternate round by round (jarvis, peer, peer, jarvis, ...) so background load
-hits both alike. Printed per concurrency: output tokens/s, TTFT and TPOT medians, failed or cut
-streams (a stream that ends before its tokens is counted as failed by vLLM's client), and the ratio
-Jarvis / peer (tokens/s ≥ 1.00 is the goal).
+tokens and asks for --output-len tokens with `ignore_eos` and temperature 0 on both, streaming over
+/v1/completions, at each concurrency; the servers alternate round by round (jarvis, peer, peer,
+jarvis, ...) so background load hits both alike. Printed per concurrency: output tokens/s, TTFT and
+TPOT medians, failed or cut streams (a stream that ends before its tokens is counted as failed by
+vLLM's client), and the ratio Jarvis / peer (tokens/s ≥ 1.00 is the goal).
 
     python bench/llama_peer.py [--concurrency 1,4] [--prompts 16] [--rounds 2] [--threads N]
 """
@@ -106,7 +106,8 @@ def vllm_bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int, i
             "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions", "--model", MODEL,
             "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(input_len),
             "--random-output-len", str(output_len), "--num-prompts", str(prompts), "--max-concurrency",
-            str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl",
+            str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--percentile-metrics",
+            "ttft,tpot,itl",
             "--metric-percentiles", "50,99", "--save-result", "--result-dir", out, "--disable-tqdm"])
         with uuid_request_ids() if uuid_ids else contextlib.nullcontext():
             return main(args)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 from openai import OpenAI
 from rich.console import Console
@@ -229,7 +230,8 @@ def main() -> None:
     model_path = embedded_model_path(data_dir)
     prompts = make_prompts(args.requests)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads,
-              "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0]}
+              "n_ctx": N_CTX, "n_batch": N_BATCH, "model": str(model_path), "cpu_count": os.cpu_count(),
+              "load_before": os.getloadavg()[0]}
 
     with console.status(f"{len(prompts)} prompts through raw llama.cpp, Jarvis and Jarvis streaming ..."), \
             raw_engine(model_path, args.max_tokens, args.threads) as raw, \

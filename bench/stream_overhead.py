@@ -156,7 +156,7 @@ class AsgiClient:
         self.app = app
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator["AsgiClient"]:
+    async def running(self) -> AsyncIterator[AsgiClient]:
         inbox: asyncio.Queue[dict] = asyncio.Queue()
         started = asyncio.Event()
 

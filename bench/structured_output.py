@@ -56,8 +56,8 @@ ENGINE_SETTINGS = {"llama_cpp": {}, "hf": {}, "vllm": {"JARVIS_VLLM_CPU_KVCACHE_
 def timed(client: openai.OpenAI, prompt: str, seed: int, max_tokens: int,
           constrained: bool) -> tuple[float, float, int, str, str]:
     """(time to first token, decode seconds after it, completion tokens, text, finish_reason), streamed."""
-    extra = {"response_format": {"type": "json_schema",
-                                 "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}} if constrained else {}
+    schema = {"name": "person", "schema": SCHEMA, "strict": True}
+    extra = {"response_format": {"type": "json_schema", "json_schema": schema}} if constrained else {}
     started = time.perf_counter()
     first, text, finish, tokens = None, [], "", 0
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
@@ -115,7 +115,8 @@ def main() -> None:
     for engine in args.engines.split(","):
         print(f"{engine}: {args.requests} requests per path ...", file=sys.stderr)
         rows[engine] = bench_engine(engine, args.requests, args.max_tokens)
-    print(f"\n{'engine':<10} {'free tok/s':>11} {'schema tok/s':>13} {'ratio':>7} {'valid':>7} {'cut':>4} {'TTFT ms free/schema':>20}")
+    print(f"\n{'engine':<10} {'free tok/s':>11} {'schema tok/s':>13} {'ratio':>7} {'valid':>7} {'cut':>4} "
+          f"{'TTFT ms free/schema':>20}")
     for engine, r in rows.items():
         print(f"{engine:<10} {r['free']:>11.1f} {r['schema']:>13.1f} {r['ratio']:>7.2f} "
               f"{r['valid']:>3}/{r['requests']:<3} {r['cut']:>4} {r['ttft_free']:>10.0f}/{r['ttft_schema']:<9.0f}")

@@ -116,7 +116,8 @@ def hook_cost_us(iterations: int) -> dict[str, float]:
         recorder = TelemetryRecorder(TelemetrySettings(_env_file=None, gpu=False))
         if name == "metrics+spans":
             recorder.tracing = Tracing("bench", 1000, exporter=InMemorySpanExporter())
-        requests = [GenerationRequest(prompt="p", model="m", context=RequestContext(engine="llama_cpp")) for _ in range(iterations)]
+        requests = [GenerationRequest(prompt="p", model="m", context=RequestContext(engine="llama_cpp"))
+                    for _ in range(iterations)]
         start = time.perf_counter()
         for request in requests:
             recorder.started(request)

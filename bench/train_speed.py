@@ -43,8 +43,7 @@ from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from jarvis.backends.model_tools.convert import converted_dir, embedded_hf_model
 from jarvis.plugins.chat_formats.families import GEMMA

@@ -27,8 +27,8 @@ from jarvis.plugin_manager import JarvisPluginManager, create_plugin_manager
 from jarvis.registry import Registries, check_settings
 from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
-from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.openai import OpenAIController
+from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.responses import ResponsesController
 from jarvis.routes.tokenizer import TokenizerController
 from jarvis.runtime import EngineRuntime

@@ -168,12 +168,12 @@ class GenerationRequest:
     def first_token_at(self) -> float | None:
         return self.context.first_token_at
 
-    def mark_first_token(self, chunk: "GenerationChunk") -> None:
+    def mark_first_token(self, chunk: GenerationChunk) -> None:
         """Record the arrival time of the first chunk that carries generated tokens."""
         if chunk.token_count or chunk.text:
             self.context.mark_first_token()
 
-    def for_choice(self, index: int, seed: int | None) -> "GenerationRequest":
+    def for_choice(self, index: int, seed: int | None) -> GenerationRequest:
         """Choice `index` of `n`: the same generation with its own seed and its own context."""
         ctx = self.context
         return replace(self, seed=seed, context=RequestContext(f"{ctx.request_id}-{index}", ctx.client, ctx.engine))
@@ -195,7 +195,7 @@ class GenerationChunk:
     #: Tool-call pieces found in this chunk's part of the output (`text` is then what is not a call).
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
-    def then(self, later: "GenerationChunk") -> "GenerationChunk":
+    def then(self, later: GenerationChunk) -> GenerationChunk:
         """This chunk followed by `later`, as one chunk."""
         return GenerationChunk(
             text=self.text + later.text, token_count=self.token_count + later.token_count,
@@ -357,7 +357,7 @@ class Engine:
 
     # Adapter API (LoRA). The runtime validates the folder and owns the list of served adapters;
     # an engine only makes the weights available under `adapter.name` (and `request.adapter` picks them).
-    async def load_adapter(self, adapter: "AdapterInfo") -> None:
+    async def load_adapter(self, adapter: AdapterInfo) -> None:
         raise NotImplementedError(f"the {self.name} engine does not serve LoRA adapters")
 
     async def unload_adapter(self, name: str) -> None:

@@ -8,7 +8,8 @@ plugin may register any number of things and the order stays explicit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -44,32 +45,33 @@ def jarvis_register_middleware(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def jarvis_register_commands(cli: "click.Group") -> None:
+def jarvis_register_commands(cli: click.Group) -> None:
     """Add click commands or groups to the `jarvis` CLI (`cli.add_command(...)`)."""
 
 
 @hookspec
 def jarvis_check_settings(settings: Any) -> list[Any]:
-    """Return a list of `ConfigError`s for the plugin's own settings (empty if fine); `doctor` and `serve` print them."""
+    """Return a list of `ConfigError`s for the plugin's own settings (empty if fine); `doctor` and `serve` print
+    them."""
 
 
 @hookspec
-def jarvis_startup(app: "Litestar") -> None:
+def jarvis_startup(app: Litestar) -> None:
     """The server is starting (engine loading in the background): acquire the plugin's resources."""
 
 
 @hookspec
-def jarvis_shutdown(app: "Litestar") -> None:
+def jarvis_shutdown(app: Litestar) -> None:
     """The server is stopping: release what `jarvis_startup` acquired."""
 
 
 @hookspec
-def jarvis_request_started(request: "GenerationRequest") -> None:
+def jarvis_request_started(request: GenerationRequest) -> None:
     """A generation is about to reach the engine; must be fast and must not raise."""
 
 
 @hookspec
-def jarvis_request_finished(request: "GenerationRequest", result: "GenerationResult | None",
+def jarvis_request_finished(request: GenerationRequest, result: GenerationResult | None,
                             error: BaseException | None) -> None:
     """A generation ended with `result` or `error` (cancelled streams arrive with an error; no logprobs on streams)."""
 

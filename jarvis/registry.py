@@ -44,7 +44,7 @@ class Registries:
     chat_formats: Registry = field(default_factory=lambda: Registry("chat format"))
 
     @classmethod
-    def from_plugins(cls, pm: Any) -> "Registries":
+    def from_plugins(cls, pm: Any) -> Registries:
         registries = cls()
         pm.hook.jarvis_register_engines(register=registries.engines.register)
         pm.hook.jarvis_register_chat_formats(register=registries.chat_formats.register)

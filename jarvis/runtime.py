@@ -21,8 +21,16 @@ from typing import Any
 
 from jarvis.adapters import AdapterInfo, AdapterService
 from jarvis.chat_format import ChatFormat, ChatFormatError
-from jarvis.engine import (Engine, GenerationChunk, GenerationRequest, GenerationResult, ModelInfo,
-                           OutputConstraint, ToolCallDelta, whole_calls)
+from jarvis.engine import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    OutputConstraint,
+    ToolCallDelta,
+    whole_calls,
+)
 from jarvis.errors import APIError, ContextLengthExceeded, EngineFailure, InvalidRequest, NotFound
 from jarvis.limits import Admission, ClientRateLimiter
 from jarvis.registry import Registries
@@ -197,8 +205,9 @@ class EngineRuntime:
             score_bos = True
             bad = [t for t in ids if info.vocab_size is not None and not 0 <= t < info.vocab_size]
             if bad:
-                raise InvalidRequest(f"prompt holds token ids outside this model's vocabulary (0..{info.vocab_size - 1}): "
-                                     f"{bad[:5]}", param="prompt", code="invalid_token_id")
+                raise InvalidRequest(f"prompt holds token ids outside this model's vocabulary "
+                                     f"(0..{info.vocab_size - 1}): {bad[:5]}", param="prompt",
+                                     code="invalid_token_id")
             if self.engine.counts_tokens:
                 prompt = self.engine.detokenize(ids)  # for echo
         elif prompt is not None and self.brings_bos(prompt):
@@ -288,7 +297,7 @@ class EngineRuntime:
                 result = await self._engine_generate(request)
         except BaseException as exc:
             self._finished(request, None, exc)
-            raise _as_api_error(exc)
+            raise _as_api_error(exc)  # noqa: B904  (the error it returns carries its cause)
         self._finished(request, result, None)
         return result
 
@@ -308,7 +317,7 @@ class EngineRuntime:
                     yield chunk
         except BaseException as exc:
             error = exc
-            raise _as_api_error(exc)
+            raise _as_api_error(exc)  # noqa: B904  (the error it returns carries its cause)
         finally:
             result = None
             if error is None and last is not None and last.finish_reason is not None:

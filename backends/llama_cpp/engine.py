@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import json
 import logging
 import os
 import random
@@ -31,8 +30,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.embedded_model import MODEL_ID, EmbeddedModelMissing, embedded_model_path
-from jarvis.engine import (Emit, Engine, GenerationChunk, GenerationRequest, ModelInfo, OutputConstraint, TokenLogprob,
-                           WorkerRelay)
+from jarvis.engine import (
+    Emit,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    OutputConstraint,
+    TokenLogprob,
+    WorkerRelay,
+)
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
@@ -51,7 +58,8 @@ class LlamaCppSettings(BaseSettings):
                             json_schema_extra={"fix": "set JARVIS_LLAMA_N_PARALLEL between 1 and 64"})
     n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads per context; unset = the cores this "
                                   "process may run on (its CPU affinity), shared among the pool's contexts.",
-                                  json_schema_extra={"fix": "set JARVIS_LLAMA_N_THREADS to a positive integer or unset it"})
+                                  json_schema_extra={"fix": "set JARVIS_LLAMA_N_THREADS to a positive integer "
+                                                                    "or unset it"})
     n_batch: int = Field(512, ge=8, le=8192, description="Prompt tokens evaluated per decode call.",
                          json_schema_extra={"fix": "set JARVIS_LLAMA_N_BATCH between 8 and 8192"})
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU build of llama.cpp; -1 = all.",

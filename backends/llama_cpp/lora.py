@@ -26,7 +26,7 @@ def adapter_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def gguf_lora_tensors(adapter: AdapterInfo, arch: str, n_blocks: int) -> dict[str, "object"]:
+def gguf_lora_tensors(adapter: AdapterInfo, arch: str, n_blocks: int) -> dict[str, object]:
     """GGUF tensor name → float32 array, for every LoRA matrix of the PEFT adapter."""
     import gguf
     from safetensors.numpy import load_file

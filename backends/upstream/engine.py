@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,11 +27,21 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
-from jarvis.engine import (CONSTRAINT_FEATURES, SAMPLING_FEATURES, Engine, GenerationChunk, GenerationRequest,
-                           GenerationResult, ModelInfo, TokenLogprob, ToolCallDelta, ToolUse)
-from jarvis.errors import APIError, ConfigError
 from jarvis.backends.upstream.monitor import UpstreamMonitor, unreachable, upstream_error
 from jarvis.backends.upstream.pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
+from jarvis.engine import (
+    CONSTRAINT_FEATURES,
+    SAMPLING_FEATURES,
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolUse,
+)
+from jarvis.errors import APIError, ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 
 log = logging.getLogger("jarvis.backends.upstream.engine")
@@ -55,11 +64,13 @@ class UpstreamSettings(BaseSettings):
                                                   "upstream of JARVIS_UPSTREAMS); unset = none.",
                                 json_schema_extra={"fix": "set JARVIS_UPSTREAM_API_KEY to the upstream's key"})
     model: str | None = Field(None, description="Upstream model id; unset = the first one it lists.",
-                              json_schema_extra={"fix": "set JARVIS_UPSTREAM_MODEL to an id from the upstream's /v1/models"})
+                              json_schema_extra={"fix": "set JARVIS_UPSTREAM_MODEL to an id from the upstream's "
+                                                                "/v1/models"})
     timeout: float = Field(600, gt=0, le=86_400, description="Seconds one upstream request may take.",
                            json_schema_extra={"fix": "set JARVIS_UPSTREAM_TIMEOUT to a number of seconds"})
     connect_timeout: float = Field(5, gt=0, le=600, description="Seconds to open a connection to the upstream.",
-                                   json_schema_extra={"fix": "set JARVIS_UPSTREAM_CONNECT_TIMEOUT to a number of seconds"})
+                                   json_schema_extra={"fix": "set JARVIS_UPSTREAM_CONNECT_TIMEOUT to a number "
+                                                                     "of seconds"})
     start_timeout: float = Field(120, ge=0, le=86_400,
                                  description="Seconds the server waits at start for the upstream to answer.",
                                  json_schema_extra={"fix": "set JARVIS_UPSTREAM_START_TIMEOUT to a number of seconds"})

@@ -177,7 +177,7 @@ class UpstreamPool:
         self.cooldown = cooldown
         self._turn = 0  # round-robin among the least loaded
 
-    def attempt(self, adapter: str | None = None, exclude: list[Upstream] | tuple = ()) -> "Attempt":
+    def attempt(self, adapter: str | None = None, exclude: list[Upstream] | tuple = ()) -> Attempt:
         """Send the next attempt to `choose`'s upstream; the caller closes it when the request is over."""
         upstream = self.choose(adapter, exclude)
         return Attempt(self, upstream, upstream.begin(time.monotonic()), time.monotonic())

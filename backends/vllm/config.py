@@ -161,7 +161,7 @@ class Platform:
         return len(self.gpu_memory_gib)
 
     @classmethod
-    def detect(cls) -> "Platform":
+    def detect(cls) -> Platform:
         memory: tuple[float, ...] = ()
         try:
             import torch
@@ -491,8 +491,8 @@ def _size_cpu_kv_cache(plan: VllmPlan, options: VllmSettings, platform: Platform
     if free < one_context:
         plan.problem("JARVIS_MAX_MODEL_LEN" if not options.max_model_len else "JARVIS_VLLM_MAX_MODEL_LEN", max_len,
                      f"one {max_len}-token context needs {one_context / 2**30:.2f} GiB of KV cache, but only "
-                     f"{max(free, 0) / 2**30:.2f} GiB is free beside the weights and {CPU_HEADROOM_GIB} GiB of headroom "
-                     f"({platform.ram_gib:.1f} GiB available now)",
+                     f"{max(free, 0) / 2**30:.2f} GiB is free beside the weights and {CPU_HEADROOM_GIB} GiB of "
+                     f"headroom ({platform.ram_gib:.1f} GiB available now)",
                      "lower the context length, stop other memory users, or serve a smaller model")
         return None
     return int(min(wanted, free))
@@ -527,7 +527,8 @@ def _plan_lora(plan: VllmPlan, args: dict[str, Any], options: VllmSettings, sett
     rank = lora_rank_for(options, settings)
     if options.max_lora_rank is not None and settings.max_lora_rank > rank:
         plan.problem("JARVIS_VLLM_MAX_LORA_RANK", rank,
-                     f"JARVIS_MAX_LORA_RANK={settings.max_lora_rank} admits adapters vLLM would refuse above rank {rank}",
+                     f"JARVIS_MAX_LORA_RANK={settings.max_lora_rank} admits adapters vLLM would refuse "
+                     f"above rank {rank}",
                      f"set JARVIS_MAX_LORA_RANK ≤ {rank} or raise JARVIS_VLLM_MAX_LORA_RANK")
     if not options.enable_lora:
         if settings.lora_modules:

@@ -48,7 +48,7 @@ def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
     return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
 
 
-def start_chat(runtime: Any, body: wire.ChatCompletionRequest, client: str | None = None) -> "ChatRun":
+def start_chat(runtime: Any, body: wire.ChatCompletionRequest, client: str | None = None) -> ChatRun:
     return ChatRun(runtime, body, chat_generations(runtime, body, client))
 
 

@@ -22,7 +22,8 @@ def completion_generations(runtime: Any, body: wire.CompletionRequest,
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         first = runtime.prepare(GenerationRequest(
             prompt=text, prompt_token_ids=ids, model=body.model, kind="completion", max_tokens=body.max_tokens,
-            context=RequestContext(client=client), logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo,
+            context=RequestContext(client=client), logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0, echo=body.echo,
             **options))
         gens += [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
     return gens

@@ -49,9 +49,9 @@ def remove_progress(path: Path) -> None:
 def run_command(input_path: Path, output: Path, errors_path: Path | None, resume: bool,
                 concurrency: int | None) -> None:
     """Run every request in IN.jsonl and write OUT.jsonl."""
+    from jarvis.embedded_model import sha256_of
     from jarvis.plugins.batch import batch_settings
     from jarvis.plugins.batch.lines import first_endpoint
-    from jarvis.embedded_model import sha256_of
     from jarvis.plugins.batch.store import BatchJobStore
     from jarvis.settings import SettingsError
 

@@ -13,11 +13,11 @@ from litestar.response import File
 from pydantic import BaseModel, ConfigDict
 
 from jarvis.errors import APIError, EngineUnavailable, InvalidRequest, NotFound
-from jarvis.routes.openai import parse_body
 from jarvis.plugins.batch.lines import ENDPOINTS
 from jarvis.plugins.batch.service import COMPLETION_WINDOWS, BatchService
 from jarvis.plugins.batch.store import TERMINAL, new_file_id
 from jarvis.plugins.batch.upload import receive_upload
+from jarvis.routes.openai import parse_body
 
 PURPOSES = ("batch",)
 

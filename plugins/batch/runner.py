@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from jarvis.errors import APIError, EngineFailure
+from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
+from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
+from jarvis.runtime import EngineRuntime
 from jarvis.serving.chat import create_chat_completion
 from jarvis.serving.completions import create_completion
 from jarvis.serving.responses import create_response
-from jarvis.runtime import EngineRuntime
-from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
-from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
 
 log = logging.getLogger("jarvis.batch")
 

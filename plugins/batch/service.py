@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from jarvis.runtime import EngineRuntime
 from jarvis.plugins.batch.runner import BatchJobRunner
 from jarvis.plugins.batch.settings import BatchSettings
 from jarvis.plugins.batch.store import BatchJobStore
+from jarvis.runtime import EngineRuntime
 
 log = logging.getLogger("jarvis.batch")
 

@@ -179,7 +179,8 @@ async def timed_request(client: Any, target: Target, prompt: str, max_tokens: in
 
 async def run_block(target: Target, prompts: Sequence[str], indices: Sequence[int], *, max_tokens: int,
                     concurrency: int | None, rate: float | None, seed: int, clock: Callable[[], float],
-                    block: int, on_done: Callable[[], None] = lambda: None, timeout: float = 600) -> list[RequestTiming]:
+                    block: int, on_done: Callable[[], None] = lambda: None,
+                    timeout: float = 600) -> list[RequestTiming]:
     """Send requests `indices` (prompt = index mod len(prompts)) to `target`, bounded by `concurrency` or
     arriving as a Poisson process of `rate` requests/s (seeded exponential gaps)."""
     import httpx

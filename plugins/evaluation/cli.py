@@ -18,7 +18,8 @@ from rich.console import Console
 
 console = Console(stderr=True)
 OUTPUT = click.option("--output", "output", type=click.Path(file_okay=False, path_type=Path),
-                      default=Path("jarvis-reports"), show_default=True, help="Folder for the JSON/MD/HTML/PNG reports.")
+                      default=Path("jarvis-reports"), show_default=True,
+                      help="Folder for the JSON/MD/HTML/PNG reports.")
 MODEL = click.option("--model", help="Local folder (default: the embedded model) or served model name.")
 ADAPTER = click.option("--adapter", help="PEFT adapter folder (local) or the adapter's served name (--url).")
 URL = click.option("--url", help="OpenAI-compatible server (http://host:8000 or .../v1); unset: run locally.")

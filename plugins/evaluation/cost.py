@@ -16,10 +16,11 @@ NAME is a rate; `instances.NAME.FIELD=VALUE` changes an instance).
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.toml")
 HOURS_PER_MONTH = 730.0

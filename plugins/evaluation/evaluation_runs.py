@@ -50,7 +50,8 @@ def resolve_chat_format(name: str | None, model_info: Any | None) -> Any:
     return registries.chat_formats.get(name or "auto")(info)
 
 
-def scoring_texts_for(data: Path, chat_format_name: str | None, model_info: Any | None) -> tuple[list[ScoringText], Any]:
+def scoring_texts_for(data: Path, chat_format_name: str | None,
+                      model_info: Any | None) -> tuple[list[ScoringText], Any]:
     fmt = None
     if needs_chat_format(data):
         if model_info is None and not chat_format_name:

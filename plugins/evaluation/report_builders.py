@@ -111,7 +111,8 @@ def cost_report_files(result: dict[str, Any], out_dir: Path, name: str) -> dict[
         report.table(["configuration", "instance", "$/hour", "req/s", "out tok/s", "$/request", "$/1M out tok",
                       "GPU", "CPU", "RAM", "storage"], rows)
     report.image(plots.cost_breakdown(result["configs"], (training or {}).get("losses"),
-                                      out_dir / f"{name}-cost.png"), "cost per 1M output tokens by resource; training loss")
+                                      out_dir / f"{name}-cost.png"),
+                 "cost per 1M output tokens by resource; training loss")
     return write_report(out_dir, name, result, report)
 
 

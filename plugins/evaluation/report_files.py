@@ -22,19 +22,19 @@ class Report:
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
 
-    def heading(self, text: str) -> "Report":
+    def heading(self, text: str) -> Report:
         self.blocks.append(("h2", text))
         return self
 
-    def text(self, text: str) -> "Report":
+    def text(self, text: str) -> Report:
         self.blocks.append(("p", text))
         return self
 
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> "Report":
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Report:
         self.blocks.append(("table", (list(headers), [[cell(v) for v in row] for row in rows])))
         return self
 
-    def image(self, path: Path | None, caption: str) -> "Report":
+    def image(self, path: Path | None, caption: str) -> Report:
         if path is not None:
             self.blocks.append(("img", (Path(path), caption)))
         return self

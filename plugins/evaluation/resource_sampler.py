@@ -24,7 +24,7 @@ class ResourceSampler:
         self._nvml: Any = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self) -> ResourceSampler:
         self.start()
         return self
 

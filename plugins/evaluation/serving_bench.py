@@ -68,7 +68,7 @@ def run_benchmark(targets: Sequence[Target], prompts: Sequence[str], *, requests
                         target, prompts, indices, max_tokens=max_tokens,
                         concurrency=int(value) if mode == "concurrency" else None,
                         rate=value if mode == "rate" else None, seed=seed, clock=clock, block=block_no,
-                        on_done=lambda: bar.advance(task)))
+                        on_done=lambda task=task: bar.advance(task)))
                     per_target[target.label].extend(timings)
                     block_no += 1
             level_end = clock()

@@ -107,7 +107,8 @@ CHECKS: dict[str, Callable[[str, Any, dict[str, Any]], float]] = {
 BINARY = {"exact", "contains", "regex", "numeric", "json"}
 
 
-def score_case(output: str, expected: Any, checks: Sequence[str], options: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_case(output: str, expected: Any, checks: Sequence[str],
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every requested check's score, and `passed`: all pass/fail checks passed."""
     scores = {name: CHECKS[name](output, expected, options or {}) for name in checks}
     binary = [scores[name] for name in checks if name in BINARY]

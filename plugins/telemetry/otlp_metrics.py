@@ -29,9 +29,18 @@ def metric_exporter() -> Any:
 
 def registry_as_metrics_data(registry: Any, resource: Any, start_ns: int) -> Any:
     """One collection of a prometheus_client registry as OTel `MetricsData` (cumulative)."""
-    from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
-                                                  Metric, MetricsData, NumberDataPoint, ResourceMetrics,
-                                                  ScopeMetrics, Sum)
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Gauge,
+        Histogram,
+        HistogramDataPoint,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+        Sum,
+    )
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     now = time.time_ns()

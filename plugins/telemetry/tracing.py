@@ -32,8 +32,9 @@ def otlp_protocol(signal: str) -> str:
 
 
 def otel_resource(service_name: str) -> Any:
-    import jarvis
     from opentelemetry.sdk.resources import Resource
+
+    import jarvis
 
     attributes = {"service.version": jarvis.__version__}
     if not os.environ.get("OTEL_SERVICE_NAME"):

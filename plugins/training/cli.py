@@ -23,7 +23,8 @@ console = Console(stderr=True)
 
 
 def fail(problem: ConfigError) -> None:
-    console.print(f"[bold red]✗ {problem.setting}[/]={problem.value!r}: {problem.problem}\n  [green]fix:[/] {problem.fix}")
+    console.print(f"[bold red]✗ {problem.setting}[/]={problem.value!r}: {problem.problem}\n"
+                  f"  [green]fix:[/] {problem.fix}")
     sys.exit(2)
 
 
@@ -43,7 +44,8 @@ def publish_adapter(server: str, name: str, path: Path, api_key: str | None = No
 TRAIN_FLAGS = [
     ("--data", dict(type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL, JSON or CSV dataset.")),
     ("--name", dict(help="Adapter name (served under it).")),
-    ("--base-model", dict(type=click.Path(file_okay=False, path_type=Path), help="transformers folder; default: the embedded model.")),
+    ("--base-model", dict(type=click.Path(file_okay=False, path_type=Path),
+                          help="transformers folder; default: the embedded model.")),
     ("--output-dir", dict(type=click.Path(file_okay=False, path_type=Path), help="Default: <adapter root>/<name>.")),
     ("--chat-format", dict(help="auto (the model's own) or a chat-format name.")),
     ("--rank", dict(type=int)), ("--alpha", dict(type=float)), ("--dropout", dict(type=float)),

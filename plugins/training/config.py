@@ -6,10 +6,10 @@ field, the value and the fix (the same `ConfigError` the server uses).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jarvis.errors import ConfigError
@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     strict: bool = False
 
     @model_validator(mode="after")
-    def _qlora_is_lora(self) -> "TrainConfig":
+    def _qlora_is_lora(self) -> TrainConfig:
         if self.qlora and self.dora:
             raise ValueError("qlora and dora together are not supported; pick one")
         return self

@@ -152,7 +152,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: 
                          num_training_steps=steps)
 
 
-def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def optimizer_step(model: Any, optimizer: torch.optim.Optimizer,
+                   batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """One update from several micro-batches; returns (mean token loss, tokens)."""
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
     total = max(1, sum(counts))

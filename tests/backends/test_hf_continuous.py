@@ -158,7 +158,8 @@ def test_adapters_pause_it_and_unloading_resumes_it(continuous, trained_lora):
     assert complete(continuous, prompt, max_tokens=12).choices[0].text == trained_lora["base_text"]
     assert batching(continuous)["recent"][-1]["reason"] == "adapter loaded"
     assert batching(continuous)["continuous"]["paused_for_adapters"] is True
-    assert httpx.post(f"{continuous.v1}/unload_lora_adapter", json={"lora_name": "pirate"}, timeout=60).status_code == 200
+    unloaded = httpx.post(f"{continuous.v1}/unload_lora_adapter", json={"lora_name": "pirate"}, timeout=60)
+    assert unloaded.status_code == 200
     assert complete(continuous, prompt, max_tokens=12).choices[0].text == trained_lora["base_text"]
     info = batching(continuous)
     assert info["recent"][-1]["path"] == "continuous" and info["continuous"]["paused_for_adapters"] is False

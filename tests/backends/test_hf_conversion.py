@@ -8,8 +8,15 @@ import shutil
 
 import pytest
 
-from jarvis.backends.model_tools.convert import (CONVERTER_VERSION, MARKER, convert_gguf, gguf_tokenizer_flags,
-                                        is_converted, llama_cpp_token_ids, tokenizer_mismatches)
+from jarvis.backends.model_tools.convert import (
+    CONVERTER_VERSION,
+    MARKER,
+    convert_gguf,
+    gguf_tokenizer_flags,
+    is_converted,
+    llama_cpp_token_ids,
+    tokenizer_mismatches,
+)
 from jarvis.plugins.chat_formats.families import GEMMA
 
 pytestmark = pytest.mark.slow
@@ -85,7 +92,6 @@ def test_recorded_probe_ids_are_llama_cpps(embedded_gguf, hf_folder):
     """The ids a host without llama_cpp checks against are llama.cpp's own, and the published tokenizer
     gives them; a tokenizer that splits words differently (transformers 5.17's GGUF tokenizer for Gemma 3
     does) fails them."""
-    from transformers import AutoTokenizer
 
     from jarvis.backends.model_tools.convert import PROBE_TEXTS, RECORDED_PROBE_IDS
 

@@ -61,7 +61,8 @@ def test_sampling_draws_from_the_constrained_distribution(models):
     _, llm = models
     temp, draws = 1.5, 2000
     gen = llm.generate(llm.tokenize(b'My favourite word is "', special=True), temp=temp, top_k=0, top_p=1.0,
-                       min_p=0.0, repeat_penalty=1.0, grammar=LlamaGrammar.from_string("root ::= [a-z]+", verbose=False))
+                       min_p=0.0, repeat_penalty=1.0,
+                       grammar=LlamaGrammar.from_string("root ::= [a-z]+", verbose=False))
     next(gen)  # evaluates the prompt; the sampler now stands before the first token
     sampler = llm._sampler
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
@@ -117,7 +118,8 @@ def test_integer_bounds_become_exact_numeral_ranges(low, high):
     values = list(range(-300, 300)) + [random.Random(v).randint(-10**7, 10**7) for v in range(2000)]
     values += [b + d for b in (low, high) if b is not None for d in (-1, 0, 1)]
     for value in values:
-        assert bool(pattern.fullmatch(str(value))) == ((low is None or value >= low) and (high is None or value <= high))
+        assert bool(pattern.fullmatch(str(value))) == ((low is None or value >= low)
+                                                       and (high is None or value <= high))
     for not_json in ("01", "-0", "00", "-", "", "+1"):
         assert not pattern.fullmatch(not_json)
 
@@ -128,7 +130,8 @@ def test_schema_bounds_are_enforced_or_refused():
     LlamaGrammar.from_string(grammar, verbose=False)  # llama.cpp parses it
     zip_rule = next(line for line in grammar.splitlines() if line.startswith("zip ::="))
     assert "[1-9] [0-9]{4}" in zip_rule and "[0-9]{5}" not in zip_rule  # up to five digits, not six
-    for schema, word in (({"type": "number", "maximum": 3}, "maximum"), ({"type": "integer", "multipleOf": 5}, "multipleOf"),
+    for schema, word in (({"type": "number", "maximum": 3}, "maximum"),
+                         ({"type": "integer", "multipleOf": 5}, "multipleOf"),
                          ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer")):
         with pytest.raises(ValueError, match=word):
             llama_grammar.schema_to_gbnf(schema)

@@ -206,7 +206,8 @@ def test_capture_sizes_need_cuda_graphs(model_dir, monkeypatch):
     assert settings_named(cpu) == ["JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES"] and "CUDA GPU" in cpu.problems[0].problem
     eager = plan(model_dir, H100, monkeypatch, JARVIS_VLLM_ENFORCE_EAGER="true")
     assert settings_named(eager) == ["JARVIS_VLLM_CUDAGRAPH_CAPTURE_SIZES"]
-    assert "JARVIS_VLLM_ENFORCE_EAGER" in eager.problems[0].fix and "JARVIS_INFERENCE_ENGINE=hf" in eager.problems[0].fix
+    fix = eager.problems[0].fix
+    assert "JARVIS_VLLM_ENFORCE_EAGER" in fix and "JARVIS_INFERENCE_ENGINE=hf" in fix
 
 
 @pytest.mark.parametrize("device, value, ok", [

@@ -13,8 +13,15 @@ from jarvis.errors import InvalidRequest
 from jarvis.protocol_responses import ResponsesRequest
 from jarvis.responses_store import ResponseStore
 from jarvis.serving.requests import validate_body
-from jarvis.serving.responses import (chat_messages, function_tools, input_items, output_items, responses_error,
-                                      text_format, tool_choice)
+from jarvis.serving.responses import (
+    chat_messages,
+    function_tools,
+    input_items,
+    output_items,
+    responses_error,
+    text_format,
+    tool_choice,
+)
 
 TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from jarvis.plugin_manager import create_plugin_manager

@@ -141,10 +141,11 @@ def plugin_path(tmp_path_factory) -> str:
 def test_plugins_command_lists_the_third_party_plugin(plugin_path, jarvis_cli):
     done = jarvis_cli("plugins", PYTHONPATH=plugin_path)
     assert done.returncode == 0, done.stderr
-    line = next(l for l in done.stdout.splitlines() if "echo_test" in l and "jarvis-echo-test-plugin" in l)
+    lines = done.stdout.splitlines()
+    line = next(text for text in lines if "echo_test" in text and "jarvis-echo-test-plugin" in text)
     assert "0.0.1" in line and "third-party" in line
-    assert "echo_test" in next(l for l in done.stdout.splitlines() if l.startswith("engines:"))
-    assert "shouty_test" in next(l for l in done.stdout.splitlines() if l.startswith("chat formats:"))
+    assert "echo_test" in next(text for text in lines if text.startswith("engines:"))
+    assert "shouty_test" in next(text for text in lines if text.startswith("chat formats:"))
 
 
 def test_the_plugin_adds_a_cli_command(plugin_path, jarvis_cli):
@@ -154,7 +155,8 @@ def test_the_plugin_adds_a_cli_command(plugin_path, jarvis_cli):
 
 
 def test_allow_list_keeps_it_out(plugin_path, jarvis_cli):
-    done = jarvis_cli("doctor", PYTHONPATH=plugin_path, JARVIS_PLUGINS="someone_else", JARVIS_INFERENCE_ENGINE="echo_test")
+    done = jarvis_cli("doctor", PYTHONPATH=plugin_path, JARVIS_PLUGINS="someone_else",
+                      JARVIS_INFERENCE_ENGINE="echo_test")
     assert done.returncode == 1
     assert "JARVIS_INFERENCE_ENGINE" in done.stderr and "echo_test" in done.stderr
 

@@ -10,8 +10,14 @@ import pytest
 from jarvis.engine import ModelInfo, ToolUse, whole_calls
 from jarvis.plugins.chat_formats.auto import auto_format
 from jarvis.plugins.chat_formats.families import GEMMA
-from jarvis.tool_calls import (JsonCallScanner, TaggedCallParser, TrailingJsonCallParser, call_schema,
-                               convention_messages, template_messages)
+from jarvis.tool_calls import (
+    JsonCallScanner,
+    TaggedCallParser,
+    TrailingJsonCallParser,
+    call_schema,
+    convention_messages,
+    template_messages,
+)
 
 SIZES = (1, 2, 3, 7, 10_000)
 
@@ -31,7 +37,8 @@ def calls_of(deltas):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_constrained_calls_stream_their_arguments_once_the_name_is_known(size):
-    text = '[{"name": "get_weather", "arguments": {"city": "Pa\\"ris}", "n": [1, {"a": 2}]}},\n {"name": "b", "arguments": {}}]'
+    text = ('[{"name": "get_weather", "arguments": {"city": "Pa\\"ris}", "n": [1, {"a": 2}]}},\n'
+            ' {"name": "b", "arguments": {}}]')
     content, deltas = read(JsonCallScanner(), text, size)
     assert content == ""
     assert calls_of(deltas) == [("get_weather", {"city": 'Pa"ris}', "n": [1, {"a": 2}]}), ("b", {})]
@@ -56,7 +63,8 @@ def test_a_named_call_is_the_whole_output(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_tagged_calls_leave_the_text_around_them(size):
-    text = 'Let me look. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><tool_call>{"name": "g", "parameters": {}}</tool_call> Done <tool_c'
+    text = ('Let me look. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+            '<tool_call>{"name": "g", "parameters": {}}</tool_call> Done <tool_c')
     content, deltas = read(TaggedCallParser(), text, size)
     assert content == "Let me look.  Done <tool_c"
     assert calls_of(deltas) == [("f", {"a": 1}), ("g", {})]
@@ -98,7 +106,8 @@ def test_the_call_schema_follows_tool_choice():
 
 HISTORY = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
            {"role": "assistant", "content": "", "tool_calls": [
-               {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
            {"role": "tool", "tool_call_id": "c1", "content": "18C"},
            {"role": "tool", "tool_call_id": "c2", "content": "clear"},
            {"role": "user", "content": "And tomorrow?"}]
@@ -137,7 +146,7 @@ def test_a_model_template_that_takes_tools_renders_them_itself():
     assert prompt.startswith('<|im_start|>system\n{"type": "function", "function": {"name": "get_weather"')
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt
     parser = fmt.tool_parser()
-    assert calls_of(read(parser, '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>', 4)[1]) \
-        == [("get_weather", {"city": "Rome"})]
+    rome = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    assert calls_of(read(parser, rome, 4)[1]) == [("get_weather", {"city": "Rome"})]
     plain = auto_format(ModelInfo(id="m", max_model_len=64, chat_template="{{ messages[0].content }}"))
     assert plain.tool_prompt is None  # no `tools` in the template: Jarvis's convention serves them

@@ -11,8 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import free_port
+
 from jarvis.plugins.chat_formats.families import GEMMA
 
 pytestmark = pytest.mark.slow
@@ -322,7 +322,7 @@ def test_engine_start_retry_keeps_a_failed_server_up_answering_503(jarvis_server
 def test_chat_format_can_be_chosen_per_model(jarvis_server, tokenizer):
     from jarvis.plugins.chat_formats.families import CHATML
 
-    server = jarvis_server(JARVIS_CHAT_FORMATS='{"%s": "chatml"}' % MODEL, JARVIS_SERVED_MODEL_NAME=MODEL)
+    server = jarvis_server(JARVIS_CHAT_FORMATS=f'{{"{MODEL}": "chatml"}}', JARVIS_SERVED_MODEL_NAME=MODEL)
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     messages = [{"role": "user", "content": "Hello there"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0)

@@ -17,9 +17,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
-
 from conftest import ENGINE_IDS, serve_engine
+from pydantic import BaseModel, ConfigDict, Field
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-
 from conftest import ENGINE_IDS, serve_engine
 
 pytestmark = pytest.mark.slow
@@ -164,8 +163,16 @@ def test_langchain_bind_tools_returns_tool_calls(server):
 
 
 def run_agent(server, api: str) -> tuple[list[dict], object]:
-    from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, OpenAIResponsesModel, RunConfig, Runner,
-                        function_tool, set_tracing_disabled)
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        OpenAIResponsesModel,
+        RunConfig,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
 
     set_tracing_disabled(True)
     calls: list[dict] = []
@@ -242,4 +249,5 @@ def test_a_bad_tool_request_is_a_400_naming_the_field(http, case):
     error = response.json()["error"]
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error"
-    assert http.post("/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}).status_code == 200
+    fine = http.post("/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})
+    assert fine.status_code == 200

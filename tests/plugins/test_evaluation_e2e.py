@@ -20,8 +20,8 @@ def facts_training(tmp_path_factory, jarvis_cli) -> dict:
     answers in the Gemma chat format); what the command printed is saved beside it."""
     root = tmp_path_factory.mktemp("facts-training")
     run = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--name", "facts", "--output-dir",
-                     str(root / "facts"), "--max-steps", "4", "--batch-size", "2", "--learning-rate", "2e-3", "--tracker", "none",
-                     "--eval-fraction", "0", cwd=root)
+                     str(root / "facts"), "--max-steps", "4", "--batch-size", "2", "--learning-rate", "2e-3",
+                     "--tracker", "none", "--eval-fraction", "0", cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     printed = root / "train-output.json"
     printed.write_text(run.stdout)
@@ -139,7 +139,8 @@ def test_cost_report_prices_the_training_run_and_the_bench_run(facts_training, b
     assert len(report["configs"]) == 4  # 2 price points × 2 concurrency levels
     for config, run_ in zip(report["configs"], bench["runs"] * 2):
         hourly = config["hourly"]["total"]
-        assert hourly == pytest.approx(h100 if config["instance"] == "h100-x1" else 2 * 0.035 + 8 * 0.0045 + 50 * 0.08 / 730)
+        assert hourly == pytest.approx(h100 if config["instance"] == "h100-x1"
+                                       else 2 * 0.035 + 8 * 0.0045 + 50 * 0.08 / 730)
         s = run_["summary"]
         assert config["per_request"]["total"] == pytest.approx(hourly / 3600 / s["request_throughput"])
         assert config["per_1m_output_tokens"]["total"] == pytest.approx(hourly / 3600 / s["output_tokens_per_s"] * 1e6)

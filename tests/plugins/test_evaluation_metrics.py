@@ -90,7 +90,7 @@ def test_training_duration_from_what_jarvis_train_prints(tmp_path):
     adapter.mkdir()
     (adapter / "training.json").write_text('{"config": {}, "losses": [3.0, 2.0, 1.5]}')
     printed = tmp_path / "run.json"
-    printed.write_text('some log line\n{"output_dir": "%s", "steps": 3, "seconds": 42.5}\n' % adapter)
+    printed.write_text(f'some log line\n{{"output_dir": "{adapter}", "steps": 3, "seconds": 42.5}}\n')
     run = cost.read_training_run(printed)
     assert run["seconds"] == 42.5 and run["losses"] == [3.0, 2.0, 1.5]
     with pytest.raises(cost.CostError, match="--training-hours"):

@@ -168,7 +168,8 @@ def test_endpoint_perplexity_equals_local_for_the_same_model(hf_folder, start_ja
         server.stop()
     local = LocalModel(hf_folder).perplexity(texts)
     assert [t.tokens for t in remote.texts] == [t.tokens for t in local.texts]
-    print("\nendpoint vs local NLL, relative:", [abs(r.nll - lo.nll) / lo.nll for r, lo in zip(remote.texts, local.texts)])
+    print("\nendpoint vs local NLL, relative:",
+          [abs(r.nll - lo.nll) / lo.nll for r, lo in zip(remote.texts, local.texts)])
     for r, lo in zip(remote.texts, local.texts):
         assert r.nll == pytest.approx(lo.nll, rel=1e-4), r.id
     assert remote.perplexity == pytest.approx(local.perplexity, rel=1e-4)

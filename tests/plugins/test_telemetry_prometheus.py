@@ -147,7 +147,7 @@ def test_prometheus_scrapes_requests_latency_tokens_and_alerts(scraped):
     usages = run_requests(server, 4)
     assert prom.wait_value(f'sum(jarvis_requests_total{job})', 4) == 4  # two scrapes apart: rate() has a slope
     usages += run_requests(server, 4)
-    assert prom.wait_value(f'sum(jarvis_requests_total{{job="jarvis",status="ok"}})', 8) == 8
+    assert prom.wait_value('sum(jarvis_requests_total{job="jarvis",status="ok"})', 8) == 8
 
     by_operation = {r["metric"]["operation"]: float(r["value"][1])
                     for r in prom.query(f"sum by (operation) (jarvis_requests_total{job})")}
@@ -155,7 +155,7 @@ def test_prometheus_scrapes_requests_latency_tokens_and_alerts(scraped):
     series = prom.query(f"jarvis_request_duration_seconds_count{job}")
     assert [(s["metric"]["model"], s["metric"]["adapter"], s["value"][1]) for s in series] == \
         [("gemma-3-270m", "none", "8")]
-    assert prom.value(f'sum(jarvis_request_duration_seconds_bucket{{job="jarvis",le="+Inf"}})') == 8
+    assert prom.value('sum(jarvis_request_duration_seconds_bucket{job="jarvis",le="+Inf"})') == 8
     p95 = prom.value(f"histogram_quantile(0.95, sum by (le) (rate(jarvis_request_duration_seconds_bucket{job}[1m])))")
     assert p95 is not None and 0 < p95 < 60
     assert prom.value(f"sum(jarvis_time_to_first_token_seconds_count{job})") == 8
@@ -164,7 +164,7 @@ def test_prometheus_scrapes_requests_latency_tokens_and_alerts(scraped):
     assert prom.value(f"jarvis_process_resident_memory_bytes{job}") > 50e6
 
     # The server-side alert (p95 latency over 10 ms) fired, Prometheus saw it and its rule turned it into an alert.
-    assert prom.wait_value(f'max_over_time(jarvis_alert_active{{job="jarvis",alert="p95_latency"}}[2m])', 1) == 1
+    assert prom.wait_value('max_over_time(jarvis_alert_active{job="jarvis",alert="p95_latency"}[2m])', 1) == 1
     assert prom.wait_value('max_over_time(ALERTS{alertname="JarvisServerAlert",alert="p95_latency"}[2m])', 1) == 1
     log = server.log()
     firing = re.search(r"alert p95_latency firing: .*", log)
@@ -182,7 +182,7 @@ def test_prometheus_scrapes_requests_latency_tokens_and_alerts(scraped):
     assert last_event() == "recovered"
     metrics = httpx.get(f"{server.base_url}/metrics").text
     assert 'jarvis_alert_active{alert="p95_latency"} 0.0' in metrics
-    assert prom.wait_value(f'jarvis_alert_active{{job="jarvis",alert="p95_latency"}}', 0) == 0
+    assert prom.wait_value('jarvis_alert_active{job="jarvis",alert="p95_latency"}', 0) == 0
 
     groups = httpx.get(f"{prom.url}/api/v1/rules").json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]

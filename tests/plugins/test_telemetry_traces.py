@@ -27,9 +27,13 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-            ExportMetricsServiceRequest, ExportMetricsServiceResponse)
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
-                                                                               ExportTraceServiceResponse)
+            ExportMetricsServiceRequest,
+            ExportMetricsServiceResponse,
+        )
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
 
         self.spans: list = []
         self.metric_names: set[str] = set()

@@ -200,8 +200,9 @@ def test_dora_trains_and_merge_writes_a_full_model(jarvis_cli, hf_folder, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapters = tmp_path / "adapters"
-    done = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--name", "dora", "--dora", "--max-steps", "4",
-                  "--learning-rate", "2e-3", "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(adapters))
+    done = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--name", "dora", "--dora",
+                      "--max-steps", "4", "--learning-rate", "2e-3", "--tracker", "none", cwd=tmp_path,
+                      JARVIS_ADAPTER_ROOT=str(adapters))
     assert done.returncode == 0, done.stderr
     config = json.loads((adapters / "dora" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["r"] == 8
