@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Jarvis: one entry point.
 #   ./run.sh            create .venv if needed, install, serve the embedded model on 127.0.0.1:8000
-#   ./run.sh test [...] install what the tests need, lint (ruff), run them (pytest arguments pass through)
+#   ./run.sh test [...] install what the tests need, lint (ruff), type-check the core (mypy), run the tests
+#                       (pytest arguments pass through)
 #   ./run.sh <args>     any other arguments go to the `jarvis` CLI (e.g. ./run.sh doctor); run.sh first
 #                       installs what that command needs (see command_extras) and the selected engine's needs
 #   ./run.sh --needs <args>   print what ./run.sh <args> would install, and install nothing
@@ -161,8 +162,9 @@ case "${1:-}" in
     shift
     ensure_project "llama,hf,train,otel,eval,dev"
     ensure_vllm
-    say "ruff check (lint), then pytest"
+    say "ruff check (lint), mypy (the core's types), then pytest"
     "$VENV/bin/ruff" check --quiet .
+    "$VENV/bin/mypy"
     exec "$PY" -m pytest "$@"
     ;;
   *)

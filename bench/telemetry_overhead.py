@@ -100,12 +100,12 @@ class Scraper:
 def hook_cost_us(iterations: int) -> dict[str, float]:
     """In-process cost of the telemetry request hooks per generation (µs), without and with span recording.
 
-    The same `TelemetryRecorder` code the server runs, on real `GenerationRequest`s; spans go to the SDK's
+    The same `TelemetryRecorder` code the server runs, on real `PreparedRequest`s; spans go to the SDK's
     in-memory exporter through the batch processor, so this is the request path's cost, not the export's.
     """
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from jarvis.engine import GenerationRequest, GenerationResult, RequestContext
+    from jarvis.engine import GenerationResult, PreparedRequest, RequestContext
     from jarvis.plugins.telemetry.recorder import TelemetryRecorder
     from jarvis.plugins.telemetry.settings import TelemetrySettings
     from jarvis.plugins.telemetry.tracing import Tracing
@@ -116,7 +116,7 @@ def hook_cost_us(iterations: int) -> dict[str, float]:
         recorder = TelemetryRecorder(TelemetrySettings(_env_file=None, gpu=False))
         if name == "metrics+spans":
             recorder.tracing = Tracing("bench", 1000, exporter=InMemorySpanExporter())
-        requests = [GenerationRequest(prompt="p", model="m", context=RequestContext(engine="llama_cpp"))
+        requests = [PreparedRequest(prompt="p", model="m", context=RequestContext(engine="llama_cpp"))
                     for _ in range(iterations)]
         start = time.perf_counter()
         for request in requests:

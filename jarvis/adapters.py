@@ -14,17 +14,17 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from jarvis.engine import AdapterInfo, Engine
 from jarvis.errors import APIError, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from jarvis.engine import Engine
     from jarvis.settings import JarvisSettings
+
+__all__ = ["AdapterInfo", "AdapterService", "InvalidAdapter", "inspect_adapter"]
 
 log = logging.getLogger("jarvis.adapters")
 
@@ -34,21 +34,6 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 class InvalidAdapter(InvalidRequest):
     def __init__(self, message: str, code: str = "invalid_adapter") -> None:
         super().__init__(message, param="lora_path", code=code)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    path: str
-    base_model: str | None
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    use_dora: bool = False
-    loaded_at: int = field(default_factory=lambda: int(time.time()))
-
-    def public(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def confine(path: str | Path, root: Path) -> Path:

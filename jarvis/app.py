@@ -1,8 +1,9 @@
-"""The Litestar application: plugins → registries → runtime → routes, errors and lifespan.
+"""The Litestar application: a bootstrap's plugins and registries → runtime → routes, errors and lifespan.
 
-`create_app` does every check that can fail fast (settings, plugin names,
-engine settings) before the server binds; the model itself loads in the
-background so `/health` answers at once and `/v1/*` returns 503 until ready.
+`create_app` refuses a bootstrap with problems (settings, plugin names, engine settings) before the server
+binds; the engine is built once, by the runtime's supervisor, and the model loads in the background so
+`/health` answers at once and `/v1/*` returns 503 until ready. Plugins get the `JarvisServer`
+(`jarvis.server`) in their lifespan hooks and through `server_of(request)`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 import jarvis
+from jarvis.bootstrap import Bootstrap, bootstrap
 from jarvis.errors import APIError, AuthenticationFailed
-from jarvis.plugin_manager import JarvisPluginManager, create_plugin_manager
-from jarvis.registry import Registries, check_settings
 from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
 from jarvis.routes.openai import OpenAIController
@@ -32,7 +32,7 @@ from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.responses import ResponsesController
 from jarvis.routes.tokenizer import TokenizerController
 from jarvis.runtime import EngineRuntime
-from jarvis.settings import JarvisSettings, SettingsError, load_settings
+from jarvis.server import JarvisServer
 
 log = logging.getLogger("jarvis.app")
 
@@ -64,7 +64,7 @@ def api_key_guard(keys: list[str], protect_health: bool = False):
     """Every /v1 route (and /health when `protect_health`) requires `Authorization: Bearer <key>`."""
     encoded = [k.encode() for k in keys]
 
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
         path = connection.url.path
         if not (path.startswith(("/v1", "/tokenize", "/detokenize", "/tokenizer_info"))
                 or (protect_health and path.startswith("/health"))):
@@ -83,18 +83,16 @@ def api_key_guard(keys: list[str], protect_health: bool = False):
     return guard
 
 
-def create_app(settings: JarvisSettings | None = None,
-               plugin_manager: JarvisPluginManager | None = None,
+def create_app(boot: Bootstrap | None = None,
                on_engine_failure: Callable[[str], None] | None = None) -> Litestar:
-    """`on_engine_failure(reason)`: called once when the engine fails its first start (and
-    JARVIS_ENGINE_START_RETRY is off); `jarvis serve` stops the server with a non-zero exit."""
-    settings = settings or load_settings()
-    pm = plugin_manager or create_plugin_manager(settings.plugins)
-    registries = Registries.from_plugins(pm)
-    problems = check_settings(settings, registries)
-    if problems:
-        raise SettingsError(problems)
-    runtime = EngineRuntime(settings, registries, pm.hook)
+    """The app over `boot` (settings, plugins, registries; built here when not given), refused with every
+    problem found before anything starts. `on_engine_failure(reason)`: called once when the engine fails its
+    first start (and JARVIS_ENGINE_START_RETRY is off); `jarvis serve` stops the server with a non-zero exit."""
+    boot = boot or bootstrap()
+    boot.require_valid()
+    settings, pm = boot.settings, boot.plugins
+    runtime = EngineRuntime(settings, boot.registries, pm.relay)
+    server = JarvisServer(settings, runtime, pm)
 
     extra_routes: list[Any] = []
     pm.hook.jarvis_register_routes(register=extra_routes.append)
@@ -103,7 +101,7 @@ def create_app(settings: JarvisSettings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pm.hook.jarvis_startup(app=app)
+        pm.hook.jarvis_startup(app=app, server=server)
         loader = asyncio.create_task(runtime.serve_engine(on_engine_failure), name="engine-start")
         loader.add_done_callback(lambda t: t.cancelled() or t.exception())  # failure is kept in runtime
         try:
@@ -112,7 +110,7 @@ def create_app(settings: JarvisSettings | None = None,
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await runtime.stop()
-            pm.hook.jarvis_shutdown(app=app)
+            pm.hook.jarvis_shutdown(app=app, server=server)
 
     app = Litestar(
         route_handlers=[OpenAIController, ResponsesController, AdapterController, TokenizerController, health, ready,
@@ -128,7 +126,5 @@ def create_app(settings: JarvisSettings | None = None,
         debug=False,
     )
     document_errors(app)
-    app.state.runtime = runtime
-    app.state.settings = settings
-    app.state.plugin_manager = pm
+    app.state.jarvis = server
     return app

@@ -1,11 +1,13 @@
 """The `jarvis` command line: serve, doctor, plugins; plugins add their own commands.
 
-Heavy modules (engines, uvicorn) load inside the commands that need them, so
-`jarvis --help` stays instant.
+`main` bootstraps once (`jarvis.bootstrap`: settings, plugins, registries, problems) and hands the result to
+every command as the click context object. Heavy modules (engines, uvicorn) load inside the commands that
+need them, so `jarvis --help` stays instant.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from typing import Any
@@ -15,46 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from jarvis import __version__
+from jarvis.bootstrap import Bootstrap, bootstrap, current_bootstrap
 from jarvis.errors import ConfigError
-from jarvis.plugin_manager import create_plugin_manager
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
 
 console = Console(stderr=True)
-
-
-def resolve_settings(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
-    """Settings as resolved; a bad field falls back to its default so that later checks still run."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return load_settings(**overrides), []
-    except SettingsError as exc:
-        bad = {p.setting.removeprefix("JARVIS_").lower() for p in exc.problems}
-        return load_settings(**{**overrides, **{
-            name: JarvisSettings.model_fields[name].get_default(call_default_factory=True)
-            for name in bad if name in JarvisSettings.model_fields}}), exc.problems
-
-
-def diagnose(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError], Any]:
-    """Settings as resolved, every problem found (values, plugin names, engine settings), and the engine
-    delegate built from them (None when it could not be), for `doctor` to describe."""
-    from jarvis.registry import Registries, check_settings
-
-    settings, problems = resolve_settings(**overrides)
-    engine = None
-    try:
-        pm = create_plugin_manager(settings.plugins)
-        registries = Registries.from_plugins(pm)
-        found = check_settings(settings, registries)
-        problems += found
-        for plugin_problems in pm.hook.jarvis_check_settings(settings=settings):
-            problems += plugin_problems
-        if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in found):
-            engine = registries.engines.get(settings.inference_engine)(settings)  # model path, engine settings
-    except SettingsError as exc:
-        problems += exc.problems
-    except ConfigError as exc:
-        problems.append(exc)
-    return settings, problems, engine
 
 
 def _print_problems(problems: list[ConfigError]) -> None:
@@ -79,10 +46,11 @@ def serve(**overrides: Any) -> None:
 
     from jarvis.app import create_app
 
-    settings, problems, _ = diagnose(**overrides)
-    if problems:
+    boot = current_bootstrap().with_overrides(**overrides)
+    settings = boot.settings
+    if boot.problems:
         console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
-        _print_problems(problems)
+        _print_problems(boot.problems)
         sys.exit(2)
     failures: list[str] = []
     server: uvicorn.Server | None = None
@@ -92,14 +60,19 @@ def serve(**overrides: Any) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_engine_failure=engine_failed)
+    try:
+        app = create_app(boot, on_engine_failure=engine_failed)  # the engine is built here, once
+    except (SettingsError, ConfigError) as exc:  # what only the engine can judge (a model path, its files)
+        console.print("[bold red]Jarvis cannot start: invalid configuration[/]")
+        _print_problems(exc.problems if isinstance(exc, SettingsError) else [exc])
+        sys.exit(2)
     console.print(f"[bold]Jarvis[/] {__version__}: engine [cyan]{settings.inference_engine}[/] on "
                   f"http://{settings.host}:{settings.port}/v1")
     # SIGTERM: stop accepting, let in-flight requests and streams finish (up to the drain timeout), then stop.
     # uvicorn re-raises the signal after its shutdown; this handler makes that a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                           timeout_graceful_shutdown=settings.drain_timeout,
+                                           timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
                                            timeout_keep_alive=settings.keep_alive_timeout))
     server.run()
     if failures:
@@ -113,7 +86,16 @@ def serve(**overrides: Any) -> None:
 @click.option("--engine", "inference_engine", help="Check this engine instead of JARVIS_INFERENCE_ENGINE.")
 def doctor(inference_engine: str | None) -> None:
     """Print the resolved configuration and everything found wrong with it (for the engine too)."""
-    settings, problems, engine = diagnose(inference_engine=inference_engine)
+    boot = current_bootstrap().with_overrides(inference_engine=inference_engine)
+    settings, problems = boot.settings, list(boot.problems)
+    engine = None
+    if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in problems):
+        try:  # what only the engine can judge: the model path, its files
+            engine = boot.registries.engines.get(settings.inference_engine)(settings)
+        except SettingsError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+        except ConfigError as exc:
+            problems.append(exc)
     table = Table(title="Jarvis configuration", show_lines=False)
     for column in ("setting", "value", "meaning"):
         table.add_column(column)
@@ -123,6 +105,7 @@ def doctor(inference_engine: str | None) -> None:
         table.add_row(f"JARVIS_{name.upper()}", str(shown) if shown is not None else "(unset)",
                       field.description or "")
     Console().print(table)
+    options_table(boot)
     if engine is not None:
         try:
             described = engine.describe()
@@ -138,13 +121,10 @@ def doctor(inference_engine: str | None) -> None:
 @cli.command("plugins")
 def list_plugins() -> None:
     """List the loaded plugins, their engines and chat formats."""
-    from jarvis.registry import Registries
-
-    settings, problems = resolve_settings()  # listing needs no engine: `doctor` checks the rest
-    if problems:
-        _print_problems(problems)
-    pm = create_plugin_manager(settings.plugins)
-    registries = Registries.from_plugins(pm)
+    boot = current_bootstrap()  # listing needs no engine: `doctor` checks the rest
+    if boot.plugin_failures:
+        _print_problems(boot.plugin_failures)
+    pm, registries = boot.plugins, boot.registries
     table = Table(title="Jarvis plugins (entry-point group 'jarvis')")
     for column in ("name", "module", "distribution", "version", "kind"):
         table.add_column(column)
@@ -170,16 +150,31 @@ def model_path() -> None:
     click.echo(str(embedded_model_path(load_settings().data_dir)))
 
 
-def build_cli() -> click.Group:
-    """The CLI with every plugin's commands added."""
+def options_table(boot: Bootstrap) -> None:
+    """The selected engine's own settings (its declared options class), without constructing the engine."""
+    options = boot.registries.engines.options.get(boot.settings.inference_engine)
+    if options is None:
+        return
+    prefix = options.model_config.get("env_prefix", "")
     try:
-        settings = load_settings()
-        pm = create_plugin_manager(settings.plugins)
-    except (SettingsError, ConfigError):
-        return cli  # the built-in commands still work, and `doctor` explains the problem
-    pm.hook.jarvis_register_commands(cli=cli)
+        values = boot.engine_options()
+    except SettingsError:
+        values = None  # the problems are printed below
+    table = Table(title=f"engine {boot.settings.inference_engine}: its own settings")
+    for column in ("setting", "value", "meaning"):
+        table.add_column(column)
+    for name, field in options.model_fields.items():
+        value = getattr(values, name) if values is not None else "(invalid)"
+        table.add_row(f"{prefix}{name.upper()}", "(unset)" if value is None else str(value), field.description or "")
+    Console().print(table)
+
+
+def build_cli(boot: Bootstrap) -> click.Group:
+    """The CLI with every plugin's commands added."""
+    boot.plugins.hook.jarvis_register_commands(cli=cli)
     return cli
 
 
 def main() -> None:
-    build_cli()(prog_name="jarvis")
+    boot = bootstrap()  # once: every command reads it from the click context (`current_bootstrap`)
+    build_cli(boot)(prog_name="jarvis", obj=boot)

@@ -1,10 +1,11 @@
 """The engine contract: what every delegate (llama.cpp, HF, vLLM, upstream) speaks.
 
-The HTTP layer builds one `GenerationRequest` and calls `Engine.stream` or
-`Engine.generate`; it never knows which engine answers. An engine never sees
-HTTP. Subclasses implement `start`, `stream`, `tokenize` and `model_info`;
-`generate` defaults to draining `stream`, so an engine is correct with just one
-generation path and may override `generate` where it has a faster one.
+`jarvis.serving` turns a wire request into a `GenerationRequest` (what the client asked for); the runtime's
+`prepare` (`jarvis.prepare`) turns that into a `PreparedRequest` (rendered, tokenized, the constraint
+compiled) and only the runtime calls `Engine.stream` or `Engine.generate` with it. No engine sees HTTP, and
+nothing above the runtime knows which engine answers. Subclasses implement `start`, `stream`, `tokenize`
+and `model_info`; `generate` defaults to draining `stream`, so an engine is correct with one generation
+path and may override `generate` where it has a faster one.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from jarvis.adapters import AdapterInfo
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol, TypeVar
 
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 _request_ids = itertools.count(1)
+R = TypeVar("R", bound="GenerationRequest")
 
 
 @dataclass(frozen=True)
@@ -104,13 +103,24 @@ class RequestContext:
             self.first_token_at = time.monotonic()
 
 
+class ToolCallReader(Protocol):
+    """Reads tool calls out of generated text as it arrives (`jarvis.tool_calls` has one per syntax)."""
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """The part of `text` that is content, and the call pieces it completed."""
+        ...
+
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        """At the end of the output: what was held back, as content and call pieces."""
+        ...
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation, engine-neutral and immutable: the prompt, the sampling parameters and what to
-    decode under, plus a per-request `context` (id, client, engine, first-token time) that is the only
-    part that changes while it is served. `prompt` is rendered text; `messages` is kept for engines
-    that apply the model's own template (then `prompt` may be None). The runtime's `prepare` returns a
-    new request (model resolved, chat rendered, prompt tokenized, limits applied); nothing edits one."""
+    """One generation as the client asked for it, engine-neutral and immutable: the prompt (text, token ids
+    or chat `messages`), the sampling parameters and what to decode under, plus a per-request `context`
+    (id, client, engine, first-token time) that is the only part that changes while it is served. The
+    runtime's `prepare` makes a `PreparedRequest` of it; nothing edits one."""
 
     prompt: str | None
     model: str
@@ -130,25 +140,16 @@ class GenerationRequest:
     #: The functions the model may call (chat only); the runtime renders them and parses the calls, or an
     #: engine that `handles_tools` (an upstream server) does both.
     tool_use: ToolUse | None = None
-    #: Made by the runtime: a factory of the parser that turns generated text into tool calls.
-    tool_parser: Any = None
     #: vLLM's benchmarking switch: keep generating through end-of-sequence tokens up to max_tokens.
     ignore_eos: bool = False
-    #: The engine's compiled form of `constraint`, made by `Engine.compile_constraint` in the runtime.
-    compiled_constraint: Any = None
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False
     messages: list[dict[str, Any]] | None = None
-    #: Set by the runtime after its context-length check, so engines need not tokenize again; given by
-    #: the client for a token-id prompt (then `prompt` is its decoded text, for echo).
+    #: A token-id prompt, as the client sent it (a prepared request holds the ids of every prompt).
     prompt_token_ids: list[int] | None = None
-    #: The prompt's leading <bos> is the client's (token ids, or text that begins with it): echo scores it
-    #: as the first prompt token (logprob None) instead of treating it as the server's context.
-    score_bos: bool = False
-    adapter: str | None = None
     kind: Literal["completion", "chat"] = "completion"
     context: RequestContext = field(default_factory=RequestContext, compare=False)
 
@@ -173,10 +174,30 @@ class GenerationRequest:
         if chunk.token_count or chunk.text:
             self.context.mark_first_token()
 
-    def for_choice(self, index: int, seed: int | None) -> GenerationRequest:
+    def for_choice(self: R, index: int, seed: int | None) -> R:
         """Choice `index` of `n`: the same generation with its own seed and its own context."""
         ctx = self.context
         return replace(self, seed=seed, context=RequestContext(f"{ctx.request_id}-{index}", ctx.client, ctx.engine))
+
+
+@dataclass(frozen=True)
+class PreparedRequest(GenerationRequest):
+    """A request as the engine takes it, made only by the runtime (`jarvis.prepare`): the model resolved to
+    the base or an adapter, chat rendered into `prompt` with the chat format's stops added to `stop`, the
+    prompt tokenized into `prompt_token_ids` (where the engine counts tokens), `max_tokens` within the
+    context window, and what the runtime derived for the engine."""
+
+    #: The adapter that serves the request (None: the base model).
+    adapter: str | None = None
+    #: The engine's own compiled form of `constraint` (`Engine.compile_constraint`'s result: a grammar, a
+    #: matcher factory, a request field); only the engine that made it reads it.
+    compiled_constraint: object | None = None
+    #: Makes the reader of the tool calls in this request's output (None: no tools offered, or the engine
+    #: `handles_tools`).
+    tool_reader: Callable[[], ToolCallReader] | None = None
+    #: The prompt's leading <bos> is the client's (token ids, or text that begins with it): echo scores it
+    #: as the first prompt token (logprob None) instead of treating it as the server's context.
+    score_bos: bool = False
 
 
 @dataclass
@@ -205,6 +226,11 @@ class GenerationChunk:
             tool_calls=[*self.tool_calls, *later.tool_calls])
 
 
+def finish_with_calls(reason: FinishReason, has_calls: bool) -> FinishReason:
+    """An output that stopped by itself after making tool calls finished with `tool_calls` (OpenAI's rule)."""
+    return "tool_calls" if has_calls and reason == "stop" else reason
+
+
 def whole_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
     """Tool-call pieces joined into one delta per call, in call order."""
     calls: dict[int, ToolCallDelta] = {}
@@ -225,6 +251,52 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob] | None = None
     #: The calls the output makes, each whole (`text` is then the content outside them).
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+class StreamResult:
+    """Collects a stream's chunks into the `GenerationResult` they make (engines' `generate`, the runtime's
+    finished hook)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.calls: list[ToolCallDelta] = []
+        self.last: GenerationChunk | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.parts.append(chunk.text)
+        self.calls.extend(chunk.tool_calls)
+        self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or chunk.prompt_logprobs
+        self.last = chunk
+
+    def result(self) -> GenerationResult | None:
+        """The result, or None while no chunk has finished the stream."""
+        last = self.last
+        if last is None or last.finish_reason is None:
+            return None
+        return GenerationResult(
+            text="".join(self.parts), finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens or 0,
+            completion_tokens=last.completion_tokens or 0, logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs, tool_calls=whole_calls(self.calls))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter as an engine loads it: a checked PEFT folder (`jarvis.adapters.inspect_adapter`)."""
+
+    name: str
+    path: str
+    base_model: str | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    use_dora: bool = False
+    loaded_at: int = field(default_factory=lambda: int(time.time()))
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -311,7 +383,7 @@ class Engine:
     def __init__(self) -> None:
         self.stats = EngineStats()
 
-    def compile_constraint(self, constraint: OutputConstraint) -> Any:
+    def compile_constraint(self, constraint: OutputConstraint) -> object:
         """The engine's form of `constraint` (a grammar, a matcher factory), made before the request is
         admitted; raise `ValueError` with the reason when it cannot be compiled (the client gets a 400)."""
         return constraint
@@ -332,28 +404,18 @@ class Engine:
         """The text of `ids`, special tokens written out."""
         raise NotImplementedError
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         raise NotImplementedError
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        last: GenerationChunk | None = None
-        prompt_logprobs: list[TokenLogprob] | None = None
-        calls: list[ToolCallDelta] = []
+    async def generate(self, request: PreparedRequest) -> GenerationResult:
+        collected = StreamResult()
         async for chunk in self.stream(request):
             request.mark_first_token(chunk)
-            parts.append(chunk.text)
-            calls.extend(chunk.tool_calls)
-            logprobs.extend(chunk.logprobs)
-            prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
-            last = chunk
-        if last is None or last.finish_reason is None:
+            collected.add(chunk)
+        result = collected.result()
+        if result is None:
             raise RuntimeError(f"engine {self.name} ended a stream without a finish reason")
-        return GenerationResult(
-            text="".join(parts), finish_reason=last.finish_reason,
-            prompt_tokens=last.prompt_tokens or 0, completion_tokens=last.completion_tokens or 0,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=whole_calls(calls))
+        return result
 
     # Adapter API (LoRA). The runtime validates the folder and owns the list of served adapters;
     # an engine only makes the weights available under `adapter.name` (and `request.adapter` picks them).

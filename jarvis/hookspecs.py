@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     import click
     from litestar import Litestar
 
-    from jarvis.engine import GenerationRequest, GenerationResult
+    from jarvis.engine import GenerationResult, PreparedRequest
+    from jarvis.server import JarvisServer
 
 PROJECT = "jarvis"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -26,7 +27,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def jarvis_register_engines(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """Call `register(name, factory)`; `factory(settings)` returns an `Engine` (see jarvis.engine)."""
+    """Call `register(name, factory, options=SettingsClass)`; `factory(settings)` returns an `Engine` (see
+    jarvis.engine); `options`, optional, is the engine's own pydantic-settings class (`jarvis doctor` shows it)."""
 
 
 @hookspec
@@ -53,27 +55,31 @@ def jarvis_register_commands(cli: click.Group) -> None:
 def jarvis_check_settings(settings: Any) -> list[Any]:
     """Return a list of `ConfigError`s for the plugin's own settings (empty if fine); `doctor` and `serve` print
     them."""
+    return []
 
 
 @hookspec
-def jarvis_startup(app: Litestar) -> None:
-    """The server is starting (engine loading in the background): acquire the plugin's resources."""
+def jarvis_startup(app: Litestar, server: JarvisServer) -> None:
+    """The server is starting (engine loading in the background): acquire the plugin's resources and keep them
+    in `server.extensions[<plugin name>]` (`app` is the Litestar app, for what only it has)."""
 
 
 @hookspec
-def jarvis_shutdown(app: Litestar) -> None:
+def jarvis_shutdown(app: Litestar, server: JarvisServer) -> None:
     """The server is stopping: release what `jarvis_startup` acquired."""
 
 
 @hookspec
-def jarvis_request_started(request: GenerationRequest) -> None:
-    """A generation is about to reach the engine; must be fast and must not raise."""
+def jarvis_request_started(request: PreparedRequest) -> None:
+    """A generation is about to reach the engine; must be fast (one that raises is logged, and the other
+    plugins still get the event)."""
 
 
 @hookspec
-def jarvis_request_finished(request: GenerationRequest, result: GenerationResult | None,
+def jarvis_request_finished(request: PreparedRequest, result: GenerationResult | None,
                             error: BaseException | None) -> None:
-    """A generation ended with `result` or `error` (cancelled streams arrive with an error; no logprobs on streams)."""
+    """A generation ended with `result` or `error` (cancelled streams arrive with an error; a stream's result
+    has its logprobs)."""
 
 
 @hookspec

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from pydantic_settings import BaseSettings
+
 from jarvis.errors import ConfigError, UnknownName
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -19,11 +21,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Registry(Generic[F]):
     kind: str
     entries: dict[str, F] = field(default_factory=dict)
+    #: name → the entry's own settings class (pydantic-settings), where it declares one: what `doctor` shows
+    #: and checks without constructing the entry.
+    options: dict[str, type[BaseSettings]] = field(default_factory=dict)
 
-    def register(self, name: str, factory: F) -> None:
+    def register(self, name: str, factory: F, options: type[BaseSettings] | None = None) -> None:
         if not name or not callable(factory):
             raise ValueError(f"a {self.kind} needs a name and a callable factory, got {name!r}, {factory!r}")
         self.entries[name] = factory
+        if options is not None:
+            self.options[name] = options
 
     def get(self, name: str) -> F:
         try:

@@ -121,7 +121,7 @@ class JarvisSettings(BaseSettings):
     drain_timeout: float = Field(
         30, ge=0, le=86_400, description="On SIGTERM, seconds in-flight requests and streams may take to finish.",
         json_schema_extra={"fix": "set JARVIS_DRAIN_TIMEOUT to a number of seconds"})
-    keep_alive_timeout: float = Field(
+    keep_alive_timeout: int = Field(
         75, gt=0, le=86_400,
         description="Seconds an idle client connection stays open. Longer than clients' pool expiry (httpx and "
                     "the openai SDK: 5 s, aiohttp: 15 s), as reverse proxies do (nginx: 75 s), so the server never "

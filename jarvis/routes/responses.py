@@ -18,13 +18,14 @@ from litestar.response import Response
 from jarvis import protocol_responses as rwire
 from jarvis.errors import InvalidRequest, NotFound
 from jarvis.responses_store import ResponseStore, responses_store
-from jarvis.routes.openai import admit, parse_body, sse_response
+from jarvis.routes.openai import client_of, reply, runtime_of
 from jarvis.routes.openapi_docs import json_body
-from jarvis.serving.responses import finish_response, prepare_response, response_events
+from jarvis.server import server_of
+from jarvis.serving.responses import response_reply
 
 
 def store_of(request: Request) -> ResponseStore:
-    return responses_store(request.app.state.settings.state_path)
+    return responses_store(server_of(request).settings.state_path)
 
 
 def not_found(response_id: str) -> NotFound:
@@ -38,12 +39,8 @@ class ResponsesController(Controller):
     @post("/", status_code=200, summary="Create a model response (OpenAI Responses API).",
           operation_class=json_body(rwire.ResponsesRequest))
     async def create_response(self, request: Request) -> Response:
-        body = await parse_body(request, rwire.ResponsesRequest)
-        runtime, client = admit(request)
-        prepared = prepare_response(runtime, body, client, store_of(request))
-        if body.stream:
-            return sse_response(response_events(prepared))
-        return Response(await finish_response(prepared))
+        return reply(await response_reply(runtime_of(request), await request.body(), client_of(request),
+                                          store_of(request)))
 
     @get("/{response_id:str}", summary="Retrieve a stored response.")
     async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:

@@ -9,11 +9,13 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
-from jarvis.chat_format import ChatFormatError
+from jarvis.engine import ToolUse
 from jarvis.errors import InvalidRequest
-from jarvis.protocol import ChatMessage
+from jarvis.prepare import brings_bos, check_token_ids, render_chat
+from jarvis.protocol import ChatMessage, Tool
 from jarvis.routes.openai import parse_body, runtime_of
 from jarvis.routes.openapi_docs import json_body
+from jarvis.runtime import Runtime
 
 
 class TokenizeRequest(BaseModel):
@@ -22,6 +24,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    #: The functions offered, rendered into the prompt as a chat completion with these tools would be.
+    tools: list[Tool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -34,7 +38,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int] = Field(min_length=0)
 
 
-def local_engine(request: Request) -> Any:
+def local_engine(request: Request) -> Runtime:
     runtime = runtime_of(request)
     runtime.require_ready()
     if not runtime.engine.counts_tokens:
@@ -63,19 +67,19 @@ class TokenizerController(Controller):
         runtime = local_engine(request)
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequest("Send exactly one of prompt or messages.", param="prompt")
+        if body.tools and body.messages is None:
+            raise InvalidRequest("tools are rendered with messages; send messages too.", param="tools")
+        info = runtime.require_ready()
         text = body.prompt
-        if body.messages is not None:
+        if body.messages is not None:  # as the chat path renders it (`jarvis.prepare.render_chat`)
             served = runtime.resolve_model(body.model or runtime.model_id)
-            fmt = runtime.chat_format(served.id)
-            try:
-                text = fmt([m.normalised() for m in body.messages], body.add_generation_prompt)
-            except ChatFormatError as exc:
-                raise InvalidRequest(f"cannot render the conversation with chat format {fmt.name!r}: {exc}",
-                                     param="messages") from None
-        special = body.add_special_tokens and not runtime.brings_bos(text or "")  # never a second <bos>
+            tool_use = ToolUse(tuple(t.function.model_dump(exclude_none=True) for t in body.tools)) \
+                if body.tools else None
+            text = render_chat(runtime.chat_format(served.id), [m.normalised() for m in body.messages], tool_use,
+                               body.add_generation_prompt)
+        special = body.add_special_tokens and not brings_bos(text or "", info)  # never a second <bos>
         ids = runtime.engine.tokenize(text or "", add_special=special)
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": runtime.require_ready().max_model_len,
-                               "tokens": ids}
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
         if body.return_token_strs:
             out["token_strs"] = [runtime.engine.detokenize([t]) for t in ids]
         return out
@@ -84,9 +88,5 @@ class TokenizerController(Controller):
     async def detokenize(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest)
         runtime = local_engine(request)
-        size = runtime.require_ready().vocab_size
-        bad = [t for t in body.tokens if t < 0 or (size is not None and t >= size)]
-        if bad:
-            raise InvalidRequest(f"token ids outside the vocabulary (0..{size - 1 if size else '?'}): {bad[:5]}",
-                                 param="tokens", code="invalid_token_id")
+        check_token_ids(body.tokens, runtime.require_ready().vocab_size, "tokens")
         return {"prompt": runtime.engine.detokenize(body.tokens)}

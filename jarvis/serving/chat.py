@@ -12,13 +12,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationRequest, GenerationResult, RequestContext, TokenLogprob, ToolCallDelta
+from jarvis.bodies import parse_body
+from jarvis.engine import (
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    RequestContext,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from jarvis.errors import APIError
 from jarvis.serving.render import ChunkEvents, chat_logprobs, merged_streams, sse, usage
 from jarvis.serving.requests import choice_seed, generation_options, tool_use
+
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,8 @@ class ChoiceEvent:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
-                     client: str | None = None) -> list[GenerationRequest]:
+def chat_generations(runtime: Runtime, body: wire.ChatCompletionRequest,
+                     client: str | None = None) -> list[PreparedRequest]:
     """One prepared generation per choice (n), each with its own seed when the body has one."""
     first = runtime.prepare(GenerationRequest(
         prompt=None, model=body.model, kind="chat", context=RequestContext(client=client),
@@ -48,14 +59,14 @@ def chat_generations(runtime: Any, body: wire.ChatCompletionRequest,
     return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
 
 
-def start_chat(runtime: Any, body: wire.ChatCompletionRequest, client: str | None = None) -> ChatRun:
+def start_chat(runtime: Runtime, body: wire.ChatCompletionRequest, client: str | None = None) -> ChatRun:
     return ChatRun(runtime, body, chat_generations(runtime, body, client))
 
 
 class ChatRun:
     """A prepared chat completion: run it whole (`result`) or as it streams (`events`, `sse`)."""
 
-    def __init__(self, runtime: Any, body: wire.ChatCompletionRequest, gens: list[GenerationRequest]) -> None:
+    def __init__(self, runtime: Runtime, body: wire.ChatCompletionRequest, gens: list[PreparedRequest]) -> None:
         self.runtime, self.body, self.gens = runtime, body, gens
         self.model = body.model
         #: Set when `events()` ends: the prompt counted once, every choice's completion tokens summed.
@@ -101,7 +112,7 @@ class ChatRun:
             async for e in self.events():
                 logprobs = wire.dump(chat_logprobs(e.logprobs)) if want_logprobs and e.logprobs else None
                 yield events.event([_choice(e.index, _delta(e), e.finish_reason, logprobs)])
-            if include_usage:
+            if include_usage and self.usage is not None:
                 yield events.usage_event(self.usage)
         except APIError as exc:
             yield sse(exc.to_body())
@@ -137,7 +148,18 @@ def _call(call: ToolCallDelta) -> wire.ToolCallOut:
                                                                            arguments=call.arguments))
 
 
-async def create_chat_completion(runtime: Any, body: wire.ChatCompletionRequest,
+async def create_chat_completion(runtime: Runtime, body: wire.ChatCompletionRequest,
                                  client: str | None = None) -> dict[str, Any]:
     """Run a chat completion (every choice, concurrently) to the end and return the OpenAI response body."""
     return await start_chat(runtime, body, client).result()
+
+
+async def chat_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str, Any] | AsyncIterator[str]:
+    """An HTTP chat completion: the body validated, the client admitted, the generations prepared (every 400,
+    429 and 503 before anything runs); the `chat.completion` body, or its SSE events when it streams."""
+    body = parse_body(raw, wire.ChatCompletionRequest)
+    runtime.admit(client)
+    run = start_chat(runtime, body, client)
+    if body.stream:
+        return run.sse(bool(body.stream_options and body.stream_options.include_usage))
+    return await run.result()

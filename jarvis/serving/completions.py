@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, RequestContext
+from jarvis.bodies import parse_body
+from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, PreparedRequest, RequestContext
+from jarvis.errors import InvalidRequest
 from jarvis.serving.render import ChunkEvents, completion_logprobs, stream_events, usage
 from jarvis.serving.requests import choice_seed, generation_options
 
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
-def completion_generations(runtime: Any, body: wire.CompletionRequest,
-                           client: str | None = None) -> list[GenerationRequest]:
+
+def completion_generations(runtime: Runtime, body: wire.CompletionRequest,
+                           client: str | None = None) -> list[PreparedRequest]:
     """Prepared generations in OpenAI's choice order: prompt by prompt, n choices each."""
     options = generation_options(body)
     gens = []
@@ -29,7 +34,7 @@ def completion_generations(runtime: Any, body: wire.CompletionRequest,
     return gens
 
 
-async def create_completion(runtime: Any, body: wire.CompletionRequest,
+async def create_completion(runtime: Runtime, body: wire.CompletionRequest,
                             client: str | None = None) -> dict[str, Any]:
     """Run a text completion (every prompt and choice, concurrently) and return the OpenAI response body."""
     gens = completion_generations(runtime, body, client)
@@ -48,7 +53,7 @@ async def create_completion(runtime: Any, body: wire.CompletionRequest,
         usage=usage(prompt_tokens, completion_tokens)))
 
 
-def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage: bool) -> AsyncIterator[str]:
+def completion_events(runtime: Runtime, gens: list[PreparedRequest], include_usage: bool) -> AsyncIterator[str]:
     """The SSE events of a streamed completion of one prompt (n choices, each with its `index`)."""
     events = ChunkEvents(wire.Completion(id=wire.new_id("cmpl"), created=wire.now(), model=gens[0].model, choices=[]))
     offsets, echoed = [0] * len(gens), [False] * len(gens)
@@ -72,3 +77,16 @@ def completion_events(runtime: Any, gens: list[GenerationRequest], include_usage
         return events.event([choice(index, chunk)]) if wanted else None
 
     return stream_events(runtime, gens, [], render, events.usage_event if include_usage else None)
+
+
+async def completion_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str, Any] | AsyncIterator[str]:
+    """An HTTP text completion: validated, admitted and prepared before anything runs; the `text_completion`
+    body, or its SSE events when it streams (one prompt per streamed request)."""
+    body = parse_body(raw, wire.CompletionRequest)
+    if body.stream and len(body.prompts) > 1:
+        raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
+    runtime.admit(client)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return completion_events(runtime, completion_generations(runtime, body, client), include_usage)
+    return await create_completion(runtime, body, client)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob
+from jarvis.engine import GenerationChunk, GenerationResult, PreparedRequest, TokenLogprob
 from jarvis.errors import APIError
+
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
 #: Compact JSON, as every event is written (`json.dumps(..., separators=...)` would build an encoder per call).
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -73,7 +76,7 @@ class ChunkEvents:
         return sse({**self._fields, "choices": [], "usage": wire.dump(usage_)})
 
 
-async def stream_events(runtime: Any, gens: list[GenerationRequest], opening: list[str],
+async def stream_events(runtime: Runtime, gens: list[PreparedRequest], opening: list[str],
                         render: Callable[[int, GenerationChunk], str | None],
                         render_usage: Callable[[wire.Usage], str] | None) -> AsyncIterator[str]:
     """The SSE events of streamed generations: `opening`, one event per chunk worth sending (`render`
@@ -84,9 +87,9 @@ async def stream_events(runtime: Any, gens: list[GenerationRequest], opening: li
         for event in opening:
             yield event
         async for index, chunk in merged_streams(runtime, gens):
-            event = render(index, chunk)
-            if event is not None:
-                yield event
+            rendered = render(index, chunk)
+            if rendered is not None:
+                yield rendered
             if chunk.finish_reason is not None:
                 prompt_tokens = chunk.prompt_tokens or 0
                 completion_tokens[index] = chunk.completion_tokens or 0
@@ -97,7 +100,7 @@ async def stream_events(runtime: Any, gens: list[GenerationRequest], opening: li
     yield sse("[DONE]")
 
 
-async def merged_streams(runtime: Any, gens: list[GenerationRequest]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+async def merged_streams(runtime: Runtime, gens: list[PreparedRequest]) -> AsyncIterator[tuple[int, GenerationChunk]]:
     """(index, chunk) from every generation's stream as they come; one generation streams directly."""
     if len(gens) == 1:
         async for chunk in runtime.stream(gens[0]):
@@ -105,7 +108,7 @@ async def merged_streams(runtime: Any, gens: list[GenerationRequest]) -> AsyncIt
         return
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, gen: GenerationRequest) -> None:
+    async def pump(index: int, gen: PreparedRequest) -> None:
         try:
             async for chunk in runtime.stream(gen):
                 await queue.put((index, chunk))

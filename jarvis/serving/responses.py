@@ -24,14 +24,17 @@ import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import protocol as wire
 from jarvis import protocol_responses as rwire
+from jarvis.bodies import parse_body, validate_body
 from jarvis.errors import APIError, InvalidRequest, NotFound
 from jarvis.responses_store import ResponseStore, responses_store
 from jarvis.serving.chat import ChatRun, start_chat
-from jarvis.serving.requests import validate_body
+
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
 
 @dataclass
@@ -48,12 +51,12 @@ class PreparedResponse:
 
     def response(self, status: str, output: list[dict[str, Any]], usage: wire.Usage | None = None,
                  error: APIError | None = None) -> dict[str, Any]:
-        return rwire.dump(rwire.ResponseObject(
+        return rwire.dump(rwire.ResponseObject.model_validate(dict(
             id=self.id, created_at=self.created_at, status=status, model=self.run.model, output=output,
             completed_at=rwire.now() if status == "completed" else None,
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
             error={"code": error.code or error.error_type, "message": error.message} if error else None,
-            usage=response_usage(usage) if usage is not None else None, **self.echo))
+            usage=response_usage(usage) if usage is not None else None, **self.echo)))
 
     def keep(self, response: dict[str, Any]) -> dict[str, Any]:
         if self.store is not None:
@@ -311,7 +314,7 @@ def responses_error(exc: APIError, tool_positions: list[int]) -> APIError:
     return exc
 
 
-def prepare_response(runtime: Any, body: rwire.ResponsesRequest, client: str | None = None,
+def prepare_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str | None = None,
                      store: ResponseStore | None = None) -> PreparedResponse:
     """Check everything, rebuild the conversation and start the chat run; raises the 400/404 first."""
     refuse_unsupported(body)
@@ -371,7 +374,7 @@ def output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-async def create_response(runtime: Any, body: rwire.ResponsesRequest, client: str | None = None,
+async def create_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str | None = None,
                           store: ResponseStore | None = None) -> dict[str, Any]:
     """Run a response to the end (stored unless `store: false`) and return the response object."""
     prepared = prepare_response(runtime, body, client, store)
@@ -486,3 +489,15 @@ async def response_events(prepared: PreparedResponse) -> AsyncIterator[str]:
     except APIError as exc:
         failed = prepared.keep(prepared.response("failed", [], error=exc))
         yield event("response.failed", response=failed)
+
+
+async def response_reply(runtime: Runtime, raw: bytes, client: str,
+                         store: ResponseStore | None) -> dict[str, Any] | AsyncIterator[str]:
+    """An HTTP `POST /v1/responses`: validated, admitted and prepared before anything runs; the response
+    object, or its typed SSE events when it streams."""
+    body = parse_body(raw, rwire.ResponsesRequest)
+    runtime.admit(client)
+    prepared = prepare_response(runtime, body, client, store)
+    if body.stream:
+        return response_events(prepared)
+    return await finish_response(prepared)

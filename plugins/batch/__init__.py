@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import hookimpl
+
+if TYPE_CHECKING:
+    from jarvis.server import JarvisServer
 
 
 def batch_settings() -> Any:
@@ -42,18 +45,18 @@ def jarvis_register_commands(cli: Any) -> None:
 
 
 @hookimpl
-def jarvis_startup(app: Any) -> None:
+def jarvis_startup(server: JarvisServer) -> None:
     from jarvis.plugins.batch.service import BatchService
     from jarvis.plugins.batch.store import BatchJobStore
 
     settings = batch_settings()
-    store = BatchJobStore(settings.root(app.state.settings.state_path))
-    app.state.batch = BatchService(store, app.state.runtime, settings)
-    app.state.batch.resume_all()  # each job waits until the engine, loading in the background, is ready
+    store = BatchJobStore(settings.root(server.settings.state_path))
+    service = server.extensions["batch"] = BatchService(store, server.runtime, settings)
+    service.resume_all()  # each job waits until the engine, loading in the background, is ready
 
 
 @hookimpl
-def jarvis_shutdown(app: Any) -> None:
-    service = getattr(app.state, "batch", None)
+def jarvis_shutdown(server: JarvisServer) -> None:
+    service = server.extensions.get("batch")
     if service is not None:
         service.stop()  # unfinished jobs stay active in the store and resume at the next start

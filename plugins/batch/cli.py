@@ -88,19 +88,16 @@ def run_command(input_path: Path, output: Path, errors_path: Path | None, resume
 
 
 async def run_offline(store: Any, concurrency: int, max_lines: int) -> str:
-    from jarvis.plugin_manager import create_plugin_manager
+    from jarvis.bootstrap import current_bootstrap
     from jarvis.plugins.batch.runner import BatchJobRunner
-    from jarvis.registry import Registries, check_settings
     from jarvis.runtime import EngineRuntime
-    from jarvis.settings import SettingsError, load_settings
+    from jarvis.settings import SettingsError
 
-    settings = load_settings()
-    pm = create_plugin_manager(settings.plugins)
-    registries = Registries.from_plugins(pm)
-    problems = check_settings(settings, registries)
-    if problems:
-        raise click.ClickException(str(SettingsError(problems)))
-    runtime = EngineRuntime(settings, registries, pm.hook)
+    boot = current_bootstrap()
+    if boot.problems:
+        raise click.ClickException(str(SettingsError(boot.problems)))
+    settings = boot.settings
+    runtime = EngineRuntime(settings, boot.registries, boot.plugins.relay)
     with console.status(f"loading the {settings.inference_engine} engine ..."):
         try:
             await runtime.start()

@@ -14,8 +14,8 @@ from typing import Any
 
 from jarvis import protocol as wire
 from jarvis import protocol_responses as rwire
+from jarvis.bodies import validate_body
 from jarvis.errors import InvalidRequest
-from jarvis.serving.requests import validate_body
 
 LineBody = wire.ChatCompletionRequest | wire.CompletionRequest | rwire.ResponsesRequest
 

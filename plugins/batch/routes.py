@@ -18,6 +18,7 @@ from jarvis.plugins.batch.service import COMPLETION_WINDOWS, BatchService
 from jarvis.plugins.batch.store import TERMINAL, new_file_id
 from jarvis.plugins.batch.upload import receive_upload
 from jarvis.routes.openai import parse_body
+from jarvis.server import server_of
 
 PURPOSES = ("batch",)
 
@@ -32,7 +33,7 @@ class CreateBatchRequest(BaseModel):
 
 
 def service_of(request: Request) -> BatchService:
-    service = getattr(request.app.state, "batch", None)
+    service = server_of(request).extensions.get("batch")
     if service is None:
         raise EngineUnavailable("The batch service is not running.", code="batch_unavailable")
     return service

@@ -40,14 +40,11 @@ def progress_bar() -> Progress:
 
 def resolve_chat_format(name: str | None, model_info: Any | None) -> Any:
     """A chat format by name (`auto` needs the local model's info), as the server would build it."""
+    from jarvis.bootstrap import current_bootstrap
     from jarvis.engine import ModelInfo
-    from jarvis.plugin_manager import create_plugin_manager
-    from jarvis.registry import Registries
-    from jarvis.settings import load_settings
 
-    registries = Registries.from_plugins(create_plugin_manager(load_settings().plugins))
     info = model_info or ModelInfo(id="endpoint", max_model_len=0)
-    return registries.chat_formats.get(name or "auto")(info)
+    return current_bootstrap().registries.chat_formats.get(name or "auto")(info)
 
 
 def scoring_texts_for(data: Path, chat_format_name: str | None,

@@ -11,9 +11,12 @@ missing the plugin says so once and stays out of the way.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis import hookimpl
+
+if TYPE_CHECKING:
+    from jarvis.server import JarvisServer
 
 log = logging.getLogger("jarvis.telemetry")
 
@@ -66,18 +69,18 @@ def jarvis_register_middleware(register: Any) -> None:
 
 
 @hookimpl
-def jarvis_startup(app: Any) -> None:
-    app.state.telemetry = _current
+def jarvis_startup(server: JarvisServer) -> None:
+    server.extensions["telemetry"] = _current
     if _current is not None:
-        if _current.settings.metrics_require_api_key and not app.state.settings.all_api_keys:
+        if _current.settings.metrics_require_api_key and not server.settings.all_api_keys:
             log.warning("JARVIS_TELEMETRY_METRICS_REQUIRE_API_KEY is on but JARVIS_API_KEYS is empty: "
                         "GET /metrics refuses every request")
-        _current.start(app.state.runtime)
+        _current.start(server.runtime)
 
 
 @hookimpl
-def jarvis_shutdown(app: Any) -> None:
-    recorder = getattr(app.state, "telemetry", None)
+def jarvis_shutdown(server: JarvisServer) -> None:
+    recorder = server.extensions.get("telemetry")
     if recorder is not None:
         recorder.stop()
 

@@ -13,6 +13,8 @@ from typing import Any
 from litestar import Request, get
 from litestar.response import Response
 
+from jarvis.server import server_of
+
 
 def metrics_allowed(request: Request, recorder: Any) -> bool:
     """True when /metrics is open, or the request carries one of JARVIS_API_KEYS as a bearer token."""
@@ -21,14 +23,14 @@ def metrics_allowed(request: Request, recorder: Any) -> bool:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     supplied = token.strip().encode()
     matched = False
-    for key in request.app.state.settings.all_api_keys:  # every key compared: timing does not tell which
+    for key in server_of(request).settings.all_api_keys:  # every key compared: timing does not tell which
         matched |= hmac.compare_digest(supplied, key.encode())
     return scheme.lower() == "bearer" and matched
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
 def metrics_endpoint(request: Request) -> Response:
-    recorder = request.app.state.telemetry
+    recorder = server_of(request).extensions["telemetry"]
     if not metrics_allowed(request, recorder):
         return Response({"error": {"message": "GET /metrics requires `Authorization: Bearer <key>` with one of "
                                               "the keys in JARVIS_API_KEYS.", "type": "authentication_error",

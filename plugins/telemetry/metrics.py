@@ -11,9 +11,12 @@ adapter ("none" for the base model) and, on the request counter, the status
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis.plugins.telemetry.resources import ResourceSampler
+
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,11 +66,11 @@ class ServerMetrics:
                                   registry=r)
         for name in ALERTS:
             self.alert_active.labels(alert=name).set(0)
-        self._runtime: Any = None
+        self._runtime: Runtime = None
         self._sampler = sampler
         r.register(_LiveCollector(lambda: self._runtime, sampler))
 
-    def bind(self, runtime: Any) -> None:
+    def bind(self, runtime: Runtime) -> None:
         """Read in-flight and queue figures from this runtime from now on."""
         self._runtime = runtime
 

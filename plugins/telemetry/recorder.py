@@ -14,12 +14,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jarvis.plugins.telemetry.alerts import AlertEvaluator, FinishedGeneration, RequestWindow, ServerSnapshot
 from jarvis.plugins.telemetry.metrics import ServerMetrics
 from jarvis.plugins.telemetry.resources import ResourceSampler
 from jarvis.plugins.telemetry.settings import TelemetrySettings
+
+if TYPE_CHECKING:
+    from jarvis.runtime import Runtime
 
 log = logging.getLogger("jarvis.telemetry")
 
@@ -55,7 +58,7 @@ class TelemetryRecorder:
             self.tracing = Tracing(settings.service_name, settings.span_export_delay_ms)
             self.pusher = OtlpMetricsPusher(self.metrics.registry, settings.service_name,
                                             settings.metrics_export_interval_s)
-        self.runtime: Any = None
+        self.runtime: Runtime = None
         self._open: dict[str, _OpenGeneration] = {}
         self._monitor: asyncio.Task | None = None
         self.finished_count = 0
@@ -63,7 +66,7 @@ class TelemetryRecorder:
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    def start(self, runtime: Any) -> None:
+    def start(self, runtime: Runtime) -> None:
         """Bind the runtime (in-flight and queue figures) and start the background work."""
         self.runtime = runtime
         self.metrics.bind(runtime)

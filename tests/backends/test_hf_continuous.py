@@ -16,13 +16,13 @@ import httpx
 import openai
 import pytest
 
-from jarvis.engine import GenerationRequest
+from jarvis.engine import PreparedRequest
 
 MODEL = "gemma-3-270m"
 
 
-def request(**fields) -> GenerationRequest:
-    return GenerationRequest(**{"prompt": "x", "model": MODEL, "max_tokens": 8, **fields})
+def request(**fields) -> PreparedRequest:
+    return PreparedRequest(**{"prompt": "x", "model": MODEL, "max_tokens": 8, **fields})
 
 
 @pytest.mark.parametrize("fields, reason", [

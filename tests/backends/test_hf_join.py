@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
-from jarvis.engine import EngineStats, GenerationChunk, GenerationRequest
+from jarvis.engine import EngineStats, GenerationChunk, PreparedRequest
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def scheduler(handle):
 
 def submit(s: BatchScheduler, prompt_ids: list[int], max_tokens: int) -> Answer:
     answer = Answer()
-    request = GenerationRequest(prompt=None, model="m", max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    request = PreparedRequest(prompt=None, model="m", max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     s.submit(request, prompt_ids, answer, threading.Event())
     return answer
 

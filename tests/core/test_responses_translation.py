@@ -9,10 +9,10 @@ import sqlite3
 import pytest
 
 from jarvis import protocol as wire
+from jarvis.bodies import validate_body
 from jarvis.errors import InvalidRequest
 from jarvis.protocol_responses import ResponsesRequest
 from jarvis.responses_store import ResponseStore
-from jarvis.serving.requests import validate_body
 from jarvis.serving.responses import (
     chat_messages,
     function_tools,

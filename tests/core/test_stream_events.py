@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from jarvis import protocol as wire
-from jarvis.engine import GenerationChunk, GenerationRequest, GenerationResult, TokenLogprob, ToolCallDelta
+from jarvis.engine import GenerationChunk, GenerationResult, PreparedRequest, TokenLogprob, ToolCallDelta
 from jarvis.serving.chat import ChatRun
 from jarvis.serving.completions import completion_events
 from jarvis.serving.render import ChunkEvents, chat_logprobs, completion_logprobs, sse, usage
@@ -31,7 +31,7 @@ class ScriptedRuntime:
     def __init__(self, chunks: list[GenerationChunk]) -> None:
         self.chunks = chunks
 
-    async def stream(self, gen: GenerationRequest):
+    async def stream(self, gen: PreparedRequest):
         for chunk in self.chunks:
             yield replace(chunk, logprobs=list(chunk.logprobs), tool_calls=list(chunk.tool_calls))
 
@@ -96,13 +96,13 @@ def pydantic_chat_events(chunks: list[GenerationChunk], include_usage: bool, log
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_chat_events_are_the_chunk_models_text(include_usage: bool, logprobs: bool) -> None:
     body = wire.ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=logprobs)
-    run = ChatRun(ScriptedRuntime(CHAT_CHUNKS), body, [GenerationRequest(prompt="p", model=MODEL, kind="chat")])
+    run = ChatRun(ScriptedRuntime(CHAT_CHUNKS), body, [PreparedRequest(prompt="p", model=MODEL, kind="chat")])
     assert collect(run.sse(include_usage)) == pydantic_chat_events(CHAT_CHUNKS, include_usage, logprobs)
 
 
 def test_chat_events_keep_every_piece_of_a_chunk() -> None:
     body = wire.ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    run = ChatRun(ScriptedRuntime(CHAT_CHUNKS), body, [GenerationRequest(prompt="p", model=MODEL, kind="chat")])
+    run = ChatRun(ScriptedRuntime(CHAT_CHUNKS), body, [PreparedRequest(prompt="p", model=MODEL, kind="chat")])
     pieces = collect(run.events())
     assert [(p.content, p.call_index, p.call_id, p.arguments, p.finish_reason, len(p.logprobs)) for p in pieces] == [
         (TEXT, None, None, "", None, 0), (" more", None, None, "", None, 1), ("", None, None, "", None, 1),
@@ -120,7 +120,7 @@ COMPLETION_CHUNKS = [
 ]
 
 
-def pydantic_completion_events(gen: GenerationRequest, include_usage: bool) -> list[str]:
+def pydantic_completion_events(gen: PreparedRequest, include_usage: bool) -> list[str]:
     """The events of one choice as the pydantic `Completion` model renders them."""
     def event(choices: list[wire.CompletionChoice], usage_: wire.Usage | None = None) -> str:
         return sse(wire.dump(wire.Completion(id=f"cmpl-{ID}", created=NOW, model=MODEL, choices=choices,
@@ -149,7 +149,7 @@ def pydantic_completion_events(gen: GenerationRequest, include_usage: bool) -> l
 @pytest.mark.parametrize("include_usage", [False, True])
 @pytest.mark.parametrize("echo, logprobs", [(False, False), (False, True), (True, True), (True, False)])
 def test_completion_events_are_the_completion_models_text(include_usage: bool, echo: bool, logprobs: bool) -> None:
-    gen = GenerationRequest(prompt="<bos>Say", model=MODEL, echo=echo, logprobs=logprobs, top_logprobs=2)
+    gen = PreparedRequest(prompt="<bos>Say", model=MODEL, echo=echo, logprobs=logprobs, top_logprobs=2)
     events = completion_events(ScriptedRuntime(COMPLETION_CHUNKS), [gen], include_usage)
     assert collect(events) == pydantic_completion_events(gen, include_usage)
 

@@ -1,6 +1,6 @@
 """The telemetry recorder in-process: error logs with ids, alert firing and recovery, spans of failures, OTLP.
 
-These drive `TelemetryRecorder` with real `GenerationRequest`s and real
+These drive `TelemetryRecorder` with real `PreparedRequest`s and real
 exceptions (the engine is not the subject here), an in-memory span exporter
 from the OpenTelemetry SDK, and the real OTLP exporter classes.
 """
@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 pytest.importorskip("opentelemetry.sdk")
 
-from jarvis.engine import GenerationRequest, GenerationResult, RequestContext  # noqa: E402
+from jarvis.engine import GenerationResult, PreparedRequest, RequestContext  # noqa: E402
 from jarvis.plugins.telemetry.alerts import ServerSnapshot, percentile  # noqa: E402
 from jarvis.plugins.telemetry.recorder import TelemetryRecorder  # noqa: E402
 from jarvis.plugins.telemetry.settings import PREFIX, TelemetrySettings  # noqa: E402
@@ -29,8 +29,8 @@ def recorder(**overrides) -> TelemetryRecorder:
     return TelemetryRecorder(settings)
 
 
-def request(adapter: str | None = None) -> GenerationRequest:
-    return GenerationRequest(prompt="hi", model="base-model", adapter=adapter, max_tokens=4,
+def request(adapter: str | None = None) -> PreparedRequest:
+    return PreparedRequest(prompt="hi", model="base-model", adapter=adapter, max_tokens=4,
                              context=RequestContext(engine="llama_cpp"))
 
 
@@ -169,7 +169,7 @@ def test_tool_calls_are_counted_by_function_and_put_on_the_span():
     exporter = InMemorySpanExporter()
     rec = recorder()
     rec.tracing = Tracing("jarvis-test", 10, exporter=exporter)
-    gen = GenerationRequest(prompt=None, model="base-model", kind="chat", max_tokens=32,
+    gen = PreparedRequest(prompt=None, model="base-model", kind="chat", max_tokens=32,
                             context=RequestContext(engine="llama_cpp"),
                             tool_use=ToolUse(({"name": "get_weather"}, {"name": "get_time"}), "required"))
     calls = [ToolCallDelta(0, "call_a", "get_weather", "{}"), ToolCallDelta(1, "call_b", "get_weather", "{}"),
