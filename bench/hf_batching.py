@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
-from jarvis.engine import EngineStats, GenerationRequest
+from jarvis.engine import EngineStats, PreparedRequest
 
 HERE = Path(__file__).parent
 
@@ -77,7 +77,7 @@ def run_scheduler(scheduler: BatchScheduler, batch: list[list[int]], max_tokens:
                     done.set()
 
     for ids in batch:
-        req = GenerationRequest(prompt=None, model="bench", max_tokens=max_tokens, temperature=0.0)
+        req = PreparedRequest(prompt=None, model="bench", max_tokens=max_tokens, temperature=0.0)
         scheduler.submit(req, ids, emit, threading.Event())
     done.wait()
     return sum(counts)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from jarvis.backends.hf.waves import IncrementalDetokenizer, ModelHandle, Sequence
-from jarvis.engine import Emit, GenerationChunk, GenerationRequest
+from jarvis.engine import Emit, GenerationChunk, PreparedRequest
 from jarvis.text_stream import StopSequenceMatcher
 
 #: How often the result reader wakes with nothing delivered, to pass on cancellations.
 POLL_SECONDS = 0.05
 
 
-def uncovered(request: GenerationRequest) -> str | None:
+def uncovered(request: PreparedRequest) -> str | None:
     """The request field the manager cannot honour (the request then takes the waves), or None."""
     if request.adapter is not None:
         return "adapter"
@@ -153,7 +153,7 @@ class ContinuousBatcher:
 
     # --- requests ------------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, prompt_ids: list[int], emit: Emit,
+    def submit(self, request: PreparedRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> bool:
         """Hand a covered request to the manager; False (nothing done) while paused for adapters."""
         h, r = self.handle, request

@@ -1,10 +1,15 @@
-"""The transformers engine: a local model folder, dynamic batching, PEFT LoRA adapters per request.
+"""The transformers engine: a local model folder, requests decoded together in waves, PEFT LoRA adapters per request.
 
 `JARVIS_MODEL_NAME` is a transformers folder; unset, the embedded GGUF is
 converted once into one (`jarvis models convert`). Requests go to a
-`BatchScheduler` thread that decodes concurrent requests together; adapters
-are PEFT LoRA weights injected next to the base, and each row of a batch names
-its own (`adapter_names`), so base and adapter requests share forward passes.
+`BatchScheduler` thread (`waves`) that decodes concurrent requests together as
+a wave, its decode loop set by `JARVIS_HF_DECODE`: a dynamic cache that prunes
+finished rows, or a static cache (replayed as CUDA graphs with "graphs", the
+default on CUDA) that takes new requests while it runs. `JARVIS_HF_BATCHING=continuous`
+hands the requests it covers to transformers' continuous batching
+(`continuous`) instead. Adapters are PEFT LoRA weights injected next to the
+base, and each row of a wave names its own (`adapter_names`), so base and
+adapter requests share forward passes.
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, WorkerRelay
+from jarvis.backends.model_tools.devices import resolve_device, resolve_dtype
+from jarvis.backends.model_tools.folders import named_model_folder, served_model_id
+from jarvis.engine import Engine, GenerationChunk, ModelInfo, PreparedRequest, WorkerRelay
+from jarvis.engine_rules import check_context_length
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 
 log = logging.getLogger("jarvis.backends.hf.engine")
 
 PREFIX = "JARVIS_HF_"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: How a wave decodes, per JARVIS_HF_DECODE (resolved): what /v1/engine reports.
+WAVE_DECODES = {"dynamic": "a growing KV cache, finished rows pruned at once",
+                "static": "a preallocated KV cache per batch-size bucket, requests joining a running wave",
+                "graphs": "a preallocated KV cache, the decode step replayed as a CUDA graph, requests joining a "
+                          "running wave"}
 
 
 class HfSettings(BaseSettings):
@@ -70,6 +82,10 @@ class HfSettings(BaseSettings):
                              json_schema_extra={"fix": "set JARVIS_HF_CUDA_GRAPHS to auto, on or off"})
 
 
+#: This engine's own settings (JARVIS_HF_*), for showing them without constructing the engine (`jarvis doctor`).
+OPTIONS = HfSettings
+
+
 def continuous_batching_problem() -> str | None:
     """Why this transformers cannot run continuous batching beside the waves, or None. Before 5.19 the manager
     switches the model to a paged-only attention ("paged|sdpa"), which a wave's ordinary forward cannot use."""
@@ -81,29 +97,6 @@ def continuous_batching_problem() -> str | None:
                 "continuous batching, which the waves that serve the other requests cannot use (5.19 and later "
                 "read both caches with sdpa)")
     return None
-
-
-def resolve_device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("JARVIS_DEVICE", setting, "no CUDA device is visible to torch",
-                          "set JARVIS_DEVICE=cpu (or auto), or install a CUDA build of torch on a GPU host")
-    return setting
-
-
-def resolve_dtype(setting: str, device: str) -> Any:
-    import torch
-
-    if setting == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    dtype = getattr(torch, DTYPES[setting])
-    if dtype is torch.float16 and device == "cpu":
-        raise ConfigError("JARVIS_DTYPE", setting, "float16 matmuls are not supported well on CPU",
-                          "set JARVIS_DTYPE=bf16 or fp32 on CPU, or use a CUDA device")
-    return dtype
 
 
 def quantization_config(setting: str, device: str) -> Any:
@@ -152,11 +145,8 @@ class HfEngine(Engine):
         self.continuous = self.options.batching == "continuous"
         self.continuous_unavailable = continuous_batching_problem()
         if self.continuous and self.continuous_unavailable:
-            if self.options.batching == "continuous":
-                raise ConfigError("JARVIS_HF_BATCHING", "continuous", self.continuous_unavailable,
-                                  "pip install 'transformers>=5.19', or set JARVIS_HF_BATCHING=waves")
-            log.warning("continuous batching is off: %s", self.continuous_unavailable)
-            self.continuous = False
+            raise ConfigError("JARVIS_HF_BATCHING", "continuous", self.continuous_unavailable,
+                              "pip install 'transformers>=5.19', or set JARVIS_HF_BATCHING=waves")
         self.decode = self.options.decode
         if self.decode == "auto":
             self.decode = "graphs" if self.device.startswith("cuda") and not self.continuous else "dynamic"
@@ -168,13 +158,7 @@ class HfEngine(Engine):
                               "continuous batching's generation thread on the same device",
                               "set JARVIS_HF_BATCHING=waves to decode waves with CUDA graphs, or leave "
                               "JARVIS_HF_DECODE=auto (dynamic waves for what continuous batching does not cover)")
-        self.folder: Path | None = None
-        if settings.model_name is not None:
-            self.folder = Path(settings.model_name).expanduser()
-            if not (self.folder / "config.json").is_file():
-                raise ConfigError("JARVIS_MODEL_NAME", settings.model_name, "not a transformers model folder "
-                                  "(no config.json)", "point JARVIS_MODEL_NAME at a folder written by "
-                                  "save_pretrained, or unset it to serve the embedded model")
+        self.folder = named_model_folder(settings.model_name) if settings.model_name is not None else None
         self._handle: Any = None
         self._scheduler: Any = None
         self._info: ModelInfo | None = None
@@ -207,11 +191,7 @@ class HfEngine(Engine):
         if not self.quantization:
             model.to(self.device)
         model.eval()
-        trained = getattr(model.config, "max_position_embeddings", None)
-        if trained and self.settings.max_model_len > trained:
-            raise ConfigError("JARVIS_MAX_MODEL_LEN", self.settings.max_model_len,
-                              f"the model was trained for {trained} tokens of context",
-                              f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
+        check_context_length(self.settings.max_model_len, getattr(model.config, "max_position_embeddings", None))
         eos = model.generation_config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                    *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
@@ -230,9 +210,9 @@ class HfEngine(Engine):
                 kv_cache_memory=o.kv_cache_memory, kv_cache_blocks=o.kv_cache_blocks,
                 cuda_graphs={"auto": None, "on": True, "off": False}[o.cuda_graphs])
             self._continuous.start()
-        model_id = folder.name.removesuffix("-hf") if self.folder is None else folder.name
         self._info = ModelInfo(
-            id=model_id, max_model_len=self.settings.max_model_len, path=str(folder),
+            id=served_model_id(folder, embedded=self.folder is None), max_model_len=self.settings.max_model_len,
+            path=str(folder),
             architecture=getattr(model.config, "model_type", None), chat_template=tokenizer.chat_template,
             bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
             vocab_size=len(tokenizer))
@@ -266,12 +246,20 @@ class HfEngine(Engine):
             self._masks = TokenMasks(self._handle.tokenizer, self._handle.model.config.get_text_config().vocab_size)
         return self._masks.matcher_factory(self._masks.compile(constraint))
 
+    def batching_kind(self) -> str:
+        """What decodes the requests: the waves and their decode loop, behind continuous batching when it is on."""
+        waves = f"waves, {self.decode} decode ({WAVE_DECODES[self.decode]})"
+        if self.decode != "dynamic" and self._handle is not None and self._handle.has_adapters:
+            waves += "; dynamic while adapters are loaded (PEFT's per-row adapter routing)"
+        if self.continuous:
+            return f"continuous (transformers' ContinuousBatchingManager); what it does not cover: {waves}"
+        return waves
+
     def describe(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device,
                 "quantization": self.options.quantization,
                 "batching": {"continuous_unavailable": self.continuous_unavailable,
-                             "kind": "continuous (transformers' ContinuousBatchingManager) and waves for what "
-                                     "it does not cover" if self.continuous else "dynamic (waves, per-row finishing)",
+                             "kind": self.batching_kind(),
                              "decode": self._scheduler.decode if self._scheduler else None,
                              "max_batch_size": self.options.max_batch_size,
                              "batch_wait_ms": self.options.batch_wait_ms,
@@ -284,7 +272,7 @@ class HfEngine(Engine):
 
     # --- generation ------------------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         relay = WorkerRelay()
         ids = request.prompt_token_ids or self.tokenize(request.prompt or "")
         path, reason = self._route(request, ids, relay)
@@ -293,12 +281,14 @@ class HfEngine(Engine):
         async for chunk in relay.chunks():
             yield chunk
 
-    def _route(self, request: GenerationRequest, ids: list[int], relay: WorkerRelay) -> tuple[str, str | None]:
+    def _route(self, request: PreparedRequest, ids: list[int], relay: WorkerRelay) -> tuple[str, str | None]:
         """Continuous batching when it covers the request, else the waves: the path taken, and why not the first."""
         from jarvis.backends.hf.continuous import uncovered
 
         if self._continuous is None:
-            reason = "JARVIS_HF_BATCHING=waves"
+            batching = self.options.batching  # waves, or auto: the setting as it was given
+            reason = (f"JARVIS_HF_BATCHING={batching}" if batching == "waves"
+                      else f"JARVIS_HF_BATCHING={batching} resolves to waves on {self.device}")
         else:
             reason = uncovered(request) or ("adapter loaded" if self._handle.has_adapters else None)
             if reason is None:
@@ -348,8 +338,8 @@ class HfEngine(Engine):
 
 
 @hookimpl
-def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
-    register("hf", HfEngine)
+def jarvis_register_engines(register: Callable[..., None]) -> None:
+    register("hf", HfEngine, options=OPTIONS)
 
 
 @hookimpl

@@ -34,12 +34,13 @@ from jarvis.engine import (
     Emit,
     Engine,
     GenerationChunk,
-    GenerationRequest,
     ModelInfo,
     OutputConstraint,
+    PreparedRequest,
     TokenLogprob,
     WorkerRelay,
 )
+from jarvis.engine_rules import check_context_length, skips_leading_bos
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings, load_settings
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
@@ -64,6 +65,10 @@ class LlamaCppSettings(BaseSettings):
                          json_schema_extra={"fix": "set JARVIS_LLAMA_N_BATCH between 8 and 8192"})
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU build of llama.cpp; -1 = all.",
                               json_schema_extra={"fix": "set JARVIS_LLAMA_N_GPU_LAYERS to -1, 0 or a positive count"})
+
+
+#: This engine's own settings (JARVIS_LLAMA_*), for showing them without constructing the engine (`jarvis doctor`).
+OPTIONS = LlamaCppSettings
 
 
 def usable_cores() -> int:
@@ -130,11 +135,7 @@ class LlamaCppEngine(Engine):
         self._vocab = Llama(str(self.path), vocab_only=True, verbose=False)
         meta = self._vocab.metadata
         arch = meta.get("general.architecture")
-        trained = int(meta.get(f"{arch}.context_length", 0) or 0)
-        if trained and self.settings.max_model_len > trained:
-            raise ConfigError("JARVIS_MAX_MODEL_LEN", self.settings.max_model_len,
-                              f"the model was trained for {trained} tokens of context",
-                              f"set JARVIS_MAX_MODEL_LEN to at most {trained}")
+        check_context_length(self.settings.max_model_len, int(meta.get(f"{arch}.context_length", 0) or 0))
         self._contexts = [
             GrammarCheckedLlama(str(self.path), n_ctx=self.settings.max_model_len, n_batch=self.options.n_batch,
                   n_threads=self.threads, n_threads_batch=self.threads, n_gpu_layers=self.options.n_gpu_layers,
@@ -210,7 +211,7 @@ class LlamaCppEngine(Engine):
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         assert self._free is not None and self._executor is not None, "engine not started"
         relay = WorkerRelay()
         self._waiting += 1
@@ -229,7 +230,7 @@ class LlamaCppEngine(Engine):
         async for chunk in relay.chunks():
             yield chunk
 
-    def _decode(self, llm: Any, req: GenerationRequest, cancel: threading.Event,
+    def _decode(self, llm: Any, req: PreparedRequest, cancel: threading.Event,
                 emit: Emit) -> None:
         """Runs in a worker thread that owns `llm` until it returns."""
         try:
@@ -371,9 +372,8 @@ class LlamaCppEngine(Engine):
 
         llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        has_bos = bool(ids) and ids[0] == self._vocab.token_bos() and not score_bos
         entries: list[TokenLogprob] = []
-        if ids and not has_bos:
+        if ids and not skips_leading_bos(ids, self._vocab.token_bos(), score_bos):
             first = llm.detokenize([ids[0]], special=True).decode(errors="replace")
             entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
         batch = llama_cpp.llama_batch_init(PROMPT_SCORING_CHUNK, 0, 1)
@@ -435,6 +435,6 @@ def _is_end_of_generation(vocab: Any, token: int) -> bool:
 
 
 @hookimpl
-def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
-    register("llama_cpp", LlamaCppEngine)
+def jarvis_register_engines(register: Callable[..., None]) -> None:
+    register("llama_cpp", LlamaCppEngine, options=OPTIONS)
 

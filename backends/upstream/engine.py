@@ -12,7 +12,8 @@ upstream's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
 the engine then routes each request through an `UpstreamPool`
 (backends/upstream/pool.py: balancing, circuit breaking; backends/upstream/monitor.py:
 health checks, adapter placement) and retries a failed attempt on another upstream as long as nothing
-has reached the client yet. One JARVIS_UPSTREAM_URL is a pool of one.
+has reached the client yet. One JARVIS_UPSTREAM_URL is a pool of one. What a failure becomes for the client,
+and which failures may be retried, is backends/upstream/errors.py.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
-from jarvis.backends.upstream.monitor import UpstreamMonitor, unreachable, upstream_error
+from jarvis.backends.upstream.errors import (
+    RETRYABLE,
+    answer_error,
+    broke_off,
+    score_failure,
+    stream_error_event,
+    stream_unfinished,
+)
+from jarvis.backends.upstream.monitor import UpstreamMonitor
 from jarvis.backends.upstream.pool import Attempt, Upstream, UpstreamPool, parse_upstreams, shown_url_list
 from jarvis.engine import (
     CONSTRAINT_FEATURES,
     SAMPLING_FEATURES,
     Engine,
     GenerationChunk,
-    GenerationRequest,
     GenerationResult,
     ModelInfo,
+    PreparedRequest,
     TokenLogprob,
     ToolCallDelta,
     ToolUse,
@@ -91,7 +100,12 @@ class UpstreamSettings(BaseSettings):
                             json_schema_extra={"fix": "set JARVIS_UPSTREAM_COOLDOWN to seconds, e.g. 10"})
 
 
-def upstream_sampling(request: GenerationRequest) -> dict[str, Any]:
+#: This engine's own settings (JARVIS_UPSTREAM_*), for showing them without constructing the engine
+#: (`jarvis doctor`).
+OPTIONS = UpstreamSettings
+
+
+def upstream_sampling(request: PreparedRequest) -> dict[str, Any]:
     """The optional sampling fields and the output constraint, as an OpenAI/vLLM server reads them."""
     body: dict[str, Any] = {}
     if request.top_k not in (0, -1):
@@ -200,7 +214,7 @@ class OpenAIUpstreamEngine(Engine):
 
     # --- requests --------------------------------------------------------------------------------
 
-    def body(self, request: GenerationRequest, stream: bool) -> tuple[str, dict[str, Any]]:
+    def body(self, request: PreparedRequest, stream: bool) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
             "model": request.adapter or self.upstream_model, "max_tokens": request.max_tokens,
             "temperature": request.temperature, "top_p": request.top_p,
@@ -221,7 +235,7 @@ class OpenAIUpstreamEngine(Engine):
         path = "/chat/completions" if request.kind == "chat" else "/completions"
         return path, {k: v for k, v in body.items() if v is not None}
 
-    def _next_attempt(self, request: GenerationRequest, tried: list[Upstream], error: APIError | None) -> Attempt:
+    def _next_attempt(self, request: PreparedRequest, tried: list[Upstream], error: APIError | None) -> Attempt:
         """The next upstream to try; after a failure with no upstream left, that failure is the answer."""
         if error is not None and len(tried) >= self.pool.max_attempts:
             raise self._given_up(request, tried, error)
@@ -238,7 +252,7 @@ class OpenAIUpstreamEngine(Engine):
         tried.append(attempt.upstream)
         return attempt
 
-    def _given_up(self, request: GenerationRequest, tried: list[Upstream], error: APIError) -> APIError:
+    def _given_up(self, request: PreparedRequest, tried: list[Upstream], error: APIError) -> APIError:
         """The last failure, naming every upstream's state when there are several."""
         if len(self.pool.upstreams) == 1:
             return error
@@ -246,21 +260,7 @@ class OpenAIUpstreamEngine(Engine):
         return APIError(f"{error.message} {summary.message}", status_code=error.status_code,
                         error_type=error.error_type, code=error.code)
 
-    def _failed(self, attempt: Attempt, exc: Exception, retry: bool) -> APIError:
-        """Score a failed attempt; the error the client gets if it is not retried."""
-        u = attempt.upstream
-        if isinstance(exc, httpx.HTTPError):
-            down = not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout))
-            attempt.failed(f"{type(exc).__name__}: {exc}", down=down)
-            return unreachable(u.url, exc)
-        assert isinstance(exc, APIError)
-        if exc.status_code >= 500 or exc.error_type == "upstream_error":
-            attempt.failed(exc.message)
-        else:
-            attempt.succeeded()  # a client error is the upstream working
-        return exc
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def generate(self, request: PreparedRequest) -> GenerationResult:
         path, body = self.body(request, stream=False)
         tried: list[Upstream] = []
         error: APIError | None = None
@@ -274,9 +274,9 @@ class OpenAIUpstreamEngine(Engine):
                 attempt.succeeded()
                 break
             except RETRYABLE as exc:
-                error = self._failed(attempt, exc, retry=True)
+                error = score_failure(attempt, exc)
             except (httpx.HTTPError, APIError) as exc:
-                raise self._failed(attempt, exc, retry=False) from None
+                raise score_failure(attempt, exc) from None
             finally:
                 attempt.close()
         choice = data["choices"][0]
@@ -291,7 +291,7 @@ class OpenAIUpstreamEngine(Engine):
                                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=calls)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         path, body = self.body(request, stream=True)
         finished = False
         tried: list[Upstream] = []
@@ -307,9 +307,7 @@ class OpenAIUpstreamEngine(Engine):
                     held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows
                     async for event in sse_events(r):
                         if "error" in event:
-                            problem = event["error"]
-                            raise APIError(f"The upstream {url} failed: {problem.get('message', 'error')}",
-                                           status_code=502, error_type="upstream_error", code=problem.get("code"))
+                            raise stream_error_event(url, event["error"])
                         usage = event.get("usage")
                         for choice in event.get("choices") or []:
                             chunk = chunk_of(choice, request)
@@ -322,20 +320,17 @@ class OpenAIUpstreamEngine(Engine):
                             held.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                             held.completion_tokens = int(usage.get("completion_tokens") or 0)
                     if held is None:
-                        raise APIError(f"The upstream {url} ended the stream without finishing",
-                                       status_code=502, error_type="upstream_error", code="upstream_incomplete")
+                        raise stream_unfinished(url)
                     attempt.succeeded()
                     finished = True
                     yield held
             except RETRYABLE as exc:
                 if delivered:  # part of the answer is out: never sent again, the client learns it broke off
-                    self._failed(attempt, exc, retry=False)
-                    raise APIError(f"The upstream {url} went away mid-stream ({type(exc).__name__}: {exc}); "
-                                   f"the answer is incomplete.", status_code=502, error_type="upstream_error",
-                                   code="upstream_disconnected") from None
-                error = self._failed(attempt, exc, retry=True)
+                    score_failure(attempt, exc)
+                    raise broke_off(url, exc) from None
+                error = score_failure(attempt, exc)
             except (httpx.HTTPError, APIError) as exc:
-                raise self._failed(attempt, exc, retry=False) from None
+                raise score_failure(attempt, exc) from None
             finally:
                 attempt.close()
 
@@ -346,23 +341,6 @@ class OpenAIUpstreamEngine(Engine):
 
     async def unload_adapter(self, name: str) -> None:
         await self.monitor.unload_adapter(name)
-
-
-class RetryableAnswer(APIError):
-    """A 502/503 the upstream answered before any body: another upstream may take the request."""
-
-
-def answer_error(status: int, body: bytes, url: str) -> APIError:
-    error = upstream_error(status, body, url)
-    if status in (502, 503):
-        return RetryableAnswer(error.message, status_code=error.status_code, error_type=error.error_type,
-                               code=error.code)
-    return error
-
-
-#: Failures after which the request may go to another upstream (when nothing reached the client yet).
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-             httpx.WriteError, RetryableAnswer)
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
@@ -383,7 +361,7 @@ def finish_reason(value: Any) -> Any:
     return value if value in ("stop", "length", "tool_calls") else ("cancelled" if value == "abort" else "stop")
 
 
-def chunk_of(choice: dict[str, Any], request: GenerationRequest) -> GenerationChunk:
+def chunk_of(choice: dict[str, Any], request: PreparedRequest) -> GenerationChunk:
     delta = choice.get("delta") or {}
     text = delta.get("content") or "" if request.kind == "chat" else choice.get("text") or ""
     _, logprobs = split_logprobs(choice, request)
@@ -393,7 +371,7 @@ def chunk_of(choice: dict[str, Any], request: GenerationRequest) -> GenerationCh
                            finish_reason=finish_reason(reason) if reason else None, tool_calls=calls)
 
 
-def split_logprobs(choice: dict[str, Any], request: GenerationRequest
+def split_logprobs(choice: dict[str, Any], request: PreparedRequest
                    ) -> tuple[list[TokenLogprob] | None, list[TokenLogprob]]:
     """OpenAI logprobs (chat or completion shape) → (prompt logprobs when echoed, generated logprobs)."""
     data = choice.get("logprobs")
@@ -417,5 +395,5 @@ def split_logprobs(choice: dict[str, Any], request: GenerationRequest
 
 
 @hookimpl
-def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
-    register("openai", OpenAIUpstreamEngine)
+def jarvis_register_engines(register: Callable[..., None]) -> None:
+    register("openai", OpenAIUpstreamEngine, options=OPTIONS)

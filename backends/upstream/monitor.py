@@ -7,54 +7,28 @@ that mark upstreams down and up again; and it places adapters: a load goes to
 every upstream that is up, an unload everywhere, and an upstream found
 missing an adapter (down at the load, or restarted without it) gets it loaded
 again by its health check, while one that refuses it is left out for that
-adapter until it rejoins. `upstream_error` maps an upstream's error answer to
-the client's.
+adapter until it rejoins. An upstream's error answer becomes the client's in
+`errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
 import httpx
 
+from jarvis.backends.upstream.errors import unreachable, upstream_error
 from jarvis.backends.upstream.pool import Upstream, UpstreamPool
-from jarvis.errors import APIError, ConfigError, EngineUnavailable
+from jarvis.errors import APIError, ConfigError
 
 log = logging.getLogger("jarvis.backends.upstream.monitor")
 
 #: Seconds an idle upstream connection is kept: below uvicorn's 5 s idle timeout (`vllm serve`, llama.cpp's
 #: Python server, an older Jarvis), so Jarvis never sends a request on a connection the upstream is closing.
 UPSTREAM_KEEPALIVE_EXPIRY = 4.0
-
-
-def upstream_error(response_status: int, body: bytes | str, url: str) -> APIError:
-    """The upstream's error, keeping its message; statuses that are Jarvis's own problem become 502."""
-    try:
-        data = json.loads(body)
-        error = data.get("error", data) if isinstance(data, dict) else {}
-        message = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        error, message = {}, None
-    message = message or (body.decode(errors="replace") if isinstance(body, bytes) else str(body))[:500]
-    if response_status in (401, 403):
-        return APIError(f"The upstream {url} refused Jarvis's credentials ({response_status}): {message}. "
-                        f"Set JARVIS_UPSTREAM_API_KEY.", status_code=502, error_type="upstream_error",
-                        code="upstream_auth")
-    if response_status >= 500:
-        return APIError(f"The upstream {url} failed ({response_status}): {message}", status_code=502,
-                        error_type="upstream_error", code="upstream_error")
-    return APIError(message, status_code=response_status, param=error.get("param") if isinstance(error, dict) else None,
-                    code=error.get("code") if isinstance(error, dict) else None,
-                    error_type=(error.get("type") if isinstance(error, dict) else None) or "invalid_request_error")
-
-
-def unreachable(url: str, exc: Exception) -> EngineUnavailable:
-    return EngineUnavailable(f"The upstream {url} is unreachable ({type(exc).__name__}: {exc}).",
-                             code="upstream_unreachable")
 
 
 class UpstreamMonitor:

@@ -25,6 +25,9 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from jarvis.backends.model_tools.devices import DTYPES
+from jarvis.backends.model_tools.folders import is_transformers_folder
+from jarvis.engine_rules import context_length_problem
 from jarvis.errors import ConfigError
 from jarvis.settings import JarvisSettings
 
@@ -32,7 +35,6 @@ PREFIX = "JARVIS_VLLM_"
 #: The LoRA ranks vLLM's LoRA kernels are built for.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 FALLBACK = "or serve on another engine: JARVIS_INFERENCE_ENGINE=hf (or llama_cpp for a GGUF model)"
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: Checkpoint quantization methods vLLM reads from config.json (`quantization_config.quant_method`).
 CHECKPOINT_METHODS = {"awq", "gptq", "compressed-tensors", "fp8", "modelopt", "mxfp4", "quark", "torchao"}
 #: KV cache dtypes vLLM's attention backends take, per device (vLLM 0.26-0.32: CUDA FlashAttention/Triton,
@@ -236,9 +238,10 @@ def plan_engine(settings: JarvisSettings, options: VllmSettings, platform: Platf
     args["dtype"] = _resolve_dtype(plan, dtype, options, platform)
     args.update(_resolve_quantization(plan, options, platform, config))
     trained = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
-    if trained and max_len > trained:
-        plan.problem("JARVIS_VLLM_MAX_MODEL_LEN" if options.max_model_len else "JARVIS_MAX_MODEL_LEN", max_len,
-                     f"the model was trained for {trained} tokens of context", f"set it to at most {trained}")
+    too_long = context_length_problem(max_len, trained, "JARVIS_VLLM_MAX_MODEL_LEN" if options.max_model_len
+                                      else "JARVIS_MAX_MODEL_LEN")
+    if too_long is not None:
+        plan.problem(too_long.setting, too_long.value, too_long.problem, too_long.fix)
     if options.distributed_executor:
         args["distributed_executor_backend"] = options.distributed_executor
     args["enforce_eager"] = options.enforce_eager if options.enforce_eager is not None else platform.device == "cpu"
@@ -349,7 +352,7 @@ def _resolve_dtype(plan: VllmPlan, dtype: str, options: VllmSettings, platform: 
                      "float16 is not supported by vLLM's CPU backend", "use bf16 or fp32 on CPU")
     if dtype == "auto":
         return "float32" if platform.device == "cpu" else "auto"
-    return TORCH_DTYPES[dtype]
+    return DTYPES[dtype]
 
 
 def _resolve_quantization(plan: VllmPlan, options: VllmSettings, platform: Platform,
@@ -448,7 +451,7 @@ def _check_speculative(plan: VllmPlan, spec: dict[str, Any]) -> dict[str, Any] |
                      'add "num_speculative_tokens": 4 (and "prompt_lookup_max": 4)')
         return None
     if isinstance(draft, str) and draft.startswith(("/", "./", "../", "~")) and \
-            not (Path(draft).expanduser() / "config.json").is_file():
+            not is_transformers_folder(Path(draft).expanduser()):
         plan.problem(setting, shown, f"the draft model {draft} is not a transformers folder (no config.json)",
                      'point "model" at a folder written by save_pretrained')
         return None

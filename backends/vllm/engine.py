@@ -1,7 +1,7 @@
 """The vLLM engine, in process, through vLLM's public API (`AsyncLLMEngine`, `SamplingParams`, `LoRARequest`).
 
 vLLM schedules and batches on its own (continuous batching, paged KV cache);
-this delegate only translates: a `GenerationRequest` becomes token ids plus
+this delegate only translates: a `PreparedRequest` becomes token ids plus
 `SamplingParams`, each delta `RequestOutput` becomes a `GenerationChunk`, and a
 client that goes away aborts its request inside vLLM. Adapters are
 `LoRARequest`s added and removed at run time; `JARVIS_VLLM_MERGE_ADAPTER`
@@ -23,14 +23,18 @@ from typing import Any
 
 from jarvis import hookimpl
 from jarvis.adapters import InvalidAdapter, inspect_adapter
+from jarvis.backends.model_tools.folders import named_model_folder, served_model_id
 from jarvis.backends.vllm.config import PREFIX, Platform, VllmSettings, plan_engine, read_model_config
-from jarvis.engine import Engine, GenerationChunk, GenerationRequest, ModelInfo, TokenLogprob
+from jarvis.engine import Engine, GenerationChunk, ModelInfo, PreparedRequest, TokenLogprob
+from jarvis.engine_rules import skips_leading_bos
 from jarvis.errors import ConfigError, InvalidRequest
 from jarvis.settings import JarvisSettings, SettingsError, load_settings
 
 log = logging.getLogger("jarvis.backends.vllm.engine")
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+#: This engine's own settings (JARVIS_VLLM_*), for showing them without constructing the engine (`jarvis doctor`).
+OPTIONS = VllmSettings
 
 
 class VllmEngine(Engine):
@@ -43,14 +47,8 @@ class VllmEngine(Engine):
         self.settings = settings
         self.options: VllmSettings = load_settings(VllmSettings, prefix=PREFIX)
         self.platform = Platform.detect()
-        self.model_dir: Path | None = None
-        if settings.model_name is not None:
-            self.model_dir = Path(settings.model_name).expanduser()
-            if not (self.model_dir / "config.json").is_file():
-                raise ConfigError("JARVIS_MODEL_NAME", settings.model_name, "not a transformers model folder "
-                                  "(no config.json); vLLM serves safetensors folders",
-                                  "point JARVIS_MODEL_NAME at a folder written by save_pretrained, or unset it "
-                                  "to serve the embedded model (converted once)")
+        self.model_dir = (named_model_folder(settings.model_name, "vLLM serves safetensors folders")
+                          if settings.model_name is not None else None)
         self.merge_source: Path | None = None
         if self.options.merge_adapter:
             try:
@@ -132,10 +130,8 @@ class VllmEngine(Engine):
         self._served_dir = folder
         self._engine_args = {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")}
         config = read_model_config(folder)
-        if self.merge_source is not None:
-            model_id = self.merge_source.name
-        else:
-            model_id = folder.name.removesuffix("-hf") if self.model_dir is None else folder.name
+        model_id = (self.merge_source.name if self.merge_source is not None
+                    else served_model_id(folder, embedded=self.model_dir is None))
         self._info = ModelInfo(
             id=model_id, max_model_len=plan.engine_args["max_model_len"], path=str(folder),
             architecture=config.get("model_type"), chat_template=self._tokenizer.chat_template,
@@ -210,7 +206,7 @@ class VllmEngine(Engine):
 
     # --- generation ------------------------------------------------------------------------------
 
-    def sampling_params(self, request: GenerationRequest) -> Any:
+    def sampling_params(self, request: PreparedRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -256,7 +252,7 @@ class VllmEngine(Engine):
             return {"structured_outputs": sp.StructuredOutputsParams(**spec, disable_any_whitespace=True)}
         return {"guided_decoding": sp.GuidedDecodingParams(**spec)}  # type: ignore[attr-defined]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         from vllm import TokensPrompt
 
         if self._engine is None:
@@ -289,14 +285,12 @@ class VllmEngine(Engine):
                     chunk.prompt_tokens, chunk.completion_tokens = len(ids), produced
                 yield chunk
 
-    def _prompt_logprobs(self, ids: list[int], entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
+    def _prompt_logprobs(self, ids: list[int], entries: Any, request: PreparedRequest) -> list[TokenLogprob]:
         """The echoed prompt's tokens; a BOS the tokenizer added is context, not prompt text."""
         scored = self._logprobs(ids, entries, request)
-        if ids and ids[0] == self._tokenizer.bos_token_id and not request.score_bos:
-            scored = scored[1:]
-        return scored
+        return scored[1:] if skips_leading_bos(ids, self._tokenizer.bos_token_id, request.score_bos) else scored
 
-    def _logprobs(self, token_ids: Any, entries: Any, request: GenerationRequest) -> list[TokenLogprob]:
+    def _logprobs(self, token_ids: Any, entries: Any, request: PreparedRequest) -> list[TokenLogprob]:
         """vLLM's {token id: Logprob} per position → TokenLogprob (the chosen token and the top ones)."""
         if not entries:
             return []
@@ -337,5 +331,5 @@ class VllmEngine(Engine):
 
 
 @hookimpl
-def jarvis_register_engines(register: Callable[[str, Callable[..., Engine]], None]) -> None:
-    register("vllm", VllmEngine)
+def jarvis_register_engines(register: Callable[..., None]) -> None:
+    register("vllm", VllmEngine, options=OPTIONS)

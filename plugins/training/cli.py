@@ -87,24 +87,21 @@ def train_command(config_file: Path | None, resume: bool, publish: str | None, *
 
 def run_training(config: Any, *, resume: bool = False, publish: str | None = None) -> Any:
     from jarvis.adapters import inspect_adapter
-    from jarvis.backends.hf.engine import resolve_device
     from jarvis.backends.model_tools.convert import embedded_hf_model
+    from jarvis.backends.model_tools.devices import resolve_device
+    from jarvis.bootstrap import current_bootstrap
     from jarvis.engine import ModelInfo
-    from jarvis.plugin_manager import create_plugin_manager
     from jarvis.plugins.training import trainer
     from jarvis.plugins.training.datasets import DatasetError, prepare_dataset, split_eval
     from jarvis.plugins.training.tracking import make_tracker
-    from jarvis.registry import Registries
-    from jarvis.settings import load_settings
 
-    settings = load_settings()
+    boot = current_bootstrap()
+    settings = boot.settings
     device = resolve_device(settings.device)
     folder = config.base_model or embedded_hf_model(settings.data_dir)
     with console.status(f"loading {folder.name} on {device} ..."):
         model, tokenizer = trainer.load_base(config, folder, device)
-    pm = create_plugin_manager(settings.plugins)
-    registries = Registries.from_plugins(pm)
-    fmt = registries.chat_formats.get(config.chat_format)(ModelInfo(
+    fmt = boot.registries.chat_formats.get(config.chat_format)(ModelInfo(
         id=folder.name, max_model_len=config.max_length, architecture=model.config.model_type,
         chat_template=tokenizer.chat_template, eos_token=tokenizer.eos_token or ""))
     try:
@@ -157,7 +154,7 @@ def run_training(config: Any, *, resume: bool = False, publish: str | None = Non
                   + (f", eval loss {result.eval_loss_before:.4f} → {result.eval_loss_after:.4f}"
                      if result.eval_loss_before is not None and result.eval_loss_after is not None else "") + ")")
     adapter = inspect_adapter(config.name, output_dir, output_dir.parent, max_rank=4096)
-    pm.hook.jarvis_adapter_published(adapter=adapter)
+    boot.plugins.relay.call("jarvis_adapter_published", adapter=adapter)
     if publish:
         publish_adapter(publish, config.name, output_dir, api_key=(settings.all_api_keys or [None])[0])
         console.print(f"[green]✓[/] published: {publish} now serves model {config.name!r}")

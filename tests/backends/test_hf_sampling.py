@@ -4,8 +4,9 @@ import threading
 
 import torch
 
-from jarvis.backends.hf.waves import BatchScheduler, ModelHandle, Sequence, sample_rows
-from jarvis.engine import EngineStats, GenerationRequest
+from jarvis.backends.hf.sampling import sample_rows
+from jarvis.backends.hf.waves import BatchScheduler, ModelHandle, Sequence
+from jarvis.engine import EngineStats, PreparedRequest
 from jarvis.text_stream import StopSequenceMatcher
 
 VOCAB = 50
@@ -13,11 +14,11 @@ VOCAB = 50
 LOGITS = -torch.arange(VOCAB, dtype=torch.float32) * 0.7
 
 
-def request(**fields) -> GenerationRequest:
-    return GenerationRequest(prompt="x", model="m", **fields)
+def request(**fields) -> PreparedRequest:
+    return PreparedRequest(prompt="x", model="m", **fields)
 
 
-def drawn(requests: list[GenerationRequest], draws: int = 400, seed: int = 0) -> list[set[int]]:
+def drawn(requests: list[PreparedRequest], draws: int = 400, seed: int = 0) -> list[set[int]]:
     generator = torch.Generator().manual_seed(seed)
     rows = LOGITS.repeat(len(requests), 1)
     seen: list[set[int]] = [set() for _ in requests]
@@ -54,7 +55,7 @@ def scheduler() -> BatchScheduler:
     return BatchScheduler(handle, max_batch_size=8, gather_seconds=0.0)
 
 
-def row(r: GenerationRequest) -> Sequence:
+def row(r: PreparedRequest) -> Sequence:
     generator = None
     if r.seed is not None:
         generator = torch.Generator().manual_seed(r.seed)
@@ -63,7 +64,7 @@ def row(r: GenerationRequest) -> Sequence:
 
 
 def test_a_seeded_row_draws_the_same_tokens_whatever_rows_sit_beside_it():
-    def tokens(neighbours: list[GenerationRequest], steps: int = 20) -> list[int]:
+    def tokens(neighbours: list[PreparedRequest], steps: int = 20) -> list[int]:
         s = scheduler()
         rows = [row(request(seed=7, temperature=1.5))] + [row(r) for r in neighbours]
         logits = LOGITS.repeat(len(rows), 1)
