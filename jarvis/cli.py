@@ -92,8 +92,9 @@ def doctor(inference_engine: str | None) -> None:
     if not any(p.setting == "JARVIS_INFERENCE_ENGINE" for p in problems):
         try:  # what only the engine can judge: the model path, its files
             engine = boot.registries.engines.get(settings.inference_engine)(settings)
-        except SettingsError as exc:
-            problems += [p for p in exc.problems if p not in problems]
+        except SettingsError as exc:  # the engine's own settings: found by the bootstrap already
+            seen = {(p.setting, p.problem) for p in problems}
+            problems += [p for p in exc.problems if (p.setting, p.problem) not in seen]
         except ConfigError as exc:
             problems.append(exc)
     table = Table(title="Jarvis configuration", show_lines=False)
