@@ -11,7 +11,6 @@ import pytest
 from jarvis.backends.model_tools.convert import (
     CONVERTER_VERSION,
     MARKER,
-    convert_gguf,
     gguf_tokenizer_flags,
     is_converted,
     llama_cpp_token_ids,
@@ -75,17 +74,31 @@ def test_a_tokenizer_without_bos_is_caught(converted, embedded_gguf, hf_folder, 
     assert mismatches and "The capital of France is" in mismatches[0] and "[2, 818" in mismatches[0]
 
 
-def test_a_stale_conversion_is_redone(hf_folder, embedded_gguf, tmp_path):
-    stale = tmp_path / "stale"
-    shutil.copytree(hf_folder, stale)
-    stamp = json.loads((stale / MARKER).read_text())
-    assert stamp["converter_version"] == CONVERTER_VERSION and is_converted(stale, stamp["source_sha256"])
-    (stale / MARKER).write_text(json.dumps({**stamp, "converter_version": CONVERTER_VERSION - 1}))
-    assert not is_converted(stale, stamp["source_sha256"])
-    convert_gguf(embedded_gguf, stale, source_sha256=stamp["source_sha256"])
-    redone = json.loads((stale / MARKER).read_text())
+@pytest.fixture(scope="module")
+def reconverted(hf_folder, embedded_gguf, jarvis_cli, tmp_path_factory):
+    """The module's one real conversion, done the way both properties need: a copy of the session's folder made
+    stale (its marker names an older converter) is converted again by `jarvis models convert`, with the
+    session's tokenizer folder in place of the GGUF's tokenizer."""
+    out = tmp_path_factory.mktemp("reconvert") / "stale"
+    shutil.copytree(hf_folder, out)
+    stamp = json.loads((out / MARKER).read_text())
+    was_current = stamp["converter_version"] == CONVERTER_VERSION and is_converted(out, stamp["source_sha256"])
+    (out / MARKER).write_text(json.dumps({**stamp, "converter_version": CONVERTER_VERSION - 1}))
+    was_stale = not is_converted(out, stamp["source_sha256"])
+    done = jarvis_cli("models", "convert", "--gguf", str(embedded_gguf), "--out", str(out),
+                      "--tokenizer", str(hf_folder))
+    return {"out": out, "stamp": stamp, "was_current": was_current, "was_stale": was_stale, "done": done,
+            "mismatches": tokenizer_mismatches(out, embedded_gguf, TEXTS) if done.returncode == 0 else None}
+
+
+def test_a_stale_conversion_is_redone(reconverted):
+    assert reconverted["was_current"] and reconverted["was_stale"]
+    assert reconverted["done"].returncode == 0, reconverted["done"].stderr
+    redone = json.loads((reconverted["out"] / MARKER).read_text())
     assert redone["converter_version"] == CONVERTER_VERSION and redone["tokenizer_probes"] > 0
-    assert tokenizer_mismatches(stale, embedded_gguf, TEXTS) == []
+    assert redone["source_sha256"] == reconverted["stamp"]["source_sha256"]
+    assert is_converted(reconverted["out"], redone["source_sha256"])
+    assert reconverted["mismatches"] == []
 
 
 def test_recorded_probe_ids_are_llama_cpps(embedded_gguf, hf_folder):
@@ -104,10 +117,9 @@ def test_recorded_probe_ids_are_llama_cpps(embedded_gguf, hf_folder):
     assert len(mismatches) == 1 and "The capital of France is" in mismatches[0]
 
 
-def test_a_tokenizer_folder_replaces_the_ggufs(hf_folder, embedded_gguf, jarvis_cli, tmp_path):
-    out = tmp_path / "with-tokenizer"
-    done = jarvis_cli("models", "convert", "--gguf", str(embedded_gguf), "--out", str(out),
-                      "--tokenizer", str(hf_folder))
+def test_a_tokenizer_folder_replaces_the_ggufs(reconverted):
+    done, out = reconverted["done"], reconverted["out"]
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(out)
-    assert tokenizer_mismatches(out, embedded_gguf, TEXTS) == []
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+    assert reconverted["mismatches"] == []

@@ -50,13 +50,13 @@ def load(server, name: str, path) -> httpx.Response:
 
 def test_batching_shares_forward_passes(server, client):
     prompts = [f"Fact {i}: the ocean is" for i in range(6)]
-    alone = [greedy(client, MODEL, p, 8) for p in prompts]
+    alone = [greedy(client, MODEL, p, 5) for p in prompts]
     before = server.health()["forward_passes"]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(lambda p: greedy(client, MODEL, p, 8), prompts))
+        together = list(pool.map(lambda p: greedy(client, MODEL, p, 5), prompts))
     passes = server.health()["forward_passes"] - before
     assert together == alone
-    one_at_a_time = len(prompts) * 8  # a prefill and 7 decode steps each
+    one_at_a_time = len(prompts) * 5  # a prefill and 4 decode steps each: one wave takes 5, two take 10
     assert passes < one_at_a_time / 2, f"{passes} forward passes for {len(prompts)} concurrent requests"
 
 
@@ -85,7 +85,7 @@ def pirate(server, trained_lora) -> str:
 
 
 def test_base_and_adapter_requests_in_flight_together(server, client, trained_lora, pirate):
-    jobs = [MODEL, "pirate"] * 4
+    jobs = [MODEL, "pirate"] * 2  # each kind twice, interleaved, all four in flight at once
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda m: greedy(client, m), jobs))
     expected = {MODEL: trained_lora["base_text"], "pirate": trained_lora["adapter_text"]}
@@ -181,7 +181,7 @@ def test_static_cache_decode_matches_the_dynamic_one(server, client, jarvis_serv
     static = jarvis_server(**{**hf_env(adapter_root, tmp_path / "state"), "JARVIS_HF_DECODE": "static"})
     static_client = openai.OpenAI(base_url=static.v1, api_key="x", max_retries=0, timeout=300)
     assert httpx.get(f"{static.v1}/engine").json()["batching"]["decode"] == "static"
-    jobs = [(f"Fact {i}: {'the deep ' * i}ocean is", 3 + 2 * i) for i in range(5)]
+    jobs = [(f"Fact {i}: {'the deep ' * 2 * i}ocean is", 2 + 2 * i) for i in range(4)]  # uneven prompts and ends
 
     def answers(c):
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:

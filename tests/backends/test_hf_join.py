@@ -91,15 +91,15 @@ def alone(s: BatchScheduler, prompt_ids: list[int], max_tokens: int) -> str:
 
 def test_requests_join_a_running_wave_and_answer_as_they_would_alone(handle, scheduler):
     s = scheduler()
-    first = submit(s, ids(handle, "The history of the ocean begins with"), 40)
+    first = submit(s, ids(handle, "The history of the ocean begins with"), 28)
     assert first.started.wait(120)
     later = [ids(handle, "Fact: the moon is"), ids(handle, "A short poem about autumn leaves and rain:")]
-    joined = [submit(s, p, 12) for p in later]
+    joined = [submit(s, p, 8) for p in later]
     for answer in (first, *joined):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert s.waves == 1 and s.joined == 2, (s.waves, s.joined)
-    assert [a.text for a in joined] == [alone(s, p, 12) for p in later]
-    assert first.text == alone(s, ids(handle, "The history of the ocean begins with"), 40)
+    assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
+    assert first.text == alone(s, ids(handle, "The history of the ocean begins with"), 28)
 
 
 @pytest.mark.parametrize("case", ["prompt longer than the wave's", "answer past the cache's end"])
@@ -142,11 +142,11 @@ def test_joining_past_the_sliding_window(handle, scheduler):
     long_prompt = ids(handle, "The quick brown fox jumps over the lazy dog. " * (window // 10 + 4))
     assert len(long_prompt) > window + 8
     s = scheduler(max_len=len(long_prompt) + 64)
-    first = submit(s, long_prompt, 40)
+    first = submit(s, long_prompt, 32)
     assert first.started.wait(300)
     later = [ids(handle, "Fact: the moon is"), long_prompt[: window + 2]]
-    joined = [submit(s, p, 10) for p in later]
+    joined = [submit(s, p, 8) for p in later]
     for answer in (first, *joined):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert s.joined == 2, s.joined
-    assert [a.text for a in joined] == [alone(s, p, 10) for p in later]
+    assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
