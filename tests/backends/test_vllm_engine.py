@@ -7,6 +7,10 @@ from PEFT offline).
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import httpx
 import openai
 import pytest
@@ -19,6 +23,32 @@ MODEL = "gemma-3-270m"
 def greedy(server, model: str, prompt: str) -> str:
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
     return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+
+MERGED_TEST = "test_merged_adapter_serves_what_the_adapter_serves"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def merged_server_start(request, tmp_path_factory) -> Iterator[Future | None]:
+    """The merged-adapter server, started in the background as soon as this module begins, so its start (a minute
+    or more) overlaps the session vLLM server's start or the first test. Its test comes second and stops it before
+    the engine-kill test restarts an engine: never more than two vLLM engines at once, as before. Started only
+    where its test is collected and vLLM is installed."""
+    if importlib.util.find_spec("vllm") is None or not any(item.name == MERGED_TEST
+                                                           for item in request.session.items):
+        yield None
+        return
+    start_jarvis, trained_lora = request.getfixturevalue("start_jarvis"), request.getfixturevalue("trained_lora")
+    adapter_root, vllm_env = request.getfixturevalue("adapter_root"), request.getfixturevalue("vllm_env")
+    with ThreadPoolExecutor(1, thread_name_prefix="merged-vllm") as pool:
+        future = pool.submit(start_jarvis, tmp_path_factory.mktemp("merged"), ready_within=600,
+                             JARVIS_VLLM_MERGE_ADAPTER=str(trained_lora["path"]),
+                             JARVIS_ADAPTER_ROOT=str(adapter_root), JARVIS_VLLM_ENABLE_LORA="false", **vllm_env)
+        yield future
+        try:
+            future.result().stop()  # its test stops it; here in case that test did not get to run
+        except Exception:
+            pass
 
 
 def test_adapter_loads_changes_the_answer_and_unloads(vllm_server, trained_lora):
@@ -41,10 +71,8 @@ def test_adapter_loads_changes_the_answer_and_unloads(vllm_server, trained_lora)
     assert greedy(vllm_server, MODEL, prompt) == base
 
 
-def test_merged_adapter_serves_what_the_adapter_serves(start_jarvis, trained_lora, adapter_root, tmp_path,
-                                                       vllm_installed, vllm_env):
-    server = start_jarvis(tmp_path, ready_within=600, JARVIS_VLLM_MERGE_ADAPTER=str(trained_lora["path"]),
-                          JARVIS_ADAPTER_ROOT=str(adapter_root), JARVIS_VLLM_ENABLE_LORA="false", **vllm_env)
+def test_merged_adapter_serves_what_the_adapter_serves(merged_server_start, trained_lora, vllm_installed):
+    server = merged_server_start.result()  # JARVIS_VLLM_MERGE_ADAPTER=<the pirate adapter>, LoRA off
     try:
         assert server.health()["status"] == "ready", server.log()[-3000:]
         ids = [m["id"] for m in httpx.get(f"{server.v1}/models").json()["data"]]
@@ -57,13 +85,17 @@ def test_merged_adapter_serves_what_the_adapter_serves(start_jarvis, trained_lor
 
 
 def test_bad_configuration_stops_the_start_with_the_fix(jarvis_cli, vllm_installed):
-    done = jarvis_cli("serve", JARVIS_INFERENCE_ENGINE="vllm", JARVIS_VLLM_TENSOR_PARALLEL_SIZE="2",
-                      JARVIS_VLLM_MAX_LORA_RANK="12", JARVIS_VLLM_QUANTIZATION="fp8")
+    # the two commands are independent: run side by side (each spends its ~10 s importing vLLM for the plan)
+    with ThreadPoolExecutor(2) as pool:
+        serving = pool.submit(jarvis_cli, "serve", JARVIS_INFERENCE_ENGINE="vllm",
+                              JARVIS_VLLM_TENSOR_PARALLEL_SIZE="2", JARVIS_VLLM_MAX_LORA_RANK="12",
+                              JARVIS_VLLM_QUANTIZATION="fp8")
+        doctoring = pool.submit(jarvis_cli, "doctor", "--engine", "vllm", JARVIS_VLLM_MAX_LORA_RANK="12")
+        done, doctor = serving.result(), doctoring.result()
     assert done.returncode == 2, done.stderr
     for expected in ("JARVIS_VLLM_TENSOR_PARALLEL_SIZE", "JARVIS_VLLM_MAX_LORA_RANK", "JARVIS_VLLM_QUANTIZATION",
                      "fix:", "JARVIS_INFERENCE_ENGINE=hf"):
         assert expected in done.stderr
-    doctor = jarvis_cli("doctor", "--engine", "vllm", JARVIS_VLLM_MAX_LORA_RANK="12")
     assert doctor.returncode == 1 and "JARVIS_VLLM_MAX_LORA_RANK" in doctor.stderr
     assert "1, 8, 16, 32, 64" in doctor.stderr
 

@@ -9,6 +9,8 @@ fixed `max_tokens`, and the first tokens of each answer.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
 
@@ -23,15 +25,22 @@ SAME_FIRST_TOKENS = 3
 
 
 @pytest.fixture(scope="module")
-def answers(jarvis_server, vllm_server, embedded_gguf):
-    servers = {"llama_cpp": jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN="512"),
-               "hf": jarvis_server(JARVIS_INFERENCE_ENGINE="hf", JARVIS_MAX_MODEL_LEN="512"),
-               "vllm": vllm_server}
-    result = {}
-    for engine, server in servers.items():
-        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
-        result[engine] = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                    temperature=0, logprobs=1) for prompt in PROMPTS]
+def answers(request, jarvis_server, embedded_gguf, hf_folder):
+    """Each engine's answers to PROMPTS. The llama.cpp and hf servers start side by side, beside the session's
+    vLLM server (started here if no module started it yet); then each engine answers in its own thread."""
+    with ThreadPoolExecutor(3) as pool:
+        starting = {engine: pool.submit(jarvis_server, JARVIS_INFERENCE_ENGINE=engine, JARVIS_MAX_MODEL_LEN="512")
+                    for engine in ("llama_cpp", "hf")}
+        vllm = request.getfixturevalue("vllm_server")
+        servers = {"llama_cpp": starting["llama_cpp"].result(), "hf": starting["hf"].result(), "vllm": vllm}
+
+        def ask(server):
+            client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+            return [client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                              logprobs=1) for prompt in PROMPTS]
+
+        asked = {engine: pool.submit(ask, server) for engine, server in servers.items()}
+        result = {engine: future.result() for engine, future in asked.items()}
     for i, prompt in enumerate(PROMPTS):
         print(f"\n{prompt!r}: " + " | ".join(f"{e}: {r[i].choices[0].text!r}" for e, r in result.items()))
     return result

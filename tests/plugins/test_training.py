@@ -3,7 +3,9 @@ same curve, accumulation equals a bigger batch, MLflow holds the run, and train 
 
 from __future__ import annotations
 
+import copy
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,9 +23,15 @@ pytestmark = pytest.mark.slow
 DATA = Path(__file__).parents[1] / "data"
 
 
-def fresh_lora(hf_folder, config: TrainConfig):
-    model, tokenizer = trainer.load_base(config, hf_folder, "cpu")
-    return trainer.attach_lora(model, config), tokenizer
+@pytest.fixture(scope="module")
+def base_model(hf_folder):
+    """The embedded base loaded once (`trainer.load_base`); each test trains on its own deep copy."""
+    return trainer.load_base(TrainConfig(data=DATA / "train_small.jsonl"), hf_folder, "cpu")
+
+
+def fresh_lora(base_model, config: TrainConfig):
+    model, tokenizer = base_model
+    return trainer.attach_lora(copy.deepcopy(model), config), tokenizer
 
 
 def items_of(config: TrainConfig, tokenizer):
@@ -37,12 +45,12 @@ def base_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
 
 
-def test_training_lowers_loss_and_leaves_the_base_untouched(hf_folder, tmp_path):
+def test_training_lowers_loss_and_leaves_the_base_untouched(base_model, tmp_path):
     from peft import PeftModel
 
     config = TrainConfig(data=DATA / "train_small.jsonl", max_steps=10, learning_rate=1e-3, dropout=0.0,
                          save_every=100, tracker="none", eval_fraction=0.2)
-    model, tokenizer = fresh_lora(hf_folder, config)
+    model, tokenizer = fresh_lora(base_model, config)
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     before = base_weights(model)
     train_items, eval_items = items_of(config, tokenizer)
@@ -53,16 +61,16 @@ def test_training_lowers_loss_and_leaves_the_base_untouched(hf_folder, tmp_path)
     after = base_weights(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before), "a base weight changed"
-    reloaded = PeftModel.from_pretrained(trainer.load_base(config, hf_folder, "cpu")[0], tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base_model[0]), tmp_path / "out")
     lora = {n: p for n, p in reloaded.named_parameters() if "lora_B" in n}
     assert lora and any(p.abs().sum() > 0 for p in lora.values())
 
 
-def test_accumulated_micro_batches_equal_one_big_batch(hf_folder):
+def test_accumulated_micro_batches_equal_one_big_batch(base_model):
     """In float64, so the comparison sees the method and not float32's summation-order noise (which, with
     Gemma's large activations, reaches ~1e-3 relative in the LoRA gradients either way)."""
     config = TrainConfig(data=DATA / "train_small.jsonl", dropout=0.0, tracker="none")
-    model, tokenizer = fresh_lora(hf_folder, config)
+    model, tokenizer = fresh_lora(base_model, config)
     model.double()
     items, _ = items_of(config, tokenizer)
     batch = items[:4]
@@ -86,28 +94,28 @@ def test_accumulated_micro_batches_equal_one_big_batch(hf_folder):
         torch.testing.assert_close(acc[n], one[n], rtol=1e-10, atol=1e-12)
 
 
-def test_resume_continues_the_step_count_and_the_loss_curve(hf_folder, tmp_path):
-    config = TrainConfig(data=DATA / "train_small.jsonl", max_steps=6, save_every=3, learning_rate=1e-3,
+def test_resume_continues_the_step_count_and_the_loss_curve(base_model, tmp_path):
+    config = TrainConfig(data=DATA / "train_small.jsonl", max_steps=4, save_every=2, learning_rate=1e-3,
                          dropout=0.0, tracker="none", eval_fraction=0.0)
 
     def run(out: Path, resume: bool = False, stop_at: int | None = None):
-        model, tokenizer = fresh_lora(hf_folder, config)
+        model, tokenizer = fresh_lora(base_model, config)
         train_items, _ = items_of(config, tokenizer)
 
         def on_step(report):
             if stop_at is not None and report.step == stop_at:
-                raise KeyboardInterrupt  # the run dies after its step-3 checkpoint
+                raise KeyboardInterrupt  # the run dies after its step-2 checkpoint
         return trainer.train(model, tokenizer, train_items, [], config, out, "cpu", resume=resume, on_step=on_step)
 
     straight = run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "broken", stop_at=5)
-    assert [p.name for p in trainer.checkpoint_dirs(tmp_path / "broken")] == ["step-3"]
+        run(tmp_path / "broken", stop_at=3)
+    assert [p.name for p in trainer.checkpoint_dirs(tmp_path / "broken")] == ["step-2"]
     resumed = run(tmp_path / "broken", resume=True)
-    assert resumed.resumed_from == 3 and resumed.steps == 6
+    assert resumed.resumed_from == 2 and resumed.steps == 4
     full = json.loads((tmp_path / "straight" / "training.json").read_text())["losses"]
     again = json.loads((tmp_path / "broken" / "training.json").read_text())["losses"]
-    assert len(again) == len(full) == 6
+    assert len(again) == len(full) == 4
     assert again == pytest.approx(full, rel=1e-4)
     assert resumed.last_loss == pytest.approx(straight.last_loss, rel=1e-4)
 
@@ -131,23 +139,26 @@ def test_config_file_and_flags_are_validated(tmp_path):
 
 
 def test_cli_reports_invalid_rows_and_refuses_qlora_on_cpu(jarvis_cli, tmp_path):
-    done = jarvis_cli("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--name", "mixed", "--max-steps", "1",
-                  "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(tmp_path / "adapters"))
+    adapters = str(tmp_path / "adapters")
+    with ThreadPoolExecutor(3) as pool:  # three independent commands (the strict and qlora ones write nothing)
+        training = pool.submit(jarvis_cli, "train", "--data", str(DATA / "mixed_invalid.jsonl"), "--name", "mixed",
+                               "--max-steps", "1", "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=adapters)
+        striving = pool.submit(jarvis_cli, "train", "--data", str(DATA / "mixed_invalid.jsonl"), "--strict",
+                               "--tracker", "none", cwd=tmp_path, JARVIS_ADAPTER_ROOT=adapters)
+        refusing = pool.submit(jarvis_cli, "train", "--data", str(DATA / "train_small.jsonl"), "--qlora",
+                               "--tracker", "none", cwd=tmp_path, JARVIS_DEVICE="cpu")
+        done, strict, qlora = training.result(), striving.result(), refusing.result()
     assert done.returncode == 0, done.stderr
     assert "skipped line 8: not valid JSON" in done.stderr and "skipped bad-role:" in done.stderr
     assert "6 examples (12 invalid skipped)" in done.stderr
-    strict = jarvis_cli("train", "--data", str(DATA / "mixed_invalid.jsonl"), "--strict", "--tracker", "none",
-                    cwd=tmp_path, JARVIS_ADAPTER_ROOT=str(tmp_path / "adapters"))
     assert strict.returncode == 2 and "--data" in strict.stderr
-    qlora = jarvis_cli("train", "--data", str(DATA / "train_small.jsonl"), "--qlora", "--tracker", "none",
-                   cwd=tmp_path, JARVIS_DEVICE="cpu")
     assert qlora.returncode == 2 and "CUDA" in qlora.stderr and "drop --qlora" in qlora.stderr
 
 
-def test_train_publish_serve_with_mlflow(jarvis_cli, hf_folder, jarvis_server, tmp_path):
+def test_train_publish_serve_with_mlflow(jarvis_cli, hf_folder, base_model, jarvis_server, tmp_path):
     from mlflow import MlflowClient
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     adapters = tmp_path / "adapters"
     server = jarvis_server(JARVIS_ADAPTER_ROOT=str(adapters), JARVIS_MAX_MODEL_LEN="512")
@@ -169,8 +180,7 @@ def test_train_publish_serve_with_mlflow(jarvis_cli, hf_folder, jarvis_server, t
     text = answer.choices[0].message.content
     assert text != base_answer
     tokenizer = AutoTokenizer.from_pretrained(hf_folder)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32),
-                                           adapters / "facts").eval()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model[0]), adapters / "facts").eval()
     inputs = tokenizer(GEMMA(question, True), return_tensors="pt")
     with torch.inference_mode():
         out = peft_model.generate(**inputs, max_new_tokens=12, do_sample=False)
@@ -193,7 +203,7 @@ def test_train_publish_serve_with_mlflow(jarvis_cli, hf_folder, jarvis_server, t
     assert httpx.get(f"{server.v1}/adapters").json()["data"][0]["name"] == "facts"
 
 
-def test_dora_trains_and_merge_writes_a_full_model(jarvis_cli, hf_folder, tmp_path):
+def test_dora_trains_and_merge_writes_a_full_model(jarvis_cli, base_model, tmp_path):
     """DoRA is an option of the same loop; `jarvis adapters merge` writes a model that generates what
     base + adapter generates."""
     from peft import PeftModel
@@ -218,6 +228,5 @@ def test_dora_trains_and_merge_writes_a_full_model(jarvis_cli, hf_folder, tmp_pa
 
     full = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     assert not any("lora" in n for n, _ in full.named_parameters())
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32),
-                                             adapters / "dora")
+    with_adapter = PeftModel.from_pretrained(copy.deepcopy(base_model[0]), adapters / "dora")
     assert greedy(full) == greedy(with_adapter)
