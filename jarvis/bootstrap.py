@@ -49,21 +49,22 @@ class Bootstrap:
     def engine_options(self) -> Any:
         """The selected engine's own settings (its `options` class, e.g. JARVIS_LLAMA_*), validated; None when
         the engine declares none or is unknown."""
-        name = self.settings.inference_engine
-        options = self.registries.engines.options.get(name)
-        return load_settings(options, prefix=options.model_config.get("env_prefix", "")) if options else None
+        return _engine_options(self.registries, self.settings)
 
     def _checks(self, settings: JarvisSettings) -> list[ConfigError]:
         problems = check_settings(settings, self.registries)
-        options = self.registries.engines.options.get(settings.inference_engine)
-        if options is not None:
-            try:
-                load_settings(options, prefix=options.model_config.get("env_prefix", ""))
-            except SettingsError as exc:
-                problems += exc.problems
+        try:
+            _engine_options(self.registries, settings)
+        except SettingsError as exc:
+            problems += exc.problems
         for found in self.plugins.hook.jarvis_check_settings(settings=settings):
             problems += found
         return problems
+
+
+def _engine_options(registries: Registries, settings: JarvisSettings) -> Any:
+    options = registries.engines.options.get(settings.inference_engine)
+    return load_settings(options, prefix=options.model_config.get("env_prefix", "")) if options else None
 
 
 def resolve_settings(**overrides: Any) -> tuple[JarvisSettings, list[ConfigError]]:
