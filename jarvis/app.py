@@ -9,22 +9,20 @@ binds; the engine is built once, by the runtime's supervisor, and the model load
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response
-from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 import jarvis
+from jarvis.auth import KeyRing, access_guard
 from jarvis.bootstrap import Bootstrap, bootstrap
-from jarvis.errors import APIError, AuthenticationFailed
+from jarvis.errors import APIError
 from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
 from jarvis.routes.openai import OpenAIController
@@ -60,29 +58,6 @@ def unexpected_error_response(_: Request, exc: Exception) -> Response:
                     status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def api_key_guard(keys: list[str], protect_health: bool = False):
-    """Every /v1 route (and /health when `protect_health`) requires `Authorization: Bearer <key>`."""
-    encoded = [k.encode() for k in keys]
-
-    def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-        path = connection.url.path
-        if not (path.startswith(("/v1", "/tokenize", "/detokenize", "/tokenizer_info"))
-                or (protect_health and path.startswith("/health"))):
-            return
-        header = connection.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        supplied = token.strip().encode()
-        # Compare against every key so timing does not reveal which one matched.
-        matched = False
-        for key in encoded:
-            matched |= hmac.compare_digest(supplied, key)
-        if scheme.lower() != "bearer" or not matched:
-            raise AuthenticationFailed("Incorrect API key provided. Send `Authorization: Bearer <key>` "
-                                       "with one of the keys in JARVIS_API_KEYS.", code="invalid_api_key")
-
-    return guard
-
-
 def create_app(boot: Bootstrap | None = None,
                on_engine_failure: Callable[[str], None] | None = None) -> Litestar:
     """The app over `boot` (settings, plugins, registries; built here when not given), refused with every
@@ -92,7 +67,8 @@ def create_app(boot: Bootstrap | None = None,
     boot.require_valid()
     settings, pm = boot.settings, boot.plugins
     runtime = EngineRuntime(settings, boot.registries, pm.relay)
-    server = JarvisServer(settings, runtime, pm)
+    keys = KeyRing.from_settings(settings)
+    server = JarvisServer(settings, runtime, pm, keys)
 
     extra_routes: list[Any] = []
     pm.hook.jarvis_register_routes(register=extra_routes.append)
@@ -117,7 +93,7 @@ def create_app(boot: Bootstrap | None = None,
                         *extra_routes],
         lifespan=[lifespan],
         middleware=middleware,
-        guards=[api_key_guard(keys, settings.protect_health)] if (keys := settings.all_api_keys) else [],
+        guards=[access_guard(settings, keys)],
         request_max_body_size=settings.max_request_bytes,
         exception_handlers={APIError: api_error_response, HTTPException: http_error_response,
                             Exception: unexpected_error_response},

@@ -2,7 +2,8 @@
 
 `jarvis_startup(server)` and `jarvis_shutdown(server)` receive it, and a plugin's route handler finds it with
 `server_of(request)`. It holds the resolved settings, the runtime (`jarvis.runtime.Runtime`: models,
-readiness, prepare/generate/stream), the plugin manager, and `extensions`: a place where a plugin keeps
+readiness, prepare/generate/stream), the plugin manager, the API keys (`jarvis.auth.KeyRing`: who a key is,
+its owner hash and scopes), and `extensions`: a place where a plugin keeps
 what it started, under its own name (`server.extensions["batch"]`).
 """
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     import pluggy
     from litestar import Litestar, Request
 
+    from jarvis.auth import KeyRing
     from jarvis.runtime import Runtime
     from jarvis.settings import JarvisSettings
 
@@ -25,6 +27,7 @@ class JarvisServer:
     runtime: Runtime
     #: The plugin manager (`jarvis.plugin_manager.JarvisPluginManager`).
     plugins: pluggy.PluginManager
+    keys: KeyRing
     #: A plugin's own running parts, under the plugin's name.
     extensions: dict[str, Any] = field(default_factory=dict)
 

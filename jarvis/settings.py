@@ -94,9 +94,21 @@ class JarvisSettings(BaseSettings):
     max_lora_rank: int = Field(
         64, ge=1, le=1024, description="Largest LoRA rank an adapter may have.",
         json_schema_extra={"fix": "set JARVIS_MAX_LORA_RANK between 1 and 1024"})
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer keys with the admin scope: adapter load/unload, engine control, "
+                    "every key's stored objects. They are valid API keys too.",
+        json_schema_extra={"fix": "set JARVIS_ADMIN_KEYS to comma-separated keys, e.g. ops-key1"})
     api_keys_file: Path | None = Field(
-        None, description="A file of bearer keys, one per line (# comments), added to JARVIS_API_KEYS.",
-        json_schema_extra={"fix": "point JARVIS_API_KEYS_FILE at a readable file with one key per line"})
+        None, description="A file of bearer keys, one per line (# comments), added to JARVIS_API_KEYS; a key may be "
+                          "followed by its scopes: `sk-ops admin`.",
+        json_schema_extra={"fix": "point JARVIS_API_KEYS_FILE at a readable file with one key per line, each "
+                                  "optionally followed by the scope admin"})
+    engine_info_access: str = Field(
+        "key", pattern="^(open|key|admin)$",
+        description="Who may read GET /v1/engine (engine, model path, device, batching): open, key (any API key) "
+                    "or admin.",
+        json_schema_extra={"fix": "set JARVIS_ENGINE_INFO_ACCESS to open, key or admin"})
     protect_health: bool = Field(
         False, description="Require an API key on /health too (default: open, for load balancers).",
         json_schema_extra={"fix": "set JARVIS_PROTECT_HEALTH to true or false"})
@@ -135,7 +147,7 @@ class JarvisSettings(BaseSettings):
         "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
         json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})
 
-    @field_validator("api_keys", "plugins", mode="before")
+    @field_validator("api_keys", "admin_keys", "plugins", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -168,20 +180,25 @@ class JarvisSettings(BaseSettings):
     @field_validator("api_keys_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.expanduser().is_file():
-            raise ValueError(f"{value} is not a readable file")
+        if value is not None:
+            if not value.expanduser().is_file():
+                raise ValueError(f"{value} is not a readable file")
+            for number, (_, scopes) in enumerate(_key_lines(value), 1):
+                unknown = [s for s in scopes if s != "admin"]
+                if unknown:
+                    raise ValueError(f"{value}: key {number} has the unknown scope {unknown[0]!r}; the one "
+                                     "scope is admin")
         return value
+
+    def keys_file_entries(self) -> list[tuple[str, list[str]]]:
+        """(key, scopes) of every line of JARVIS_API_KEYS_FILE."""
+        return _key_lines(self.api_keys_file) if self.api_keys_file is not None else []
 
     @property
     def all_api_keys(self) -> list[str]:
-        """JARVIS_API_KEYS plus the keys in JARVIS_API_KEYS_FILE."""
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.expanduser().read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line and line not in keys:
-                    keys.append(line)
-        return keys
+        """JARVIS_API_KEYS, JARVIS_ADMIN_KEYS and the keys in JARVIS_API_KEYS_FILE."""
+        keys = [*self.api_keys, *self.admin_keys, *(key for key, _ in self.keys_file_entries())]
+        return list(dict.fromkeys(keys))
 
     @property
     def state_path(self) -> Path:
@@ -195,6 +212,15 @@ class JarvisSettings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+
+def _key_lines(path: Path) -> list[tuple[str, list[str]]]:
+    entries = []
+    for line in path.expanduser().read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            entries.append((words[0], words[1:]))
+    return entries
 
 
 class SettingsError(Exception):

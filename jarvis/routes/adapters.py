@@ -2,7 +2,9 @@
 
 `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` and
 `POST /v1/unload_lora_adapter {"lora_name"}` take the shapes vLLM's server
-uses. A loaded adapter is served under its name: `"model": "<lora_name>"`.
+uses. A loaded adapter is served under its name: `"model": "<lora_name>"`. On a server with API keys,
+loading and unloading change what every key is served, so they need the admin scope (`jarvis.auth`);
+who may read `GET /v1/engine` is JARVIS_ENGINE_INFO_ACCESS.
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ class AdapterController(Controller):
     tags = ["Adapters"]
 
     @post("/load_lora_adapter", status_code=200, summary="Load a PEFT LoRA adapter and serve it under lora_name.",
-          operation_class=json_body(LoadLoraAdapter))
+          operation_class=json_body(LoadLoraAdapter), opt={"access": "admin"})
     async def load(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, LoadLoraAdapter)
         adapter = await runtime_of(request).load_adapter(body.lora_name, body.lora_path)
         return {"object": "lora_adapter", "status": "loaded", **adapter.public()}
 
     @post("/unload_lora_adapter", status_code=200, summary="Stop serving an adapter.",
-          operation_class=json_body(UnloadLoraAdapter))
+          operation_class=json_body(UnloadLoraAdapter), opt={"access": "admin"})
     async def unload(self, request: Request) -> dict[str, Any]:
         body = await parse_body(request, UnloadLoraAdapter)
         await runtime_of(request).unload_adapter(body.lora_name)
@@ -53,7 +55,8 @@ class AdapterController(Controller):
         return {"object": "list", "base_model": runtime.model_id,
                 "data": [a.public() for a in runtime.adapters.values()]}
 
-    @get("/engine", summary="The engine behind the API: name, model, dtype, device, batching, adapters.")
+    @get("/engine", summary="The engine behind the API: name, model, dtype, device, batching, adapters.",
+         opt={"access_setting": "engine_info_access"})
     async def engine(self, request: Request) -> dict[str, Any]:
         runtime = runtime_of(request)
         info = runtime.require_ready()

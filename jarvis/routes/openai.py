@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from jarvis import bodies
 from jarvis import protocol as wire
+from jarvis.auth import bearer_token, principal_of
 from jarvis.limits import client_id
 from jarvis.routes.openapi_docs import json_body
 from jarvis.runtime import Runtime
@@ -36,10 +37,12 @@ def runtime_of(request: Request) -> Runtime:
 
 
 def client_of(request: Request) -> str:
-    """Who asks: the API key's fingerprint when one is sent, else the peer address (rate limits, logs)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return client_id(token.strip() if scheme.lower() == "bearer" else None,
-                     request.client.host if request.client else None)
+    """Who asks, for rate limits and logs: the key's owner-hash prefix on a server with keys, else a
+    fingerprint of the bearer token sent, else the peer address."""
+    principal = principal_of(request)
+    if principal.owner is not None:
+        return principal.label
+    return client_id(bearer_token(request.headers), request.client.host if request.client else None)
 
 
 def reply(result: dict[str, Any] | AsyncIterator[str]) -> Response:

@@ -21,7 +21,9 @@ from pydantic import BaseModel
 from jarvis import protocol as wire
 
 ERROR_STATUSES = {400: "Invalid request (the `param` names the field), or the context window is exceeded.",
-                  401: "Missing or wrong API key.", 404: "Unknown model, adapter or route.",
+                  401: "Missing or wrong API key.",
+                  403: "The API key lacks the scope the operation needs (admin).",
+                  404: "Unknown model, adapter or route, or an object another API key owns.",
                   413: "Request body too large.", 429: "Server at capacity or rate limit reached (see Retry-After).",
                   503: "The engine is loading or unavailable."}
 

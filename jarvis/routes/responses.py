@@ -5,7 +5,8 @@ Creating one parses the body (an unknown field is a 400 naming it), admits the c
 generation route, and hands the rest to `jarvis.serving.responses`, which checks the request and starts
 the chat run before anything is sent: every 400/404 is a plain error, and a stream answers with OpenAI's
 typed events (`event:` + `data:` lines, no `[DONE]`). Retrieval and deletion read the store of the
-server's state dir and need no engine.
+server's state dir and need no engine. A response belongs to the key that made it: another key gets the
+404 of an unknown id (`jarvis.auth`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from litestar import Controller, Request, delete, get, post
 from litestar.response import Response
 
 from jarvis import protocol_responses as rwire
+from jarvis.auth import principal_of, visible
 from jarvis.errors import InvalidRequest, NotFound
-from jarvis.responses_store import ResponseStore, responses_store
+from jarvis.responses_store import ResponseStore, StoredResponse, responses_store
 from jarvis.routes.openai import client_of, reply, runtime_of
 from jarvis.routes.openapi_docs import json_body
 from jarvis.server import server_of
@@ -32,6 +34,16 @@ def not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
 
 
+async def owned_response(request: Request, response_id: str) -> StoredResponse:
+    """The stored response, if the caller may see it; else the 404 of an unknown id."""
+    store = store_of(request)
+    found = await store.run(store.find, response_id)
+    if found is None or not visible(principal_of(request), found.owner, f"{request.method} {request.url.path}",
+                                      response_id):
+        raise not_found(response_id)
+    return found
+
+
 class ResponsesController(Controller):
     path = "/v1/responses"
     tags = ["OpenAI"]
@@ -40,18 +52,17 @@ class ResponsesController(Controller):
           operation_class=json_body(rwire.ResponsesRequest))
     async def create_response(self, request: Request) -> Response:
         return reply(await response_reply(runtime_of(request), await request.body(), client_of(request),
-                                          store_of(request)))
+                                          store_of(request), principal_of(request)))
 
     @get("/{response_id:str}", summary="Retrieve a stored response.")
     async def get_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        found = store_of(request).get(response_id)
-        if found is None:
-            raise not_found(response_id)
-        return found
+        return (await owned_response(request, response_id)).response
 
     @delete("/{response_id:str}", status_code=200, summary="Delete a stored response.")
     async def delete_response(self, request: Request, response_id: str) -> dict[str, Any]:
-        if not store_of(request).delete(response_id):
+        await owned_response(request, response_id)
+        store = store_of(request)
+        if not await store.run(store.delete, response_id):
             raise not_found(response_id)
         return rwire.dump(rwire.DeletedResponse(id=response_id))
 
@@ -62,9 +73,7 @@ class ResponsesController(Controller):
         if not 1 <= limit <= 100:
             raise InvalidRequest(f"limit must be between 1 and 100, got {limit}.", param="limit",
                                  code="invalid_value")
-        items = store_of(request).context(response_id)
-        if items is None:
-            raise not_found(response_id)
+        items = (await owned_response(request, response_id)).context
         if order == "desc":
             items = items[::-1]
         if after is not None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from jarvis import protocol as wire
 from jarvis import protocol_responses as rwire
+from jarvis.auth import SINGLE_USER, Principal, visible
 from jarvis.bodies import parse_body, validate_body
 from jarvis.errors import APIError, InvalidRequest, NotFound
 from jarvis.responses_store import ResponseStore, responses_store
@@ -46,6 +47,7 @@ class PreparedResponse:
     context: list[dict[str, Any]]  # the conversation answered, earlier turns included, oldest first
     echo: dict[str, Any]  # the request fields a response object repeats
     store: ResponseStore | None
+    owner: str | None  # who the stored response will belong to
     id: str = field(default_factory=lambda: rwire.new_id("resp"))
     created_at: int = field(default_factory=rwire.now)
 
@@ -58,9 +60,10 @@ class PreparedResponse:
             error={"code": error.code or error.error_type, "message": error.message} if error else None,
             usage=response_usage(usage) if usage is not None else None, **self.echo)))
 
-    def keep(self, response: dict[str, Any]) -> dict[str, Any]:
+    async def keep(self, response: dict[str, Any]) -> dict[str, Any]:
+        """Store the response (unless `store: false`) before the client sees it, on the store's thread."""
         if self.store is not None:
-            self.store.save(response, self.context)
+            await self.store.run(self.store.save, response, self.context, self.owner)
         return response
 
 
@@ -314,18 +317,19 @@ def responses_error(exc: APIError, tool_positions: list[int]) -> APIError:
     return exc
 
 
-def prepare_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str | None = None,
-                     store: ResponseStore | None = None) -> PreparedResponse:
-    """Check everything, rebuild the conversation and start the chat run; raises the 400/404 first."""
+async def prepare_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str | None = None,
+                           store: ResponseStore | None = None, viewer: Principal = SINGLE_USER) -> PreparedResponse:
+    """Check everything, rebuild the conversation (of a response `viewer` may see) and start the chat run;
+    raises the 400/404 first."""
     refuse_unsupported(body)
     store = store or responses_store(runtime.settings.state_path)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        found = store.conversation(body.previous_response_id)
-        if found is None:
+        found = await store.run(store.find, body.previous_response_id)
+        if found is None or not visible(viewer, found.owner, "previous_response_id", body.previous_response_id):
             raise NotFound(f"Previous response with id '{body.previous_response_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
-        history = found
+        history = found.conversation()
     new = input_items(body.input)
     context = [*history, *new]
     messages = chat_messages(body.instructions, context, len(history))
@@ -348,7 +352,8 @@ def prepare_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p, "max_output_tokens": body.max_output_tokens,
             "text": text_echo, "store": body.store, "metadata": body.metadata or {}, "user": body.user}
-    return PreparedResponse(body=body, run=run, context=context, echo=echo, store=store if body.store else None)
+    return PreparedResponse(body=body, run=run, context=context, echo=echo, store=store if body.store else None,
+                            owner=viewer.owner)
 
 
 # --- chat → response -----------------------------------------------------------------------------------
@@ -375,9 +380,10 @@ def output_text(text: str) -> dict[str, Any]:
 
 
 async def create_response(runtime: Runtime, body: rwire.ResponsesRequest, client: str | None = None,
-                          store: ResponseStore | None = None) -> dict[str, Any]:
-    """Run a response to the end (stored unless `store: false`) and return the response object."""
-    prepared = prepare_response(runtime, body, client, store)
+                          store: ResponseStore | None = None, viewer: Principal = SINGLE_USER) -> dict[str, Any]:
+    """Run a response to the end (stored unless `store: false`, owned by `viewer`) and return the response
+    object."""
+    prepared = await prepare_response(runtime, body, client, store, viewer)
     return await finish_response(prepared)
 
 
@@ -386,7 +392,8 @@ async def finish_response(prepared: PreparedResponse) -> dict[str, Any]:
     choice = result["choices"][0]
     usage = wire.Usage.model_validate(result["usage"])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    return prepared.keep(prepared.response(status, output_items(choice["message"], choice["finish_reason"]), usage))
+    return await prepared.keep(prepared.response(status, output_items(choice["message"], choice["finish_reason"]),
+                                                 usage))
 
 
 def sse_event(kind: str, sequence: int, **fields: Any) -> str:
@@ -484,20 +491,20 @@ async def response_events(prepared: PreparedResponse) -> AsyncIterator[str]:
                 yield e
         for e in close(status):
             yield e
-        final = prepared.keep(prepared.response(status, output, prepared.run.usage))
+        final = await prepared.keep(prepared.response(status, output, prepared.run.usage))
         yield event(f"response.{status}", response=final)
     except APIError as exc:
-        failed = prepared.keep(prepared.response("failed", [], error=exc))
+        failed = await prepared.keep(prepared.response("failed", [], error=exc))
         yield event("response.failed", response=failed)
 
 
-async def response_reply(runtime: Runtime, raw: bytes, client: str,
-                         store: ResponseStore | None) -> dict[str, Any] | AsyncIterator[str]:
-    """An HTTP `POST /v1/responses`: validated, admitted and prepared before anything runs; the response
-    object, or its typed SSE events when it streams."""
+async def response_reply(runtime: Runtime, raw: bytes, client: str, store: ResponseStore | None,
+                         viewer: Principal = SINGLE_USER) -> dict[str, Any] | AsyncIterator[str]:
+    """An HTTP `POST /v1/responses` by `viewer`: validated, admitted and prepared before anything runs; the
+    response object, or its typed SSE events when it streams."""
     body = parse_body(raw, rwire.ResponsesRequest)
     runtime.admit(client)
-    prepared = prepare_response(runtime, body, client, store)
+    prepared = await prepare_response(runtime, body, client, store, viewer)
     if body.stream:
         return response_events(prepared)
     return await finish_response(prepared)

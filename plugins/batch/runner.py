@@ -7,7 +7,10 @@ by every job, so the engine's own batching fills). Each result is committed
 to the store before it counts. Cancelling or expiry stops new lines, and the
 lines that never ran are reported as such. If the engine goes away (the
 server is stopping), the run ends as `interrupted` and the job stays active,
-to resume where it stopped.
+to resume where it stopped. Store work (reading the input, committing each
+result, writing the result files) runs on the store's thread, never on the
+event loop. Responses lines act as the batch's owner: what they store is
+theirs, and `previous_response_id` finds only their responses.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jarvis.auth import owner_principal
 from jarvis.errors import APIError, EngineFailure
 from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
 from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
@@ -75,19 +79,15 @@ class BatchJobRunner:
 
     async def run(self, batch_id: str) -> str:
         """Run a job from wherever it stands; returns its final status, or `interrupted`."""
-        row = self.store.batch_row(batch_id)
+        row = await self.store.run(self.store.batch_row, batch_id)
         if row is None or row["status"] in TERMINAL:
             return row["status"] if row else "missing"
         if row["status"] == "cancelling":
             self._stops.setdefault(batch_id, "cancelled")
-        lines = self._load(row)
+        lines = await self.store.run(self._load, row)
         if lines is None:
             return "failed"
-        for line in lines:
-            if line.error is not None:
-                self.store.record_result(batch_id, line.line, line.custom_id, False,
-                                         line_error_record(line.custom_id, line.error))
-        done = self.store.done_lines(batch_id)
+        done = await self.store.run(self._record_malformed, batch_id, lines)
         if self.on_start:
             self.on_start(len(lines), len(done))
         pending = [line for line in lines if line.line not in done]
@@ -100,7 +100,16 @@ class BatchJobRunner:
                 return INTERRUPTED
             finally:
                 self._running.pop(batch_id, None)
-        return self._finish(batch_id, lines)
+        reason = self._stops.pop(batch_id, None)
+        return await self.store.run(self._finish, batch_id, lines, reason)
+
+    def _record_malformed(self, batch_id: str, lines: list[BatchLine]) -> set[int]:
+        """Commit an error result for every malformed line; the lines done so far."""
+        for line in lines:
+            if line.error is not None:
+                self.store.record_result(batch_id, line.line, line.custom_id, False,
+                                         line_error_record(line.custom_id, line.error))
+        return self.store.done_lines(batch_id)
 
     def _load(self, row: dict[str, Any]) -> list[BatchLine] | None:
         path = self.store.file_path(row["input_file_id"]) if row["input_file_id"] else Path(row["input_path"])
@@ -147,7 +156,7 @@ class BatchJobRunner:
                 if batch_id in self._stops or interrupted:
                     self._slots.release()
                     break
-                task = asyncio.create_task(self._run_line(batch_id, row["endpoint"], line))
+                task = asyncio.create_task(self._run_line(batch_id, row["endpoint"], line, row.get("owner")))
                 running.add(task)
                 task.add_done_callback(finished)
             await asyncio.gather(*running, return_exceptions=True)
@@ -158,10 +167,15 @@ class BatchJobRunner:
         if interrupted:
             raise interrupted[0]
 
-    async def _run_line(self, batch_id: str, endpoint: str, line: BatchLine) -> None:
+    async def _run_line(self, batch_id: str, endpoint: str, line: BatchLine, owner: str | None) -> None:
         try:
             body = validate_line_body(line, endpoint)
-            status, payload = 200, await ENDPOINT_CALLS[endpoint](self.runtime, body)  # type: ignore[operator]
+            if endpoint == "/v1/responses":
+                viewer = owner_principal(owner)
+                payload = await create_response(self.runtime, body, viewer=viewer)  # type: ignore[arg-type]
+            else:
+                payload = await ENDPOINT_CALLS[endpoint](self.runtime, body)  # type: ignore[operator]
+            status = 200
         except APIError as exc:
             if not self.runtime.ready:
                 raise JobInterrupted() from exc
@@ -172,12 +186,12 @@ class BatchJobRunner:
             log.exception("batch %s line %d failed", batch_id, line.line)
             status, payload = 500, EngineFailure(f"{type(exc).__name__}: {exc}", code="engine_error").to_body()
         ok = status == 200
-        if self.store.record_result(batch_id, line.line, line.custom_id, ok,
-                                    request_record(line.custom_id, status, payload)) and self.on_result:
+        if await self.store.run(self.store.record_result, batch_id, line.line, line.custom_id, ok,
+                                request_record(line.custom_id, status, payload)) and self.on_result:
             self.on_result(ok)
 
-    def _finish(self, batch_id: str, lines: list[BatchLine]) -> str:
-        reason = self._stops.pop(batch_id, None)
+    def _finish(self, batch_id: str, lines: list[BatchLine], reason: str | None) -> str:
+        """Report the lines a stop left unrun, write the result files and end the job (the store's thread)."""
         if reason is not None:
             code, message = _STOP_CODES[reason]
             done = self.store.done_lines(batch_id)

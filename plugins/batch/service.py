@@ -57,9 +57,9 @@ class BatchService:
         except Exception:
             log.exception("batch %s stopped by an unexpected error; it resumes at the next start", batch_id)
 
-    def cancel(self, batch_id: str) -> None:
+    async def cancel(self, batch_id: str) -> None:
         """Mark a job cancelling; its runner stops and finalizes it as cancelled."""
-        self.store.set_status(batch_id, "cancelling")
+        await self.store.run(self.store.set_status, batch_id, "cancelling")
         if batch_id in self._tasks:
             self.runner.stop(batch_id, "cancelled")
         else:

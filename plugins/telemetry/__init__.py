@@ -40,6 +40,18 @@ def _new_recorder() -> Any:
         return None
 
 
+class _AuditEvents(logging.Handler):
+    """Audit records (`jarvis.auth.audit`, logger `jarvis.audit`) to the recorder: a counter, a span event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "audit", None)
+        if _current is not None and event is not None:
+            _current.audit(event)
+
+
+_audit_handler = _AuditEvents()
+
+
 @hookimpl
 def jarvis_check_settings(settings: Any) -> list[Any]:
     from jarvis.plugins.telemetry.settings import PREFIX, TelemetrySettings
@@ -59,7 +71,7 @@ def jarvis_register_routes(register: Any) -> None:
     if _current is not None:
         from jarvis.plugins.telemetry.endpoint import metrics_endpoint
 
-        register(metrics_endpoint)
+        register(metrics_endpoint(_current.settings.metrics_level))
 
 
 @hookimpl
@@ -72,16 +84,18 @@ def jarvis_register_middleware(register: Any) -> None:
 def jarvis_startup(server: JarvisServer) -> None:
     server.extensions["telemetry"] = _current
     if _current is not None:
-        if _current.settings.metrics_require_api_key and not server.settings.all_api_keys:
-            log.warning("JARVIS_TELEMETRY_METRICS_REQUIRE_API_KEY is on but JARVIS_API_KEYS is empty: "
-                        "GET /metrics refuses every request")
+        if _current.settings.metrics_level != "open" and not server.keys.enabled:
+            log.warning("JARVIS_TELEMETRY_METRICS_ACCESS=%s has no effect: the server has no API keys "
+                        "(JARVIS_API_KEYS), so GET /metrics is open", _current.settings.metrics_level)
         _current.start(server.runtime)
+        logging.getLogger("jarvis.audit").addHandler(_audit_handler)
 
 
 @hookimpl
 def jarvis_shutdown(server: JarvisServer) -> None:
     recorder = server.extensions.get("telemetry")
     if recorder is not None:
+        logging.getLogger("jarvis.audit").removeHandler(_audit_handler)
         recorder.stop()
 
 

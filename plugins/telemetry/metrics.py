@@ -62,6 +62,9 @@ class ServerMetrics:
                                          by_model, registry=r)
         self.tool_calls = Counter("jarvis_tool_calls", "Tool calls the model made, by function name.",
                                   [*by_model, "tool"], registry=r)
+        self.audit_events = Counter("jarvis_audit_events", "Admin actions (allowed) and refused accesses (denied: "
+                                    "403; hidden: another key's object answered 404), by outcome and kind "
+                                    "(admin_scope or ownership).", ["outcome", "kind"], registry=r)
         self.alert_active = Gauge("jarvis_alert_active", "1 while the alert's threshold is crossed.", ["alert"],
                                   registry=r)
         for name in ALERTS:

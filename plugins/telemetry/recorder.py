@@ -118,6 +118,14 @@ class TelemetryRecorder:
                       type(error).__name__, error, request.request_id, request.model, request.adapter or "none",
                       request.engine, self._trace_id(opened.span) or "none")
 
+    def audit(self, event: dict[str, Any]) -> None:
+        """An audit event (`jarvis.auth.audit`): counted, and added to the request's span when tracing."""
+        self.metrics.audit_events.labels(event["outcome"], "admin_scope" if "scope" in event else "ownership").inc()
+        if self.tracing is not None:
+            from opentelemetry import trace
+
+            trace.get_current_span().add_event("jarvis.audit", attributes={k: str(v) for k, v in event.items()})
+
     def _trace_id(self, span: Any) -> str | None:
         if self.tracing is None:
             return None

@@ -37,9 +37,19 @@ class TelemetrySettings(BaseSettings):
                                              description="How often metrics are pushed over OTLP.",
                                              json_schema_extra=_fix("set JARVIS_TELEMETRY_METRICS_EXPORT_INTERVAL_S "
                                                                     "between 0 and 3600"))
-    metrics_require_api_key: bool = Field(False, description="GET /metrics requires one of JARVIS_API_KEYS.",
+    metrics_access: str = Field("open", pattern="^(open|key|admin)$",
+                                description="Who may read GET /metrics: open (a Prometheus scrape needs no key), "
+                                            "key (any API key) or admin.",
+                                json_schema_extra=_fix("set JARVIS_TELEMETRY_METRICS_ACCESS to open, key or admin"))
+    metrics_require_api_key: bool = Field(False, description="Older name of JARVIS_TELEMETRY_METRICS_ACCESS=key.",
                                           json_schema_extra=_fix("set JARVIS_TELEMETRY_METRICS_REQUIRE_API_KEY "
                                                                  "to true or false"))
+
+    @property
+    def metrics_level(self) -> str:
+        if self.metrics_access == "open" and self.metrics_require_api_key:
+            return "key"
+        return self.metrics_access
     gpu: bool = Field(True, description="GPU utilisation and memory per device when NVML sees GPUs.",
                       json_schema_extra=_fix("set JARVIS_TELEMETRY_GPU to true or false"))
     log_interval_s: float = Field(60.0, ge=0, le=86_400,

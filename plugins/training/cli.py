@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from jarvis.auth import control_key
 from jarvis.errors import ConfigError
 
 console = Console(stderr=True)
@@ -156,7 +157,7 @@ def run_training(config: Any, *, resume: bool = False, publish: str | None = Non
     adapter = inspect_adapter(config.name, output_dir, output_dir.parent, max_rank=4096)
     boot.plugins.relay.call("jarvis_adapter_published", adapter=adapter)
     if publish:
-        publish_adapter(publish, config.name, output_dir, api_key=(settings.all_api_keys or [None])[0])
+        publish_adapter(publish, config.name, output_dir, api_key=control_key(settings))
         console.print(f"[green]✓[/] published: {publish} now serves model {config.name!r}")
     click.echo(json.dumps({**result.__dict__, "tracker_run_id": tracker.run_id}))
     return result
@@ -175,8 +176,7 @@ def publish_command(folder: Path, server: str, name: str | None) -> None:
     """Register a PEFT adapter FOLDER with a running Jarvis server."""
     from jarvis.settings import load_settings
 
-    settings = load_settings()
-    info = publish_adapter(server, name or folder.name, folder.resolve(), api_key=(settings.all_api_keys or [None])[0])
+    info = publish_adapter(server, name or folder.name, folder.resolve(), api_key=control_key(load_settings()))
     click.echo(json.dumps(info))
 
 

@@ -137,10 +137,10 @@ def test_store_keeps_conversations_across_a_reopen(tmp_path):
     store.save(response, context)
     store.close()
     store = ResponseStore(path)  # a restart
-    assert store.get("resp_1") == response
-    assert store.conversation("resp_1") == [*context, *response["output"]]
-    assert store.context("resp_1") == context
-    assert store.delete("resp_1") and not store.delete("resp_1") and store.get("resp_1") is None
+    found = store.find("resp_1")
+    assert found.response == response and found.context == context and found.owner is None
+    assert found.conversation() == [*context, *response["output"]]
+    assert store.delete("resp_1") and not store.delete("resp_1") and store.find("resp_1") is None
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
