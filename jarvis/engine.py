@@ -26,12 +26,18 @@ R = TypeVar("R", bound="GenerationRequest")
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated (or prompt) token with its log-probability and the best alternatives."""
+    """One generated (or prompt) token with its log-probability and the best alternatives.
+
+    `token_id` is the token's id in the model's vocabulary, for callers that need the exact tokens (RL
+    training samples through the engine and must not re-tokenize the text); None only where the engine
+    cannot know it (an OpenAI-compatible upstream that reports no ids). It is internal: the OpenAI routes
+    render `token`, `logprob`, `bytes` and `top` only."""
 
     token: str
     logprob: float | None
     bytes: list[int] | None = None
     top: Sequence[tuple[str, float]] = ()
+    token_id: int | None = None
 
 
 @dataclass(frozen=True)

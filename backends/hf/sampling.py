@@ -76,4 +76,5 @@ def seq_logprob(tokenizer: Any, logits: torch.Tensor, token: int, text: str, top
     if top_n:
         values, ids = logprobs.topk(top_n)
         top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
-    return TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=list(text.encode()), top=top)
+    return TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=list(text.encode()), top=top,
+                        token_id=int(token))

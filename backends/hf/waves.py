@@ -455,7 +455,8 @@ class BatchScheduler:
         entries = []
         if seq.prompt_ids and not skips_leading_bos(seq.prompt_ids, h.tokenizer.bos_token_id, seq.request.score_bos):
             first = h.tokenizer.decode(seq.prompt_ids[:1])
-            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
+            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode()),
+                                        token_id=int(seq.prompt_ids[0])))
         detok = IncrementalDetokenizer(h.tokenizer, seq.prompt_ids[:1])
         for pos in range(1, len(seq.prompt_ids)):
             token = seq.prompt_ids[pos]

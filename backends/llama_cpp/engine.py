@@ -359,7 +359,7 @@ class LlamaCppEngine(Engine):
             top = [(llm.detokenize([int(t)], special=True).decode(errors="replace"),
                     float(shifted[t]) - logsumexp) for t in best]
         return TokenLogprob(token=text, logprob=float(shifted[token]) - logsumexp,
-                            bytes=list(text.encode()), top=top)
+                            bytes=list(text.encode()), top=top, token_id=int(token))
 
     def _token_logprob(self, llm: Any, token: int, piece: bytes, top_n: int) -> TokenLogprob:
         # generate() is suspended right after sampling `token`: the last row is its distribution.
@@ -375,7 +375,7 @@ class LlamaCppEngine(Engine):
         entries: list[TokenLogprob] = []
         if ids and not skips_leading_bos(ids, self._vocab.token_bos(), score_bos):
             first = llm.detokenize([ids[0]], special=True).decode(errors="replace")
-            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode())))
+            entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode()), token_id=int(ids[0])))
         batch = llama_cpp.llama_batch_init(PROMPT_SCORING_CHUNK, 0, 1)
         try:
             for start in range(0, len(ids), PROMPT_SCORING_CHUNK):

@@ -299,7 +299,7 @@ class VllmEngine(Engine):
             entry = entries[position] if position < len(entries) else None
             if entry is None:  # the first prompt token has no logprob
                 text = self._tokenizer.decode([token_id])
-                result.append(TokenLogprob(text, None, list(text.encode())))
+                result.append(TokenLogprob(text, None, list(text.encode()), token_id=int(token_id)))
                 continue
             chosen = entry.get(token_id)
             text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
@@ -308,7 +308,7 @@ class VllmEngine(Engine):
                           if lp.rank is not None and lp.rank <= request.top_logprobs),
                          key=lambda pair: -pair[1])[:request.top_logprobs]
             result.append(TokenLogprob(text, chosen.logprob if chosen is not None else None,
-                                       list(text.encode()), top))
+                                       list(text.encode()), top, token_id=int(token_id)))
         return result
 
     # --- adapters --------------------------------------------------------------------------------
