@@ -160,7 +160,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    ensure_project "llama,hf,train,otel,eval,dev"
+    ensure_project "llama,hf,train,otel,eval,tinker,dev"
     ensure_vllm
     say "ruff check (lint), mypy (the core's types), then pytest"
     "$VENV/bin/ruff" check --quiet .
