@@ -3,8 +3,10 @@ the embedded model, the trainer on CPU), with two API keys.
 
 Supervised loop: a LoRA training client on the served model, 20 steps of forward_backward(cross_entropy)
 and optim_step on three fixed prompts; the loss falls, and a sampling client of the saved weights answers
-a training prompt greedily with its trained continuation, which the base model did not. Each key sees only
-its own runs, and bad input is a user error naming what is wrong.
+a training prompt greedily with its trained continuation, which the base model did not. RL loop: each step
+samples 8 answers from the weights just saved, rewards one digit, and trains with importance_sampling on the
+sampler's logprobs; the mean reward rises. Each key sees only its own runs, and bad input is a user error
+naming what is wrong.
 """
 
 from __future__ import annotations
@@ -100,3 +102,105 @@ def test_another_key_sees_none_of_it(server, trained):
     other = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_B).create_rest_client()
     with pytest.raises(tinker.NotFoundError):
         other.get_training_run(model_id).result()
+
+
+def test_rl_loop_raises_the_reward(service):
+    """Sample 8 answers per step from the weights just saved, reward the target digit, and train with
+    importance_sampling on the sampler's own logprobs (advantage = reward - mean)."""
+    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=1, train_unembed=False)
+    tokenizer = training.get_tokenizer()
+    prompt = tokenizer.encode("Pick a digit from 1 to 9, like 3 or 7. My digit:")
+    rewards = []
+    for step in range(RL_STEPS):
+        sampler = training.save_weights_and_get_sampling_client()
+        result = sampler.sample(types.ModelInput.from_ints(prompt), RL_SAMPLES,
+                                types.SamplingParams(max_tokens=2, temperature=1.0, seed=100 * step)).result()
+        scores = [float(tokenizer.decode(s.tokens).strip().startswith("7")) for s in result.sequences]
+        mean = sum(scores) / len(scores)
+        rewards.append(mean)
+        data = []
+        for s, score in zip(result.sequences, scores):
+            seq = prompt + s.tokens
+            n = len(prompt) - 1
+            data.append(types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                                    loss_fn_inputs={"target_tokens": seq[1:],
+                                                    "logprobs": [0.0] * n + list(s.logprobs),
+                                                    "advantages": [0.0] * n + [score - mean] * len(s.tokens)}))
+        if any(score != mean for score in scores):
+            training.forward_backward(data, "importance_sampling").result()
+            training.optim_step(types.AdamParams(learning_rate=RL_LR)).result()
+    print("mean reward per step:", rewards)
+    early, late = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert late > early + 0.3 and late >= 0.75, rewards
+
+
+RL_STEPS, RL_SAMPLES, RL_LR = 12, 8, 2e-3
+
+
+def test_a_saved_state_resumes_exactly_in_a_new_server(start_jarvis, tmp_path):
+    """save_state, then the next steps in the same server and, after a restart, from the checkpoint: the
+    losses agree (weights) and so do the losses after one more step (the optimizer's state)."""
+    env = dict(JARVIS_API_KEYS=KEY_A, JARVIS_MAX_MODEL_LEN="512")
+    batch = [types.Datum(model_input=types.ModelInput.from_ints([2, 651, 7329, 2204, 563]),
+                         loss_fn_inputs={"target_tokens": [651, 7329, 2204, 563, 236761],
+                                         "weights": [0.0, 1.0, 1.0, 1.0, 1.0]})]
+    adam = types.AdamParams(learning_rate=5e-3, grad_clip_norm=1.0)
+
+    def next_two_losses(training) -> list[float]:
+        first = training.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"]
+        training.optim_step(adam).result()
+        return [first, training.forward(batch, "cross_entropy").result().metrics["loss:sum"]]
+
+    server = start_jarvis(tmp_path, **env)
+    try:
+        client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
+        training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=3, train_unembed=False)
+        for _ in range(3):
+            training.forward_backward(batch, "cross_entropy")
+            training.optim_step(adam)
+        path = training.save_state("after-3").result().path
+        assert path == f"tinker://{training.model_id}/weights/after-3"
+        uninterrupted = next_two_losses(training)
+    finally:
+        server.stop()
+    server = start_jarvis(tmp_path, **env)  # the same state dir
+    try:
+        client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
+        resumed = client.create_training_client_from_state_with_optimizer(path)
+        assert next_two_losses(resumed) == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
+    finally:
+        server.stop()
+
+
+def sampled_vs_trained_gap(client, training) -> tuple[float, float]:
+    """Sample 4 continuations from the current weights, then score the same tokens with the trainer's
+    forward: (mean, max) absolute difference of the two logprobs per sampled token."""
+    import numpy as np
+
+    tokenizer = training.get_tokenizer()
+    prompt = tokenizer.encode("Once upon a time")
+    sampler = training.save_weights_and_get_sampling_client()
+    sampled = sampler.sample(types.ModelInput.from_ints(prompt), 4,
+                             types.SamplingParams(max_tokens=12, temperature=1.0, seed=7)).result().sequences
+    data = [types.Datum(model_input=types.ModelInput.from_ints((prompt + s.tokens)[:-1]),
+                        loss_fn_inputs={"target_tokens": (prompt + s.tokens)[1:],
+                                        "weights": [0.0] * (len(prompt) + len(s.tokens) - 1)}) for s in sampled]
+    scored = training.forward(data, "cross_entropy").result().loss_fn_outputs
+    gaps = np.concatenate([np.abs(out["logprobs"].to_numpy()[len(prompt) - 1:] - np.asarray(s.logprobs))
+                           for out, s in zip(scored, sampled)])
+    return float(gaps.mean()), float(gaps.max())
+
+
+def test_sampled_logprobs_agree_with_the_trainers(service, server, jarvis_server, hf_folder):
+    """On-policy RL needs the sampler's logprobs to be the trainer's: exact (float error) when the hf engine
+    samples; on llama.cpp the Q4_K_M weights differ from the trainer's, and the gap is measured."""
+    training = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False)
+    llama_mean, llama_max = sampled_vs_trained_gap(service, training)
+    hf = jarvis_server(JARVIS_INFERENCE_ENGINE="hf", JARVIS_API_KEYS=KEY_A, JARVIS_MAX_MODEL_LEN="512")
+    hf_client = tinker.ServiceClient(base_url=hf.base_url, api_key=KEY_A)
+    hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False)
+    hf_mean, hf_max = sampled_vs_trained_gap(hf_client, hf_training)
+    print(f"|sampled - trained| logprob per token: llama_cpp mean {llama_mean:.4f} max {llama_max:.4f}; "
+          f"hf mean {hf_mean:.2e} max {hf_max:.2e}")
+    assert hf_max < 1e-3, (hf_mean, hf_max)
+    assert llama_mean < 0.5, (llama_mean, llama_max)
