@@ -3,6 +3,7 @@
 Only the `JARVIS_*` settings a benchmark passes reach the server (plus JARVIS_DATA_DIR from the
 environment, so the embedded model is not assembled again), so a developer's .env or shell does not
 skew a comparison. The server's log is printed when it fails to start, or when it logged an error.
+`checkout_env` makes such a server import another checkout (a before/after comparison in one run).
 """
 
 from __future__ import annotations
@@ -19,6 +20,21 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+
+
+def checkout_env(checkout: Path | None, workdir: Path) -> dict[str, str]:
+    """The environment whose `import jarvis` loads `checkout` (None: the installed tree, this one). A checkout
+    keeps backends/ and plugins/ beside jarvis/; the build maps them into it, and so does a folder of links."""
+    if checkout is None:
+        return {}
+    package = workdir / "jarvis"
+    package.mkdir(parents=True)
+    for entry in (checkout / "jarvis").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry.resolve())
+    for part in ("backends", "plugins"):
+        (package / part).symlink_to((checkout / part).resolve())
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(workdir), os.environ.get("PYTHONPATH")]))}
 
 
 def wait_ready(base_url: str, process: subprocess.Popen, log: IO[str], timeout_s: float = 180) -> None:

@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from jarvis_process import jarvis_server  # noqa: E402
+from jarvis_process import checkout_env, jarvis_server  # noqa: E402
 from proxy_overhead import llama_settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,21 +82,6 @@ def per_chunk(short: tuple[float, int], long: tuple[float, int]) -> tuple[float,
     """(µs per chunk, µs per request) from (seconds, chunks) of short and long requests."""
     chunk_s = (long[0] - short[0]) / (long[1] - short[1])
     return chunk_s * 1e6, (short[0] - chunk_s * short[1]) * 1e6
-
-
-def checkout_env(checkout: Path | None, workdir: Path) -> dict[str, str]:
-    """The environment whose `import jarvis` loads `checkout` (None: the installed tree, this one). A checkout
-    keeps backends/ and plugins/ beside jarvis/; the build maps them into it, and so does a folder of links."""
-    if checkout is None:
-        return {}
-    package = workdir / "jarvis"
-    package.mkdir(parents=True)
-    for entry in (checkout / "jarvis").iterdir():
-        if entry.name != "__pycache__":
-            (package / entry.name).symlink_to(entry.resolve())
-    for part in ("backends", "plugins"):
-        (package / part).symlink_to((checkout / part).resolve())
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(workdir), os.environ.get("PYTHONPATH")]))}
 
 
 # --- path: the app in process, llama.cpp's chunks replayed ------------------------------------------
