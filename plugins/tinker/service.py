@@ -30,6 +30,8 @@ from jarvis.plugins.tinker.trainer import LoraSpec, Trainer
 
 log = logging.getLogger("jarvis.tinker")
 
+#: Engines that cannot serve a LoRA of lm_head (llama.cpp: not on models whose output is the tied embedding).
+NO_UNEMBED_LORA = ("llama_cpp",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH = re.compile(r"^tinker://(?P<model>[^/]+)/(?P<segment>weights|sampler_weights)/(?P<name>[^/]+)$")
 
@@ -137,13 +139,19 @@ class TinkerService:
     async def create_model(self, viewer: Principal, session_id: str, model_seq_id: int, base_model: str,
                            lora: LoraSpec, user_metadata: dict[str, Any] | None) -> str:
         await self.session(session_id, viewer)
+        self.check_base(base_model)
         model_id = f"{session_id}:train:{model_seq_id}"
+        engine = self.runtime.engine.name
+        if lora.train_unembed and engine in NO_UNEMBED_LORA:
+            raise RequestFailed(f"train_unembed=True: the {engine} engine cannot sample from a LoRA of the "
+                                "unembedding (lm_head), so the trained weights could not be served. Create the "
+                                "training client with train_unembed=False, or serve with "
+                                "JARVIS_INFERENCE_ENGINE=hf.")
         if len(self.trainer.models) >= self.settings.max_models:
             raise RequestFailed(f"{len(self.trainer.models)} training models are alive, the most this server "
                                 f"keeps (JARVIS_TINKER_MAX_MODELS); finish a session first.")
 
         async def work() -> Outcome:
-            self.check_base(base_model)
             if model_id in self.trainer.models:
                 return json_outcome({"model_id": model_id, "type": "create_model"})
             await self.trainer.run(self.trainer.create, model_id, lora)

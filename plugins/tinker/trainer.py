@@ -202,7 +202,7 @@ class Trainer:
             total = torch.zeros((), device=device)
             for i, d in enumerate(data):
                 n = len(d.tokens)
-                inputs = {k: torch.as_tensor(v, device=device) for k, v in d.inputs.items()}
+                inputs = {k: torch.as_tensor(np.array(v), device=device) for k, v in d.inputs.items()}
                 targets = inputs["target_tokens"].long()
                 target_logprobs = logprobs[i, :n].gather(-1, targets[:, None]).squeeze(-1)
                 elementwise = datum_loss(loss_fn, target_logprobs, inputs, config)
@@ -242,7 +242,8 @@ class Trainer:
         config = self._peft.peft_config[model.adapter]
         config.base_model_name_or_path = str(self.folder)
         config.save_pretrained(str(folder))
-        state = get_peft_model_state_dict(self._peft, adapter_name=model.adapter)
+        # the LoRA matrices only: a tied lm_head would otherwise bring the whole embedding along
+        state = get_peft_model_state_dict(self._peft, adapter_name=model.adapter, save_embedding_layers=False)
         weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(weights, str(folder / "adapter_model.safetensors"))
         (folder / "tinker_lora.json").write_text(json.dumps(model.lora.public()))

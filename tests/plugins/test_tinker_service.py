@@ -39,7 +39,7 @@ def service(server):
 
 @pytest.fixture(scope="module")
 def trained(service):
-    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False)
+    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False).result()
     tokenizer = training.get_tokenizer()
     data, prompts = [], []
     for prompt, answer in FACTS:
@@ -67,8 +67,8 @@ def greedy(sampler, prompt: list[int], tokenizer) -> str:
 def test_supervised_loop_learns_and_samples_its_fresh_weights(service, trained):
     losses, tokenizer = trained["losses"], trained["tokenizer"]
     assert losses[-1] < losses[0] / 5, losses  # 20 steps fit three short answers
-    base = service.create_sampling_client(base_model=MODEL)
-    fresh = trained["training"].save_weights_and_get_sampling_client()
+    base = service.create_sampling_client(base_model=MODEL).result()
+    fresh = trained["training"].save_weights_and_get_sampling_client().result()
     prompt = trained["prompts"][0]
     assert "pineapple" not in greedy(base, prompt, tokenizer)
     assert "pineapple" in greedy(fresh, prompt, tokenizer)
@@ -95,11 +95,18 @@ def test_bad_input_is_a_user_error_naming_it(trained):
         training.forward_backward([huge], "cross_entropy").result()
 
 
+def test_what_the_engine_cannot_serve_is_refused_when_the_client_is_made(service):
+    with pytest.raises(tinker.BadRequestError, match="train_unembed"):
+        service.create_lora_training_client(base_model=MODEL, rank=4).result()  # the SDK's default trains lm_head too
+    with pytest.raises(tinker.BadRequestError, match="not served here"):
+        service.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4, train_unembed=False).result()
+
+
 def test_another_key_sees_none_of_it(server, trained):
     model_id = trained["training"].model_id
-    own = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A).create_rest_client()
+    own = tinker.RestClient(base_url=server.base_url, api_key=KEY_A)
     assert own.get_training_run(model_id).result().training_run_id == model_id
-    other = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_B).create_rest_client()
+    other = tinker.RestClient(base_url=server.base_url, api_key=KEY_B)
     with pytest.raises(tinker.NotFoundError):
         other.get_training_run(model_id).result()
 
@@ -107,12 +114,12 @@ def test_another_key_sees_none_of_it(server, trained):
 def test_rl_loop_raises_the_reward(service):
     """Sample 8 answers per step from the weights just saved, reward the target digit, and train with
     importance_sampling on the sampler's own logprobs (advantage = reward - mean)."""
-    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=1, train_unembed=False)
+    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=1, train_unembed=False).result()
     tokenizer = training.get_tokenizer()
     prompt = tokenizer.encode("Pick a digit from 1 to 9, like 3 or 7. My digit:")
     rewards = []
     for step in range(RL_STEPS):
-        sampler = training.save_weights_and_get_sampling_client()
+        sampler = training.save_weights_and_get_sampling_client().result()
         result = sampler.sample(types.ModelInput.from_ints(prompt), RL_SAMPLES,
                                 types.SamplingParams(max_tokens=2, temperature=1.0, seed=100 * step)).result()
         scores = [float(tokenizer.decode(s.tokens).strip().startswith("7")) for s in result.sequences]
@@ -154,7 +161,7 @@ def test_a_saved_state_resumes_exactly_in_a_new_server(start_jarvis, tmp_path):
     server = start_jarvis(tmp_path, **env)
     try:
         client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-        training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=3, train_unembed=False)
+        training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=3, train_unembed=False).result()
         for _ in range(3):
             training.forward_backward(batch, "cross_entropy")
             training.optim_step(adam)
@@ -166,7 +173,7 @@ def test_a_saved_state_resumes_exactly_in_a_new_server(start_jarvis, tmp_path):
     server = start_jarvis(tmp_path, **env)  # the same state dir
     try:
         client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-        resumed = client.create_training_client_from_state_with_optimizer(path)
+        resumed = client.create_training_client_from_state_with_optimizer(path).result()
         assert next_two_losses(resumed) == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
     finally:
         server.stop()
@@ -179,7 +186,7 @@ def sampled_vs_trained_gap(client, training) -> tuple[float, float]:
 
     tokenizer = training.get_tokenizer()
     prompt = tokenizer.encode("Once upon a time")
-    sampler = training.save_weights_and_get_sampling_client()
+    sampler = training.save_weights_and_get_sampling_client().result()
     sampled = sampler.sample(types.ModelInput.from_ints(prompt), 4,
                              types.SamplingParams(max_tokens=12, temperature=1.0, seed=7)).result().sequences
     data = [types.Datum(model_input=types.ModelInput.from_ints((prompt + s.tokens)[:-1]),
@@ -194,11 +201,11 @@ def sampled_vs_trained_gap(client, training) -> tuple[float, float]:
 def test_sampled_logprobs_agree_with_the_trainers(service, server, jarvis_server, hf_folder):
     """On-policy RL needs the sampler's logprobs to be the trainer's: exact (float error) when the hf engine
     samples; on llama.cpp the Q4_K_M weights differ from the trainer's, and the gap is measured."""
-    training = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False)
+    training = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
     llama_mean, llama_max = sampled_vs_trained_gap(service, training)
     hf = jarvis_server(JARVIS_INFERENCE_ENGINE="hf", JARVIS_API_KEYS=KEY_A, JARVIS_MAX_MODEL_LEN="512")
     hf_client = tinker.ServiceClient(base_url=hf.base_url, api_key=KEY_A)
-    hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False)
+    hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
     hf_mean, hf_max = sampled_vs_trained_gap(hf_client, hf_training)
     print(f"|sampled - trained| logprob per token: llama_cpp mean {llama_mean:.4f} max {llama_max:.4f}; "
           f"hf mean {hf_mean:.2e} max {hf_max:.2e}")
