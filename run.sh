@@ -124,6 +124,14 @@ engine_extras() {  # what an engine needs: hf and vllm load transformers folders
   esac
 }
 
+# The Tinker training API (plugin `tinker`) needs the trainer (torch, PEFT) and the tinker SDK's schema:
+# a server gets them when JARVIS_TINKER_ENABLED=true (the environment, else .env).
+tinker_wanted() {
+  local from_file=""
+  [ -f .env ] && from_file="$(sed -n 's/^JARVIS_TINKER_ENABLED=//p' .env | tail -1 | tr -d '"'"'"' ')"
+  [ "$(echo "${JARVIS_TINKER_ENABLED:-$from_file}" | tr 'A-Z' 'a-z')" = "true" ]
+}
+
 serves_with_engine() {  # the commands that run the selected engine
   case "${1:-}" in ""|serve|doctor|batch) return 0 ;; *) return 1 ;; esac
 }
@@ -132,7 +140,10 @@ serves_with_engine() {  # the commands that run the selected engine
 extras_for() {
   local command_part engine_part=""
   command_part="$(command_extras "${1:-}")"
-  if serves_with_engine "$@"; then engine_part="$(engine_extras "$(selected_engine "$@")")"; fi
+  if serves_with_engine "$@"; then
+    engine_part="$(engine_extras "$(selected_engine "$@")")"
+    if tinker_wanted; then engine_part="${engine_part:+$engine_part,}tinker"; fi
+  fi
   printf '%s\n' llama ${command_part//[,?]/ } ${engine_part//,/ } | awk 'NF && !seen[$0]++' | paste -sd, -
 }
 
