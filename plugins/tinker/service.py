@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from jarvis.plugins.tinker.trainer import LoraSpec, Trainer
 
 log = logging.getLogger("jarvis.tinker")
 
+#: Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept loaded per training model.
+KEEP_SNAPSHOTS = 2
 #: Engines that cannot serve a LoRA of lm_head (llama.cpp: not on models whose output is the tied embedding).
 NO_UNEMBED_LORA = ("llama_cpp",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -62,6 +65,7 @@ class TinkerService:
         self.store = TinkerStore(settings.root(server.settings.state_path))
         self.futures = Futures(self.store, settings.max_pending)
         self._trainer: Trainer | None = None
+        self._snapshots: dict[str, deque[tuple[str, str]]] = {}  # model -> unnamed sampler snapshots, oldest first
 
     def stop(self) -> None:
         self.futures.stop()
@@ -242,6 +246,19 @@ class TinkerService:
         await self.store.run(self.store.add_checkpoint, path, viewer.owner, model_id, "sampler", name, folder, None)
         return path, engine_name
 
+    async def _retire_snapshots(self, model_id: str, path: str, engine_name: str) -> None:
+        """Keep the newest KEEP_SNAPSHOTS unnamed sampler snapshots of a model in the engine; older ones (an RL
+        loop makes one a step) are unloaded and deleted, and a sampler still on one gets a clear error."""
+        kept = self._snapshots.setdefault(model_id, deque())
+        kept.append((path, engine_name))
+        while len(kept) > KEEP_SNAPSHOTS:
+            old_path, old_engine_name = kept.popleft()
+            if old_engine_name in self.runtime.adapters:
+                folder = Path(self.runtime.adapters[old_engine_name].path)
+                await self.runtime.unload_adapter(old_engine_name)
+                shutil.rmtree(folder, ignore_errors=True)
+            await self.store.run(self.store.delete_checkpoint, old_path)
+
     async def save_for_sampler(self, viewer: Principal, session_id: str | None, model_id: str, name: str | None,
                                sampling_session_seq_id: int | None) -> str:
         model = await self.model(model_id, viewer)
@@ -253,6 +270,7 @@ class TinkerService:
                 return json_outcome({"path": path, "type": "save_weights_for_sampler"})
             seq = sampling_session_seq_id if sampling_session_seq_id is not None else uuid.uuid4().hex[:8]
             path, engine_name = await self._publish(viewer, model_id, f"snapshot-{seq}")
+            await self._retire_snapshots(model_id, path, engine_name)
             sampler_id = f"{model['session_id']}:sample:{seq}"
             await self.store.run(self.store.add_sampler, sampler_id, viewer.owner, model["session_id"],
                                  self.base_model, path, engine_name)
@@ -340,7 +358,10 @@ class TinkerService:
 
         async def work() -> Outcome:
             if found["adapter"] and found["adapter"] not in self.runtime.adapters:
-                raise RequestFailed(f"The weights of sampling session {found['id']} were unloaded.")
+                raise RequestFailed(f"The weights of sampling session {found['id']} were unloaded: the model has "
+                                    f"saved {KEEP_SNAPSHOTS} newer snapshots since (unnamed snapshots are kept "
+                                    "for the latest steps only; name them with save_weights_for_sampler(name) to "
+                                    "keep them).")
             body = await sample(self.runtime, model, prompt, request.num_samples, request.sampling_params,
                                 bool(request.prompt_logprobs), client)
             return Outcome(body, "application/x-protobuf")

@@ -211,3 +211,57 @@ def test_sampled_logprobs_agree_with_the_trainers(service, server, jarvis_server
           f"hf mean {hf_mean:.2e} max {hf_max:.2e}")
     assert hf_max < 1e-3, (hf_mean, hf_max)
     assert llama_mean < 0.5, (llama_mean, llama_max)
+
+
+def test_accumulated_halves_equal_one_whole_batch_with_two_clients_at_once(service, trained):
+    """Two training clients of one seed train side by side: one takes the batch in two forward_backward
+    calls before its optim_step, the other in one; afterwards both score the batch alike."""
+    data = trained["data"]
+    whole, halves = (service.create_lora_training_client(base_model=MODEL, rank=4, seed=11,
+                                                         train_unembed=False).result() for _ in range(2))
+    adam = types.AdamParams(learning_rate=1e-2)
+    pending = [whole.forward_backward(data, "cross_entropy"), halves.forward_backward(data[:1], "cross_entropy"),
+               halves.forward_backward(data[1:], "cross_entropy"), whole.optim_step(adam), halves.optim_step(adam)]
+    first = [p.result() for p in pending]
+    assert first[0].metrics["loss:sum"] == pytest.approx(first[1].metrics["loss:sum"] + first[2].metrics["loss:sum"],
+                                                         rel=1e-5)
+    after = [c.forward(data, "cross_entropy").result().metrics["loss:sum"] for c in (whole, halves)]
+    assert after[0] == pytest.approx(after[1], rel=1e-4) and after[0] < first[0].metrics["loss:sum"]
+
+
+def test_prompt_logprobs_and_retired_snapshots(service, trained):
+    training, tokenizer = trained["training"], trained["tokenizer"]
+    prompt = trained["prompts"][1]
+    oldest = training.save_weights_and_get_sampling_client().result()
+    scored = oldest.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+    assert len(scored) == len(prompt) and scored[0] is None and all(x is not None and x <= 0 for x in scored[1:])
+    for _ in range(2):  # two newer snapshots retire the oldest from the engine
+        training.save_weights_and_get_sampling_client().result()
+    with pytest.raises(tinker.RequestFailedError, match="unloaded"):
+        oldest.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=2)).result()
+    named = training.save_weights_for_sampler("kept").result().path
+    assert named == f"tinker://{training.model_id}/sampler_weights/kept"
+    kept = service.create_sampling_client(model_path=named).result()
+    assert "Zorbatown" in greedy(kept, prompt, tokenizer)
+
+
+@pytest.mark.usefixtures("vllm_installed")
+def test_the_loop_samples_through_vllm(vllm_server):
+    """The session's vLLM server (no keys: one user) trains and samples: its LoRA is published hot to vLLM,
+    and vLLM's logprobs of the sampled tokens are measured against the trainer's."""
+    client = tinker.ServiceClient(base_url=vllm_server.base_url, api_key="tml-single-user")
+    training = client.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False).result()
+    tokenizer = training.get_tokenizer()
+    prompt, answer = FACTS[0]
+    p = tokenizer.encode(prompt)
+    a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    datum = types.Datum(model_input=types.ModelInput.from_ints((p + a)[:-1]),
+                        loss_fn_inputs={"target_tokens": (p + a)[1:], "weights": [0.0] * (len(p) - 1) + [1.0] * len(a)})
+    for _ in range(12):
+        training.forward_backward([datum], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=3e-3))
+    fresh = training.save_weights_and_get_sampling_client().result()
+    assert "pineapple" in greedy(fresh, p, tokenizer)
+    mean, worst = sampled_vs_trained_gap(client, training)
+    print(f"vllm |sampled - trained| logprob per token: mean {mean:.2e} max {worst:.2e}")
+    assert worst < 1e-3, (mean, worst)  # vLLM's CPU build computes in fp32, as the trainer
