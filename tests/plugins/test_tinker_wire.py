@@ -57,7 +57,8 @@ def test_malformed_requests_are_user_errors():
 def test_what_jarvis_sends_the_sdk_reads():
     per_datum = [{"logprobs": np.array([-0.5, -1.5], dtype=np.float32),
                   "elementwise_loss": np.array([0.5, 1.5], dtype=np.float32)},
-                 {"logprobs": np.array([-2.0], dtype=np.float32), "elementwise_loss": np.array([2.0], dtype=np.float32)}]
+                 {"logprobs": np.array([-2.0], dtype=np.float32),
+                  "elementwise_loss": np.array([2.0], dtype=np.float32)}]
     output = deserialize_forward_backward_output(proto.encode_forward_backward_output(per_datum, {"loss:sum": 4.0}))
     assert output.metrics == {"loss:sum": 4.0}
     assert [o["logprobs"].to_numpy().tolist() for o in output.loss_fn_outputs] == [[-0.5, -1.5], [-2.0]]
