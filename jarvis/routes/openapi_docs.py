@@ -5,7 +5,8 @@ field comes back in OpenAI's error shape with `param` naming it. Litestar
 therefore cannot see their request models; `json_body(Model)` gives such a
 handler an `operation_class` that documents the body with the pydantic model's
 own JSON schema, and `document_errors(app)` documents the OpenAI error object
-for every status any route (plugins' too) answers with. Clients, generated SDKs and schema
+for every status any route (plugins' too) answers with, unless the route documents
+its own (another API's error shape, as the Tinker routes do). Clients, generated SDKs and schema
 fuzzers then see what the server really accepts and returns.
 """
 
@@ -80,6 +81,8 @@ def document_errors(app: Litestar) -> None:
         for method in ("get", "post", "put", "patch", "delete"):
             operation = getattr(item, method, None)
             if operation is None:
+                continue
+            if getattr(operation, "documents_own_errors", False):  # another API's shape (the Tinker routes)
                 continue
             operation.responses = operation.responses or {}
             for status, text in ERROR_STATUSES.items():

@@ -10,10 +10,13 @@ HTTP errors in Tinker's shape, `{"detail": "..."}`. Every route needs an API key
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from litestar import Controller, Request, Response, delete, get, post
-from pydantic import BaseModel, ValidationError
+from litestar.exceptions import HTTPException
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
+from pydantic import BaseModel, ConfigDict, ValidationError
 from tinker import types
 
 from jarvis.auth import Principal, principal_of
@@ -22,6 +25,7 @@ from jarvis.plugins.tinker.futures import RequestFailed
 from jarvis.plugins.tinker.service import TinkerService
 from jarvis.plugins.tinker.trainer import LoraSpec
 from jarvis.routes.openai import client_of
+from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, inline_definitions
 from jarvis.server import server_of
 
 M = TypeVar("M", bound=BaseModel)
@@ -29,6 +33,31 @@ M = TypeVar("M", bound=BaseModel)
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
                  "parallel_fwdbwd_chunks": False, "sample_use_retrieve_futures": False,
                  "sample_join_sampling_session": False, "custom_loss_server_side": False}
+
+
+DETAIL = JsonSchema({"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]})
+ERRORS = {**ERROR_STATUSES, 410: "The session is finished."}
+
+
+def operation(body: type[BaseModel] | None = None) -> type[Operation]:
+    """An `operation_class` documenting a Tinker route: its JSON body (the SDK's own request type) and its
+    errors in Tinker's shape, `{"detail": "..."}`."""
+
+    @dataclass
+    class TinkerOperation(Operation):
+        documents_own_errors = True  # `jarvis.routes.openapi_docs.document_errors` leaves them
+
+        def __post_init__(self) -> None:
+            if body is not None:
+                self.request_body = RequestBody(content={"application/json": OpenAPIMediaType(
+                    schema=JsonSchema(inline_definitions(body.model_json_schema())))}, required=True)
+            self.responses = {**(self.responses or {}), **{
+                str(status): OpenAPIResponse(description=text,
+                                             content={"application/json": OpenAPIMediaType(schema=DETAIL)})
+                for status, text in ERRORS.items()}}
+
+    TinkerOperation.__name__ = f"Tinker{body.__name__ if body else ''}Operation"
+    return TinkerOperation
 
 
 def detail(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -41,6 +70,9 @@ def tinker_errors(_: Request, exc: Exception) -> Response:
         return detail(exc.message, 400)
     if isinstance(exc, APIError):
         return detail(exc.message, exc.status_code, exc.headers or None)
+    if isinstance(exc, HTTPException):  # the framework's own: a bad query parameter, a body too large
+        text = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return detail(text, exc.status_code, getattr(exc, "headers", None))
     raise exc
 
 
@@ -55,10 +87,17 @@ def service_of(request: Request) -> TinkerService:
 async def parse(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        first = exc.errors()[0]
+    except ValidationError as exc:  # an unknown field is named first, as OpenAI does
+        first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise RequestFailed(f"{where}: {first['msg']}") from None
+
+
+class WeightsInfoRequest(BaseModel):
+    """`RestClient.get_weights_info_by_tinker_path`'s body (the SDK has no type of its own for it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tinker_path: str
 
 
 def future(request_id: str, **extra: Any) -> dict[str, Any]:
@@ -69,34 +108,33 @@ class TinkerController(Controller):
     path = "/api/v1"
     tags = ["Tinker"]
     opt = {"access": "key"}
-    exception_handlers = {APIError: tinker_errors, RequestFailed: tinker_errors}
-    include_in_schema = False  # the SDK's own schema; fuzzed through the SDK's types in the tests
+    exception_handlers = {APIError: tinker_errors, RequestFailed: tinker_errors, HTTPException: tinker_errors}
 
     # --- client setup --------------------------------------------------------------------------------
 
-    @post("/client/config", status_code=200)
+    @post("/client/config", status_code=200, operation_class=operation())
     async def client_config(self) -> dict[str, Any]:
         return CLIENT_CONFIG
 
-    @post("/client/dynamic_config", status_code=200)
+    @post("/client/dynamic_config", status_code=200, operation_class=operation())
     async def dynamic_config(self) -> dict[str, Any]:
         return {"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64}
 
-    @get("/healthz")
+    @get("/healthz", operation_class=operation())
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 
-    @get("/get_server_capabilities")
+    @get("/get_server_capabilities", operation_class=operation())
     async def capabilities(self, request: Request) -> dict[str, Any]:
         return service_of(request).capabilities()
 
-    @post("/create_session", status_code=200)
+    @post("/create_session", status_code=200, operation_class=operation(types.CreateSessionRequest))
     async def create_session(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.CreateSessionRequest)
         session_id = await service_of(request).create_session(principal_of(request).owner, list(body.tags))
         return {"session_id": session_id, "type": "create_session"}
 
-    @post("/session_heartbeat", status_code=200)
+    @post("/session_heartbeat", status_code=200, operation_class=operation(types.SessionHeartbeatRequest))
     async def heartbeat(self, request: Request) -> Response:
         body = await parse(request, types.SessionHeartbeatRequest)
         session = await service_of(request).session(body.session_id, principal_of(request))
@@ -104,11 +142,11 @@ class TinkerController(Controller):
             return detail(f"Session {body.session_id} is finished.", 410)
         return Response({"type": "session_heartbeat"})
 
-    @post("/telemetry", status_code=200)
+    @post("/telemetry", status_code=200, operation_class=operation())
     async def telemetry(self) -> dict[str, Any]:
         return {"status": "accepted"}  # the SDK's own usage events: Jarvis keeps none
 
-    @post("/sessions/{session_id:str}/finish", status_code=200)
+    @post("/sessions/{session_id:str}/finish", status_code=200, operation_class=operation())
     async def finish(self, request: Request, session_id: str) -> dict[str, Any]:
         service = service_of(request)
         await service.session(session_id, principal_of(request))
@@ -117,57 +155,60 @@ class TinkerController(Controller):
 
     # --- training ------------------------------------------------------------------------------------
 
-    @post("/create_model", status_code=200)
+    @post("/create_model", status_code=200, operation_class=operation(types.CreateModelRequest))
     async def create_model(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.CreateModelRequest)
         if body.optimizer_config.type not in ("adam", "adamw"):
             raise RequestFailed(f"optimizer_config {body.optimizer_config.type!r} is not supported; Jarvis trains "
                                 "with AdamW.")
-        lora = body.lora_config or types.LoraConfig()
-        spec = LoraSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
-                        train_unembed=lora.train_unembed)
+        lora = body.lora_config
+        spec = LoraSpec() if lora is None else LoraSpec(  # the SDK always sends one; Tinker's defaults otherwise
+            rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
+            train_unembed=lora.train_unembed)
         request_id = await service_of(request).create_model(principal_of(request), body.session_id,
                                                             body.model_seq_id, body.base_model, spec,
                                                             body.user_metadata)
         return future(request_id, model_id=f"{body.session_id}:train:{body.model_seq_id}")
 
-    @post("/get_info", status_code=200)
+    @post("/get_info", status_code=200, operation_class=operation(types.GetInfoRequest))
     async def get_info(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.GetInfoRequest)
         return await service_of(request).info(body.model_id, principal_of(request))
 
-    @post("/forward_backward", status_code=200, request_max_body_size=256 * 2**20)
+    @post("/forward_backward", status_code=200, request_max_body_size=256 * 2**20, operation_class=operation())
     async def forward_backward(self, request: Request) -> dict[str, Any]:
         if request.headers.get("content-encoding"):
             raise RequestFailed("Send forward_backward uncompressed (this server answers proto_compress_fwdbwd="
                                 "false).")
         return future(await service_of(request).forward_backward(principal_of(request), await request.body()))
 
-    @post("/optim_step", status_code=200)
+    @post("/optim_step", status_code=200, operation_class=operation(types.OptimStepRequest))
     async def optim_step(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.OptimStepRequest)
         return future(await service_of(request).optim_step(principal_of(request), body.model_id, body.optim_params))
 
-    @post("/save_weights", status_code=200)
+    @post("/save_weights", status_code=200, operation_class=operation(types.SaveWeightsRequest))
     async def save_weights(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.SaveWeightsRequest)
         return future(await service_of(request).save_weights(principal_of(request), body.model_id, body.path,
                                                              body.overwrite, body.user_metadata))
 
-    @post("/save_weights_for_sampler", status_code=200)
+    @post("/save_weights_for_sampler", status_code=200,
+          operation_class=operation(types.SaveWeightsForSamplerRequest))
     async def save_weights_for_sampler(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.SaveWeightsForSamplerRequest)
         return future(await service_of(request).save_for_sampler(principal_of(request), None, body.model_id,
                                                                  body.path, body.sampling_session_seq_id))
 
-    @post("/load_weights", status_code=200)
+    @post("/load_weights", status_code=200, operation_class=operation(types.LoadWeightsRequest))
     async def load_weights(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.LoadWeightsRequest)
         return future(await service_of(request).load_weights(principal_of(request), body))
 
     # --- sampling ------------------------------------------------------------------------------------
 
-    @post("/create_sampling_session", status_code=200)
+    @post("/create_sampling_session", status_code=200,
+          operation_class=operation(types.CreateSamplingSessionRequest))
     async def create_sampling_session(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.CreateSamplingSessionRequest)
         sampler_id = await service_of(request).create_sampler(principal_of(request), body.session_id,
@@ -175,12 +216,12 @@ class TinkerController(Controller):
                                                               body.model_path)
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
-    @get("/samplers/{sampler_id:str}")
+    @get("/samplers/{sampler_id:str}", operation_class=operation())
     async def get_sampler(self, request: Request, sampler_id: str) -> dict[str, Any]:
         found = await service_of(request).sampler(sampler_id, principal_of(request))
         return {"sampler_id": found["id"], "base_model": found["base_model"], "model_path": found["model_path"]}
 
-    @post("/asample", status_code=200)
+    @post("/asample", status_code=200, operation_class=operation(types.SampleRequest))
     async def asample(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.SampleRequest)
         request_id = await service_of(request).asample(principal_of(request), body, client_of(request))
@@ -188,7 +229,7 @@ class TinkerController(Controller):
 
     # --- futures -------------------------------------------------------------------------------------
 
-    @post("/retrieve_future", status_code=200)
+    @post("/retrieve_future", status_code=200, operation_class=operation(types.FutureRetrieveRequest))
     async def retrieve_future(self, request: Request) -> Response:
         body = await parse(request, types.FutureRetrieveRequest)
         service = service_of(request)
@@ -204,15 +245,17 @@ class TinkerController(Controller):
 
     # --- runs and checkpoints ------------------------------------------------------------------------
 
-    @get("/training_runs/{run_id:str}")
+    @get("/training_runs/{run_id:str}", operation_class=operation())
     async def training_run(self, request: Request, run_id: str) -> dict[str, Any]:
         service = service_of(request)
         viewer = principal_of(request)
         return training_run(await service.model(run_id, viewer),
                             await service.store.run(service.store.checkpoints, run_id, viewer))
 
-    @get("/training_runs")
+    @get("/training_runs", operation_class=operation())
     async def training_runs(self, request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        if not 1 <= limit <= 1000 or not 0 <= offset <= 2**31:
+            raise RequestFailed(f"limit must be 1-1000 and offset 0 or more, got limit={limit}, offset={offset}.")
         service = service_of(request)
         viewer = principal_of(request)
         rows, total = await service.store.run(service.store.models, viewer, limit, offset)
@@ -220,7 +263,7 @@ class TinkerController(Controller):
                 for row in rows]
         return {"training_runs": runs, "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
-    @get("/training_runs/{run_id:str}/checkpoints")
+    @get("/training_runs/{run_id:str}/checkpoints", operation_class=operation())
     async def run_checkpoints(self, request: Request, run_id: str) -> dict[str, Any]:
         service = service_of(request)
         viewer = principal_of(request)
@@ -228,7 +271,8 @@ class TinkerController(Controller):
         return {"checkpoints": [checkpoint(c) for c in
                                 await service.store.run(service.store.checkpoints, run_id, viewer)]}
 
-    @delete("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", status_code=200)
+    @delete("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", status_code=200,
+            operation_class=operation())
     async def delete_checkpoint(self, request: Request, run_id: str, checkpoint_id: str) -> dict[str, Any]:
         service = service_of(request)
         path = f"tinker://{run_id}/{checkpoint_id.strip('/')}"
@@ -240,9 +284,9 @@ class TinkerController(Controller):
                 await service.runtime.unload_adapter(engine_name)
         return {}
 
-    @post("/weights_info", status_code=200)
+    @post("/weights_info", status_code=200, operation_class=operation(WeightsInfoRequest))
     async def weights_info(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.WeightsInfoRequest)
+        body = await parse(request, WeightsInfoRequest)
         service = service_of(request)
         found = await service.checkpoint(body.tinker_path, principal_of(request))
         model = await service.model(found["model_id"], principal_of(request))

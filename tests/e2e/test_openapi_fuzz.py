@@ -83,6 +83,9 @@ def test_every_json_body_refuses_an_unknown_field_by_name(fuzzed_server):
             for body in ({"frobnicate": 1}, {"frobnicate": 1, "model": "gemma-3-270m"}):
                 answer = httpx.request(method.upper(), url, json=body, timeout=60, headers=AUTH)
                 assert answer.status_code == 400, (method, path, answer.status_code, answer.text)
-                assert answer.json()["error"]["param"] == "frobnicate", (method, path, answer.text)
+                if path.startswith("/api/v1"):  # the Tinker API answers in its own shape
+                    assert "frobnicate" in answer.json()["detail"], (method, path, answer.text)
+                else:
+                    assert answer.json()["error"]["param"] == "frobnicate", (method, path, answer.text)
             checked.append(f"{method.upper()} {path}")
-    assert len(checked) >= 6, checked
+    assert len(checked) >= 6 and "POST /api/v1/create_model" in checked, checked

@@ -229,7 +229,7 @@ def test_accumulated_halves_equal_one_whole_batch_with_two_clients_at_once(servi
     assert after[0] == pytest.approx(after[1], rel=1e-4) and after[0] < first[0].metrics["loss:sum"]
 
 
-def test_prompt_logprobs_and_retired_snapshots(service, trained):
+def test_prompt_logprobs_and_retired_snapshots(server, service, trained):
     training, tokenizer = trained["training"], trained["tokenizer"]
     prompt = trained["prompts"][1]
     oldest = training.save_weights_and_get_sampling_client().result()
@@ -243,6 +243,9 @@ def test_prompt_logprobs_and_retired_snapshots(service, trained):
     assert named == f"tinker://{training.model_id}/sampler_weights/kept"
     kept = service.create_sampling_client(model_path=named).result()
     assert "Zorbatown" in greedy(kept, prompt, tokenizer)
+    rest = tinker.RestClient(base_url=server.base_url, api_key=KEY_A)
+    info = rest.get_weights_info_by_tinker_path(named).result()
+    assert (info.base_model, info.lora_rank, info.train_unembed) == (MODEL, 8, False)
 
 
 @pytest.mark.usefixtures("vllm_installed")
