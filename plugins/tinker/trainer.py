@@ -195,16 +195,20 @@ class Trainer:
         for i, d in enumerate(data):
             ids[i, :len(d.tokens)] = torch.tensor(d.tokens, device=device)
             mask[i, :len(d.tokens)] = 1
+        targets = torch.zeros((len(data), width), dtype=torch.long, device=device)
+        for i, d in enumerate(data):
+            targets[i, :len(d.tokens)] = torch.as_tensor(d.inputs["target_tokens"], device=device)
         outputs: list[dict[str, np.ndarray]] = []
         with torch.set_grad_enabled(not forward_only):
             logits = peft(input_ids=ids, attention_mask=mask).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
+            # log p(target) = logit(target) - logsumexp(logits), for the whole batch at once: slicing per datum
+            # first would give every datum's backward a gradient buffer the size of the batch's logits
+            every_target = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             total = torch.zeros((), device=device)
             for i, d in enumerate(data):
                 n = len(d.tokens)
                 inputs = {k: torch.as_tensor(np.array(v), device=device) for k, v in d.inputs.items()}
-                targets = inputs["target_tokens"].long()
-                target_logprobs = logprobs[i, :n].gather(-1, targets[:, None]).squeeze(-1)
+                target_logprobs = every_target[i, :n]
                 elementwise = datum_loss(loss_fn, target_logprobs, inputs, config)
                 total = total + elementwise.sum()
                 outputs.append({"logprobs": target_logprobs.detach().float().cpu().numpy(),
