@@ -111,10 +111,10 @@ def test_another_key_sees_none_of_it(server, trained):
         other.get_training_run(model_id).result()
 
 
-def test_rl_loop_raises_the_reward(service):
+def rl_rewards(client) -> list[float]:
     """Sample 8 answers per step from the weights just saved, reward the target digit, and train with
-    importance_sampling on the sampler's own logprobs (advantage = reward - mean)."""
-    training = service.create_lora_training_client(base_model=MODEL, rank=8, seed=1, train_unembed=False).result()
+    importance_sampling on the sampler's own logprobs (advantage = reward - mean): the mean reward per step."""
+    training = client.create_lora_training_client(base_model=MODEL, rank=8, seed=1, train_unembed=False).result()
     tokenizer = training.get_tokenizer()
     prompt = tokenizer.encode("Pick a digit from 1 to 9, like 3 or 7. My digit:")
     rewards = []
@@ -136,9 +136,18 @@ def test_rl_loop_raises_the_reward(service):
         if any(score != mean for score in scores):
             training.forward_backward(data, "importance_sampling").result()
             training.optim_step(types.AdamParams(learning_rate=RL_LR)).result()
-    print("mean reward per step:", rewards)
+    return rewards
+
+
+def check_rewards_rise(rewards: list[float]) -> None:
     early, late = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert late > early + 0.3 and late >= 0.75, rewards
+
+
+def test_rl_loop_raises_the_reward(service):
+    rewards = rl_rewards(service)
+    print("llama_cpp sampler: mean reward per step:", rewards)
+    check_rewards_rise(rewards)
 
 
 RL_STEPS, RL_SAMPLES, RL_LR = 12, 8, 2e-3
@@ -198,13 +207,17 @@ def sampled_vs_trained_gap(client, training) -> tuple[float, float]:
     return float(gaps.mean()), float(gaps.max())
 
 
-def test_sampled_logprobs_agree_with_the_trainers(service, server, jarvis_server, hf_folder):
+@pytest.fixture(scope="module")
+def hf_server(jarvis_server, hf_folder):
+    return jarvis_server(JARVIS_INFERENCE_ENGINE="hf", JARVIS_API_KEYS=KEY_A, JARVIS_MAX_MODEL_LEN="512")
+
+
+def test_sampled_logprobs_agree_with_the_trainers(service, hf_server):
     """On-policy RL needs the sampler's logprobs to be the trainer's: exact (float error) when the hf engine
     samples; on llama.cpp the Q4_K_M weights differ from the trainer's, and the gap is measured."""
     training = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
     llama_mean, llama_max = sampled_vs_trained_gap(service, training)
-    hf = jarvis_server(JARVIS_INFERENCE_ENGINE="hf", JARVIS_API_KEYS=KEY_A, JARVIS_MAX_MODEL_LEN="512")
-    hf_client = tinker.ServiceClient(base_url=hf.base_url, api_key=KEY_A)
+    hf_client = tinker.ServiceClient(base_url=hf_server.base_url, api_key=KEY_A)
     hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
     hf_mean, hf_max = sampled_vs_trained_gap(hf_client, hf_training)
     print(f"|sampled - trained| logprob per token: llama_cpp mean {llama_mean:.4f} max {llama_max:.4f}; "
@@ -248,11 +261,15 @@ def test_prompt_logprobs_and_retired_snapshots(server, service, trained):
     assert (info.base_model, info.lora_rank, info.train_unembed) == (MODEL, 8, False)
 
 
-@pytest.mark.usefixtures("vllm_installed")
-def test_the_loop_samples_through_vllm(vllm_server):
-    """The session's vLLM server (no keys: one user) trains and samples: its LoRA is published hot to vLLM,
-    and vLLM's logprobs of the sampled tokens are measured against the trainer's."""
-    client = tinker.ServiceClient(base_url=vllm_server.base_url, api_key="tml-single-user")
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_the_loops_sample_through_hf_and_vllm(engine, request):
+    """The supervised and the RL loop with the hf engine (a server of this module) and the session's vLLM server
+    (no keys: one user) as the sampler: the LoRA is published hot to them, and their logprobs of the sampled
+    tokens equal the trainer's (both compute in fp32 on CPU)."""
+    if engine == "vllm":
+        request.getfixturevalue("vllm_installed")
+    server = request.getfixturevalue(f"{engine}_server")
+    client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
     training = client.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False).result()
     tokenizer = training.get_tokenizer()
     prompt, answer = FACTS[0]
@@ -266,5 +283,8 @@ def test_the_loop_samples_through_vllm(vllm_server):
     fresh = training.save_weights_and_get_sampling_client().result()
     assert "pineapple" in greedy(fresh, p, tokenizer)
     mean, worst = sampled_vs_trained_gap(client, training)
-    print(f"vllm |sampled - trained| logprob per token: mean {mean:.2e} max {worst:.2e}")
-    assert worst < 1e-3, (mean, worst)  # vLLM's CPU build computes in fp32, as the trainer
+    rewards = rl_rewards(client)
+    print(f"{engine} sampler: |sampled - trained| logprob per token: mean {mean:.2e} max {worst:.2e}; "
+          f"RL mean reward per step: {rewards}")
+    assert worst < 1e-3, (mean, worst)
+    check_rewards_rise(rewards)
