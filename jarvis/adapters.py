@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,14 +123,15 @@ class AdapterService:
         self._store = AdapterStore(settings.state_path / "adapters.json")
         self._lock = asyncio.Lock()
 
-    async def load(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
+    async def load(self, name: str, path: str, *, persist: bool = True, private: bool = False) -> AdapterInfo:
         if not name or name == self._model_id():
             raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
         async with self._lock:
             if name in self.served:
                 raise InvalidRequest(f"The lora adapter '{name}' has already been loaded; unload it first.",
                                      param="lora_name", code="adapter_exists")
-            adapter = inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank)
+            adapter = replace(inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank),
+                              private=private)
             engine = self._engine()
             try:
                 await engine.load_adapter(adapter)

@@ -300,9 +300,12 @@ class AdapterInfo:
     target_modules: list[str]
     use_dora: bool = False
     loaded_at: int = field(default_factory=lambda: int(time.time()))
+    #: Loaded by a service for its own use under an unguessable name (the Tinker service's sampler weights):
+    #: served when asked for by name, never listed in /v1/models, and listed elsewhere to admin keys only.
+    private: bool = False
 
     def public(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "private"}
 
 
 @dataclass(frozen=True)

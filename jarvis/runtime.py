@@ -67,7 +67,8 @@ class Runtime(Protocol):
     def chat_format(self, model_id: str) -> ChatFormat: ...
     def admit(self, client: str) -> None: ...
     def prepare(self, request: GenerationRequest) -> PreparedRequest: ...
-    async def load_adapter(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo: ...
+    async def load_adapter(self, name: str, path: str, *, persist: bool = True,
+                           private: bool = False) -> AdapterInfo: ...
     async def unload_adapter(self, name: str) -> None: ...
     async def generate(self, request: PreparedRequest) -> GenerationResult: ...
     def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]: ...
@@ -170,22 +171,23 @@ class EngineRuntime:
     def models(self) -> list[ServedModel]:
         return self._models(self.require_ready())
 
-    def _models(self, info: ModelInfo) -> list[ServedModel]:
+    def _models(self, info: ModelInfo, private: bool = False) -> list[ServedModel]:
+        """The base and the adapters served (a service's private ones too when `private`)."""
         base = ServedModel(self.model_id, self.started_at, info.max_model_len, info.owned_by)
         adapters = [ServedModel(name, a.loaded_at, info.max_model_len, info.owned_by, adapter=name)
-                    for name, a in self.adapters.items()]
+                    for name, a in self.adapters.items() if private or not a.private]
         return [base, *adapters]
 
     def resolve_model(self, name: str) -> ServedModel:
         return self._served(self.require_ready(), name)
 
     def _served(self, info: ModelInfo, name: str) -> ServedModel:
-        models = self._models(info)
-        for model in models:
+        for model in self._models(info, private=True):  # a private adapter is served to whoever names it
             if model.id == name:
                 return model
-        raise NotFound(f"The model `{name}` does not exist. Available: {', '.join(m.id for m in models)}.",
-                       param="model", code="model_not_found")
+        listed = ", ".join(m.id for m in self._models(info))
+        raise NotFound(f"The model `{name}` does not exist. Available: {listed}.", param="model",
+                       code="model_not_found")
 
     @property
     def queue_depth(self) -> int:
@@ -207,10 +209,11 @@ class EngineRuntime:
     def adapters(self) -> dict[str, AdapterInfo]:
         return self.adapter_service.served
 
-    async def load_adapter(self, name: str, path: str, *, persist: bool = True) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: str, *, persist: bool = True,
+                           private: bool = False) -> AdapterInfo:
         if self.supervisor.info is None:  # the model must be loaded; adapters restored at start come before "ready"
             self.require_ready()
-        return await self.adapter_service.load(name, path, persist=persist)
+        return await self.adapter_service.load(name, path, persist=persist, private=private)
 
     async def unload_adapter(self, name: str) -> None:
         self.require_ready()

@@ -14,6 +14,8 @@ from typing import Any
 from litestar import Controller, Request, get, post
 from pydantic import BaseModel, ConfigDict, Field
 
+from jarvis.auth import principal_of
+from jarvis.engine import AdapterInfo
 from jarvis.routes.openai import parse_body, runtime_of
 from jarvis.routes.openapi_docs import json_body
 
@@ -29,6 +31,12 @@ class UnloadLoraAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_name: str = Field(min_length=1)
+
+
+def listed(request: Request, adapters: dict[str, AdapterInfo]) -> list[AdapterInfo]:
+    """The adapters a caller is shown: a service's private ones only to admin keys."""
+    admin = principal_of(request).admin
+    return [a for a in adapters.values() if admin or not a.private]
 
 
 class AdapterController(Controller):
@@ -53,7 +61,7 @@ class AdapterController(Controller):
     async def list_adapters(self, request: Request) -> dict[str, Any]:
         runtime = runtime_of(request)
         return {"object": "list", "base_model": runtime.model_id,
-                "data": [a.public() for a in runtime.adapters.values()]}
+                "data": [a.public() for a in listed(request, runtime.adapters)]}
 
     @get("/engine", summary="The engine behind the API: name, model, dtype, device, batching, adapters.",
          opt={"access_setting": "engine_info_access"})
@@ -61,5 +69,6 @@ class AdapterController(Controller):
         runtime = runtime_of(request)
         info = runtime.require_ready()
         return {"engine": runtime.engine.name, "model": runtime.model_id, "model_path": info.path,
-                "max_model_len": info.max_model_len, "adapters": sorted(runtime.adapters),
+                "max_model_len": info.max_model_len,
+                "adapters": sorted(a.name for a in listed(request, runtime.adapters)),
                 **runtime.engine.describe()}

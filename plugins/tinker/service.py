@@ -239,7 +239,7 @@ class TinkerService:
         await self.trainer.run(self.trainer.save, model_id, folder, False)
         engine_name = "tinker-" + hashlib.sha256(path.encode()).hexdigest()[:20]
         try:
-            await self.runtime.load_adapter(engine_name, str(folder), persist=False)
+            await self.runtime.load_adapter(engine_name, str(folder), persist=False, private=True)
         except APIError as exc:
             raise RequestFailed(f"The {self.runtime.engine.name} engine could not load the sampler weights: "
                                 f"{exc.message}", category="user" if exc.status_code < 500 else "server") from None
@@ -324,7 +324,7 @@ class TinkerService:
             found = await self.checkpoint(model_path, viewer)
             adapter = "tinker-" + hashlib.sha256(model_path.encode()).hexdigest()[:20]
             if adapter not in self.runtime.adapters:
-                await self.runtime.load_adapter(adapter, found["folder"], persist=False)
+                await self.runtime.load_adapter(adapter, found["folder"], persist=False, private=True)
         else:
             self.check_base(base_model)
         await self.store.run(self.store.add_sampler, sampler_id, viewer.owner, session_id, self.base_model,

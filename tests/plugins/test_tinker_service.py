@@ -109,6 +109,14 @@ def test_another_key_sees_none_of_it(server, trained):
     other = tinker.RestClient(base_url=server.base_url, api_key=KEY_B)
     with pytest.raises(tinker.NotFoundError):
         other.get_training_run(model_id).result()
+    import httpx  # the sampler weights the engine serves are the service's: listed to no user key
+
+    trained["training"].save_weights_and_get_sampling_client().result()
+    for key in (KEY_A, KEY_B):
+        headers = {"Authorization": f"Bearer {key}"}
+        models = [m["id"] for m in httpx.get(f"{server.v1}/models", headers=headers).json()["data"]]
+        adapters = httpx.get(f"{server.v1}/adapters", headers=headers).json()["data"]
+        assert models == [MODEL] and adapters == [], (models, adapters)
 
 
 def rl_rewards(client) -> list[float]:
