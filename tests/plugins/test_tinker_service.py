@@ -158,7 +158,7 @@ def test_rl_loop_raises_the_reward(service):
     check_rewards_rise(rewards)
 
 
-RL_STEPS, RL_SAMPLES, RL_LR = 12, 8, 2e-3
+RL_STEPS, RL_SAMPLES, RL_LR = 8, 8, 2e-3
 
 
 def test_a_saved_state_resumes_exactly_in_a_new_server(start_jarvis, tmp_path):
