@@ -48,14 +48,21 @@ class Futures:
         self._done: dict[str, asyncio.Event] = {}
         self._lanes: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._once: dict[tuple[str, int], str] = {}  # (lane, seq_id) -> the request id that answered it
 
     @property
     def pending(self) -> int:
         return len(self._tasks)
 
     async def submit(self, owner: str | None, kind: str, work: Callable[[], Awaitable[Outcome]],
-                     lane: str | None = None) -> str:
-        """Accept `work` (after the earlier work of the same `lane`, a training model); its request id."""
+                     lane: str | None = None, seq_id: int | None = None) -> str:
+        """Accept `work` (after the earlier work of the same `lane`, a training model); its request id. The
+        SDK resends a request whose answer it missed with the same `seq_id`: the lane's request of that
+        `seq_id` is not run again, its request id is answered."""
+        once = (lane, seq_id) if lane is not None and seq_id is not None else None
+        if once is not None and once in self._once:
+            log.info("tinker %s: %s seq_id %s sent again; answering its first request", kind, lane, seq_id)
+            return self._once[once]
         if self.pending >= self.max_pending:
             raise RateLimited(f"The Tinker service has {self.pending} requests in progress "
                               f"(JARVIS_TINKER_MAX_PENDING={self.max_pending}); retry after the Retry-After delay.",
@@ -69,7 +76,15 @@ class Futures:
         task.add_done_callback(self._tasks.discard)
         if lane:
             self._lanes[lane] = task
+        if once is not None:
+            self._once[once] = request_id
         return request_id
+
+    def forget(self, lane: str) -> None:
+        """A lane (a training model) is gone: drop what it kept."""
+        self._lanes.pop(lane, None)
+        for key in [k for k in self._once if k[0] == lane]:
+            del self._once[key]
 
     async def _run(self, request_id: str, kind: str, work: Callable[[], Awaitable[Outcome]],
                    before: asyncio.Task | None, done: asyncio.Event) -> None:

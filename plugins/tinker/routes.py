@@ -148,9 +148,7 @@ class TinkerController(Controller):
 
     @post("/sessions/{session_id:str}/finish", status_code=200, operation_class=operation())
     async def finish(self, request: Request, session_id: str) -> dict[str, Any]:
-        service = service_of(request)
-        await service.session(session_id, principal_of(request))
-        await service.store.run(service.store.finish_session, session_id)
+        await service_of(request).finish(session_id, principal_of(request))
         return {}
 
     # --- training ------------------------------------------------------------------------------------
@@ -185,20 +183,21 @@ class TinkerController(Controller):
     @post("/optim_step", status_code=200, operation_class=operation(types.OptimStepRequest))
     async def optim_step(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.OptimStepRequest)
-        return future(await service_of(request).optim_step(principal_of(request), body.model_id, body.optim_params))
+        return future(await service_of(request).optim_step(principal_of(request), body.model_id, body.optim_params,
+                                                           body.seq_id))
 
     @post("/save_weights", status_code=200, operation_class=operation(types.SaveWeightsRequest))
     async def save_weights(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.SaveWeightsRequest)
         return future(await service_of(request).save_weights(principal_of(request), body.model_id, body.path,
-                                                             body.overwrite, body.user_metadata))
+                                                             body.overwrite, body.user_metadata, body.seq_id))
 
     @post("/save_weights_for_sampler", status_code=200,
           operation_class=operation(types.SaveWeightsForSamplerRequest))
     async def save_weights_for_sampler(self, request: Request) -> dict[str, Any]:
         body = await parse(request, types.SaveWeightsForSamplerRequest)
-        return future(await service_of(request).save_for_sampler(principal_of(request), None, body.model_id,
-                                                                 body.path, body.sampling_session_seq_id))
+        return future(await service_of(request).save_for_sampler(principal_of(request), body.model_id, body.path,
+                                                                 body.sampling_session_seq_id, body.seq_id))
 
     @post("/load_weights", status_code=200, operation_class=operation(types.LoadWeightsRequest))
     async def load_weights(self, request: Request) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -31,12 +32,20 @@ from jarvis.plugins.tinker.trainer import LoraSpec, Trainer
 
 log = logging.getLogger("jarvis.tinker")
 
+#: A session that sends nothing (its client heartbeats every 10 s) for this long is gone: its training models
+#: are freed when another client needs room.
+ABANDONED_S = 60.0
 #: Unnamed sampler snapshots (save_weights_and_get_sampling_client) kept loaded per training model.
 KEEP_SNAPSHOTS = 2
 #: Engines that cannot serve a LoRA of lm_head (llama.cpp: not on models whose output is the tied embedding).
 NO_UNEMBED_LORA = ("llama_cpp",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH = re.compile(r"^tinker://(?P<model>[^/]+)/(?P<segment>weights|sampler_weights)/(?P<name>[^/]+)$")
+
+
+def session_of(model_id: str) -> str:
+    """The session a training model belongs to (its id is `{session}:train:{n}`)."""
+    return model_id.rsplit(":train:", 1)[0]
 
 
 def json_outcome(body: dict[str, Any]) -> Outcome:
@@ -66,6 +75,7 @@ class TinkerService:
         self.futures = Futures(self.store, settings.max_pending)
         self._trainer: Trainer | None = None
         self._snapshots: dict[str, deque[tuple[str, str]]] = {}  # model -> unnamed sampler snapshots, oldest first
+        self._seen: dict[str, float] = {}  # session -> time.monotonic() of its last request or heartbeat
 
     def stop(self) -> None:
         self.futures.stop()
@@ -118,13 +128,46 @@ class TinkerService:
     async def create_session(self, owner: str | None, tags: list[str]) -> str:
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
         await self.store.run(self.store.add_session, session_id, owner, tags)
+        self._seen[session_id] = time.monotonic()
         return session_id
 
     async def session(self, session_id: str, viewer: Principal) -> dict[str, Any]:
         found = await self.store.run(self.store.session, session_id, viewer)
         if found is None:
             raise tinker_not_found(f"Session {session_id!r} not found.")
+        if found["finished_at"] is None:
+            self._seen[session_id] = time.monotonic()
         return found
+
+    async def finish(self, session_id: str, viewer: Principal) -> None:
+        """The client is done: its training models are freed (their saved checkpoints stay)."""
+        await self.session(session_id, viewer)
+        await self.store.run(self.store.finish_session, session_id)
+        self._seen.pop(session_id, None)
+        if self._trainer is not None:
+            for model_id in [m for m in self._trainer.models if session_of(m) == session_id]:
+                await self.free_model(model_id)
+
+    async def free_model(self, model_id: str) -> None:
+        """Drop a training model's adapter and optimizer and unload its unnamed sampler snapshots."""
+        for _, engine_name in self._snapshots.pop(model_id, ()):
+            if engine_name in self.runtime.adapters:
+                folder = Path(self.runtime.adapters[engine_name].path)
+                await self.runtime.unload_adapter(engine_name)
+                shutil.rmtree(folder, ignore_errors=True)
+        await self.trainer.run(self.trainer.drop, model_id)
+        self.futures.forget(model_id)
+        log.info("tinker: training model %s freed", model_id)
+
+    async def make_room(self) -> None:
+        """Free the models of sessions gone quiet (no request or heartbeat for ABANDONED_S) when the trainer
+        holds as many as it may."""
+        if len(self.trainer.models) < self.settings.max_models:
+            return
+        now = time.monotonic()
+        for model_id in list(self.trainer.models):
+            if now - self._seen.get(session_of(model_id), 0.0) > ABANDONED_S:
+                await self.free_model(model_id)
 
     # --- training models ---------------------------------------------------------------------------
 
@@ -132,6 +175,7 @@ class TinkerService:
         found = await self.store.run(self.store.model, model_id, viewer)
         if found is None:
             raise tinker_not_found(f"Training model {model_id!r} not found.")
+        self._seen[found["session_id"]] = time.monotonic()
         return found
 
     def loaded(self, model_id: str) -> None:
@@ -151,9 +195,12 @@ class TinkerService:
                                 "unembedding (lm_head), so the trained weights could not be served. Create the "
                                 "training client with train_unembed=False, or serve with "
                                 "JARVIS_INFERENCE_ENGINE=hf.")
+        await self.make_room()
         if len(self.trainer.models) >= self.settings.max_models:
             raise RequestFailed(f"{len(self.trainer.models)} training models are alive, the most this server "
-                                f"keeps (JARVIS_TINKER_MAX_MODELS); finish a session first.")
+                                f"keeps (JARVIS_TINKER_MAX_MODELS). Close a ServiceClient to free its models; a "
+                                f"session that sends no heartbeat for {ABANDONED_S:.0f} s has its models freed "
+                                "when room is needed.")
 
         async def work() -> Outcome:
             if model_id in self.trainer.models:
@@ -163,7 +210,7 @@ class TinkerService:
                                  lora.public(), user_metadata)
             return json_outcome({"model_id": model_id, "type": "create_model"})
 
-        return await self.futures.submit(viewer.owner, "create_model", work, lane=model_id)
+        return await self.futures.submit(viewer.owner, "create_model", work, lane=model_id, seq_id=0)
 
     async def info(self, model_id: str, viewer: Principal) -> dict[str, Any]:
         model = await self.model(model_id, viewer)
@@ -186,9 +233,9 @@ class TinkerService:
             return Outcome(proto.encode_forward_backward_output(outputs, metrics), "application/x-protobuf")
 
         kind = "forward" if request.forward_only else "forward_backward"
-        return await self.futures.submit(viewer.owner, kind, work, lane=request.model_id)
+        return await self.futures.submit(viewer.owner, kind, work, lane=request.model_id, seq_id=request.seq_id)
 
-    async def optim_step(self, viewer: Principal, model_id: str, params: Any) -> str:
+    async def optim_step(self, viewer: Principal, model_id: str, params: Any, seq_id: int | None) -> str:
         await self.model(model_id, viewer)
         if getattr(params, "type", "adam") not in ("adam", "adamw"):
             raise RequestFailed(f"optimizer {params.type!r} is not supported; Jarvis trains with AdamW.")
@@ -201,7 +248,7 @@ class TinkerService:
                                         params.grad_clip_norm)
             return json_outcome({"type": "optim_step", "metrics": metrics})
 
-        return await self.futures.submit(viewer.owner, "optim_step", work, lane=model_id)
+        return await self.futures.submit(viewer.owner, "optim_step", work, lane=model_id, seq_id=seq_id)
 
     # --- weights -----------------------------------------------------------------------------------
 
@@ -211,7 +258,7 @@ class TinkerService:
         return root / "tinker" / owner_part / model_part / segment / name
 
     async def save_weights(self, viewer: Principal, model_id: str, name: str | None, overwrite: bool,
-                           user_metadata: dict[str, Any] | None) -> str:
+                           user_metadata: dict[str, Any] | None, seq_id: int | None) -> str:
         await self.model(model_id, viewer)
         name = check_name(name or f"state-{uuid.uuid4().hex[:8]}")
         path = weights_path(model_id, "weights", name)
@@ -228,7 +275,7 @@ class TinkerService:
                                  user_metadata)
             return json_outcome({"path": path, "type": "save_weights"})
 
-        return await self.futures.submit(viewer.owner, "save_weights", work, lane=model_id)
+        return await self.futures.submit(viewer.owner, "save_weights", work, lane=model_id, seq_id=seq_id)
 
     async def _publish(self, viewer: Principal, model_id: str, name: str) -> tuple[str, str]:
         """Save the model's adapter for sampling and load it into the serving engine: (path, engine name)."""
@@ -259,8 +306,8 @@ class TinkerService:
                 shutil.rmtree(folder, ignore_errors=True)
             await self.store.run(self.store.delete_checkpoint, old_path)
 
-    async def save_for_sampler(self, viewer: Principal, session_id: str | None, model_id: str, name: str | None,
-                               sampling_session_seq_id: int | None) -> str:
+    async def save_for_sampler(self, viewer: Principal, model_id: str, name: str | None,
+                               sampling_session_seq_id: int | None, seq_id: int | None) -> str:
         model = await self.model(model_id, viewer)
 
         async def work() -> Outcome:
@@ -276,7 +323,8 @@ class TinkerService:
                                  self.base_model, path, engine_name)
             return json_outcome({"path": path, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
 
-        return await self.futures.submit(viewer.owner, "save_weights_for_sampler", work, lane=model_id)
+        return await self.futures.submit(viewer.owner, "save_weights_for_sampler", work, lane=model_id,
+                                         seq_id=seq_id)
 
     async def checkpoint(self, path: str, viewer: Principal) -> dict[str, Any]:
         found = await self.store.run(self.store.checkpoint, path, viewer)
@@ -308,7 +356,8 @@ class TinkerService:
                                      model.lora.public(), request.user_metadata)
             return json_outcome({"path": request.path, "model_id": model_id, "type": "load_weights"})
 
-        return await self.futures.submit(viewer.owner, "load_weights", work, lane=model_id)
+        return await self.futures.submit(viewer.owner, "load_weights", work, lane=model_id,
+                                         seq_id=request.seq_id if request.model_id is not None else 0)
 
     # --- sampling ----------------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Trainer:
         self.max_model_len = max_model_len
         self.models: dict[str, TrainingModel] = {}
         self._peft: Any = None
+        self._spare: str | None = None
         self._vocab = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinker-trainer")
         self._lock = threading.Lock()
@@ -136,6 +137,9 @@ class Trainer:
             self._peft = get_peft_model(self._base(), config, adapter_name=name)
         else:
             self._peft.add_adapter(name, config)
+            if self._spare is not None:  # the adapter of a freed model, kept while it was the only one
+                self._peft.delete_adapter(self._spare)
+                self._spare = None
         model = TrainingModel(model_id, name, lora)
         model.params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
         for p in model.params:
@@ -145,9 +149,16 @@ class Trainer:
         return model
 
     def drop(self, model_id: str) -> None:
+        """Free a training model: its adapter and its optimizer state."""
         model = self.models.pop(model_id, None)
-        if model is not None and self._peft is not None:
+        if model is None or self._peft is None:
+            return
+        model.optimizer = None
+        model.params = []
+        if self.models:  # PEFT keeps at least one adapter: the last one stays, unused, until the next create
             self._peft.delete_adapter(model.adapter)
+        else:
+            self._spare = model.adapter
 
     def vocab_size(self) -> int:
         return self._vocab

@@ -102,6 +102,24 @@ def test_what_the_engine_cannot_serve_is_refused_when_the_client_is_made(service
         service.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4, train_unembed=False).result()
 
 
+def test_a_finished_session_frees_its_models(server, trained):
+    import httpx
+
+    client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
+    training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=2, train_unembed=False).result()
+    datum = trained["data"][0]
+    training.forward_backward([datum], "cross_entropy").result()
+    session = training.model_id.rsplit(":train:", 1)[0]
+    other = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_B},
+                       json={"reason": {"type": "success"}})
+    assert other.status_code == 404 and "not found" in other.json()["detail"]  # not B's session
+    done = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_A},
+                      json={"reason": {"type": "success"}})
+    assert done.status_code == 200
+    with pytest.raises(tinker.RequestFailedError, match="not loaded"):
+        training.forward_backward([datum], "cross_entropy").result()
+
+
 def test_another_key_sees_none_of_it(server, trained):
     model_id = trained["training"].model_id
     own = tinker.RestClient(base_url=server.base_url, api_key=KEY_A)

@@ -120,3 +120,33 @@ def test_the_queue_is_bounded_and_a_models_work_runs_in_order(tmp_path):
     asyncio.run(scenario())
     assert order == [0, 1, 2]
     store.close()
+
+
+def test_a_resent_request_runs_once(tmp_path):
+    """The SDK resends a request whose answer it missed with the same seq_id: the first one answers."""
+    import asyncio
+
+    from jarvis.plugins.tinker.futures import Futures, Outcome
+
+    store = TinkerStore(tmp_path)
+    runs: list[int] = []
+
+    async def scenario() -> None:
+        futures = Futures(store, max_pending=8)
+
+        async def work() -> Outcome:
+            runs.append(1)
+            return Outcome(b"{}")
+
+        first = await futures.submit(None, "forward_backward", work, lane="m", seq_id=1)
+        again = await futures.submit(None, "forward_backward", work, lane="m", seq_id=1)
+        other = await futures.submit(None, "optim_step", work, lane="m", seq_id=2)
+        assert first == again != other
+        for request_id in (first, other):
+            assert (await futures.wait(request_id, SINGLE_USER, timeout=5))["state"] == "done"
+        futures.forget("m")
+        assert await futures.submit(None, "forward_backward", work, lane="m", seq_id=1) != first
+
+    asyncio.run(scenario())
+    assert len(runs) == 3
+    store.close()
