@@ -275,12 +275,8 @@ class TinkerController(Controller):
     async def delete_checkpoint(self, request: Request, run_id: str, checkpoint_id: str) -> dict[str, Any]:
         service = service_of(request)
         path = f"tinker://{run_id}/{checkpoint_id.strip('/')}"
-        found = await service.checkpoint(path, principal_of(request))
-        await service.store.run(service.store.delete_checkpoint, path)
-        if found["kind"] == "sampler":
-            engine_name = next((n for n, a in service.runtime.adapters.items() if a.path == found["folder"]), None)
-            if engine_name is not None:
-                await service.runtime.unload_adapter(engine_name)
+        await service.checkpoint(path, principal_of(request))
+        await service.retire(path, keep_files=True)  # a training checkpoint is in no engine: only its entry goes
         return {}
 
     @post("/weights_info", status_code=200, operation_class=operation(WeightsInfoRequest))

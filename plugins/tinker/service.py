@@ -43,6 +43,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PATH = re.compile(r"^tinker://(?P<model>[^/]+)/(?P<segment>weights|sampler_weights)/(?P<name>[^/]+)$")
 
 
+def engine_name_of(path: str) -> str:
+    """The private adapter name sampler weights are served under: unguessable without their tinker:// path."""
+    return "tinker-" + hashlib.sha256(path.encode()).hexdigest()[:20]
+
+
 def session_of(model_id: str) -> str:
     """The session a training model belongs to (its id is `{session}:train:{n}`)."""
     return model_id.rsplit(":train:", 1)[0]
@@ -74,7 +79,7 @@ class TinkerService:
         self.store = TinkerStore(settings.root(server.settings.state_path))
         self.futures = Futures(self.store, settings.max_pending)
         self._trainer: Trainer | None = None
-        self._snapshots: dict[str, deque[tuple[str, str]]] = {}  # model -> unnamed sampler snapshots, oldest first
+        self._snapshots: dict[str, deque[str]] = {}  # model -> unnamed sampler snapshots, oldest first
         self._seen: dict[str, float] = {}  # session -> time.monotonic() of its last request or heartbeat
 
     def stop(self) -> None:
@@ -150,11 +155,8 @@ class TinkerService:
 
     async def free_model(self, model_id: str) -> None:
         """Drop a training model's adapter and optimizer and unload its unnamed sampler snapshots."""
-        for _, engine_name in self._snapshots.pop(model_id, ()):
-            if engine_name in self.runtime.adapters:
-                folder = Path(self.runtime.adapters[engine_name].path)
-                await self.runtime.unload_adapter(engine_name)
-                shutil.rmtree(folder, ignore_errors=True)
+        for path in self._snapshots.pop(model_id, ()):
+            await self.retire(path)
         await self.trainer.run(self.trainer.drop, model_id)
         self.futures.forget(model_id)
         log.info("tinker: training model %s freed", model_id)
@@ -284,7 +286,7 @@ class TinkerService:
         if folder.exists():
             shutil.rmtree(folder)
         await self.trainer.run(self.trainer.save, model_id, folder, False)
-        engine_name = "tinker-" + hashlib.sha256(path.encode()).hexdigest()[:20]
+        engine_name = engine_name_of(path)
         try:
             await self.runtime.load_adapter(engine_name, str(folder), persist=False, private=True)
         except APIError as exc:
@@ -293,18 +295,24 @@ class TinkerService:
         await self.store.run(self.store.add_checkpoint, path, viewer.owner, model_id, "sampler", name, folder, None)
         return path, engine_name
 
-    async def _retire_snapshots(self, model_id: str, path: str, engine_name: str) -> None:
+    async def _retire_snapshots(self, model_id: str, path: str) -> None:
         """Keep the newest KEEP_SNAPSHOTS unnamed sampler snapshots of a model in the engine; older ones (an RL
         loop makes one a step) are unloaded and deleted, and a sampler still on one gets a clear error."""
         kept = self._snapshots.setdefault(model_id, deque())
-        kept.append((path, engine_name))
+        kept.append(path)
         while len(kept) > KEEP_SNAPSHOTS:
-            old_path, old_engine_name = kept.popleft()
-            if old_engine_name in self.runtime.adapters:
-                folder = Path(self.runtime.adapters[old_engine_name].path)
-                await self.runtime.unload_adapter(old_engine_name)
+            await self.retire(kept.popleft())
+
+    async def retire(self, path: str, keep_files: bool = False) -> None:
+        """Sampler weights gone: out of the engine, off the checkpoint list, their folder deleted (unless
+        `keep_files`)."""
+        engine_name = engine_name_of(path)
+        if engine_name in self.runtime.adapters:
+            folder = Path(self.runtime.adapters[engine_name].path)
+            await self.runtime.unload_adapter(engine_name)
+            if not keep_files:
                 shutil.rmtree(folder, ignore_errors=True)
-            await self.store.run(self.store.delete_checkpoint, old_path)
+        await self.store.run(self.store.delete_checkpoint, path)
 
     async def save_for_sampler(self, viewer: Principal, model_id: str, name: str | None,
                                sampling_session_seq_id: int | None, seq_id: int | None) -> str:
@@ -317,7 +325,7 @@ class TinkerService:
                 return json_outcome({"path": path, "type": "save_weights_for_sampler"})
             seq = sampling_session_seq_id if sampling_session_seq_id is not None else uuid.uuid4().hex[:8]
             path, engine_name = await self._publish(viewer, model_id, f"snapshot-{seq}")
-            await self._retire_snapshots(model_id, path, engine_name)
+            await self._retire_snapshots(model_id, path)
             sampler_id = f"{model['session_id']}:sample:{seq}"
             await self.store.run(self.store.add_sampler, sampler_id, viewer.owner, model["session_id"],
                                  self.base_model, path, engine_name)
@@ -371,7 +379,7 @@ class TinkerService:
             if match is None or match["segment"] != "sampler_weights":
                 raise RequestFailed(f"model_path {model_path!r} is not tinker://<model>/sampler_weights/<name>.")
             found = await self.checkpoint(model_path, viewer)
-            adapter = "tinker-" + hashlib.sha256(model_path.encode()).hexdigest()[:20]
+            adapter = engine_name_of(model_path)
             if adapter not in self.runtime.adapters:
                 await self.runtime.load_adapter(adapter, found["folder"], persist=False, private=True)
         else:
