@@ -25,6 +25,7 @@ from jarvis.bootstrap import Bootstrap, bootstrap
 from jarvis.errors import APIError
 from jarvis.routes.adapters import AdapterController
 from jarvis.routes.health import health, ready
+from jarvis.routes.messages import MessagesController, anthropic_error
 from jarvis.routes.openai import OpenAIController
 from jarvis.routes.openapi_docs import document_errors
 from jarvis.routes.responses import ResponsesController
@@ -43,7 +44,9 @@ def api_error_response(_: Request, exc: APIError) -> Response:
     return Response(exc.to_body(), status_code=exc.status_code, headers=exc.headers or None)
 
 
-def http_error_response(_: Request, exc: HTTPException) -> Response:
+def http_error_response(request: Request, exc: HTTPException) -> Response:
+    if request.url.path.startswith("/v1/messages"):  # no route matched there: still Anthropic's API
+        return anthropic_error(request, exc)
     status = exc.status_code
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     return Response({"error": {"message": detail, "type": _ERROR_TYPES.get(status, "server_error"),
@@ -89,8 +92,8 @@ def create_app(boot: Bootstrap | None = None,
             pm.hook.jarvis_shutdown(app=app, server=server)
 
     app = Litestar(
-        route_handlers=[OpenAIController, ResponsesController, AdapterController, TokenizerController, health, ready,
-                        *extra_routes],
+        route_handlers=[OpenAIController, ResponsesController, MessagesController, AdapterController,
+                        TokenizerController, health, ready, *extra_routes],
         lifespan=[lifespan],
         middleware=middleware,
         guards=[access_guard(settings, keys)],

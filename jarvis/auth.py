@@ -231,8 +231,9 @@ def access_guard(settings: JarvisSettings, keyring: KeyRing):
             return
         action = f"{connection.scope.get('method', 'GET')} {connection.url.path}"
         if principal is None:
-            raise AuthenticationFailed("Incorrect API key provided. Send `Authorization: Bearer <key>` "
-                                       "with one of the keys in JARVIS_API_KEYS.", code="invalid_api_key")
+            raise AuthenticationFailed("Incorrect API key provided. Send `Authorization: Bearer <key>` (or "
+                                       "`X-API-Key: <key>`) with one of the keys in JARVIS_API_KEYS.",
+                                       code="invalid_api_key")
         if level == "admin":
             if not principal.admin:
                 audit(action, "denied", principal, scope="admin")

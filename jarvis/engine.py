@@ -221,6 +221,8 @@ class GenerationChunk:
     prompt_logprobs: list[TokenLogprob] | None = None
     #: Tool-call pieces found in this chunk's part of the output (`text` is then what is not a call).
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    #: On the last chunk: the stop string that ended the output (one of the request's `stop`), when one did.
+    stop_sequence: str | None = None
 
     def then(self, later: GenerationChunk) -> GenerationChunk:
         """This chunk followed by `later`, as one chunk."""
@@ -229,7 +231,7 @@ class GenerationChunk:
             logprobs=[*self.logprobs, *later.logprobs], finish_reason=later.finish_reason,
             prompt_tokens=later.prompt_tokens, completion_tokens=later.completion_tokens,
             prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
-            tool_calls=[*self.tool_calls, *later.tool_calls])
+            tool_calls=[*self.tool_calls, *later.tool_calls], stop_sequence=later.stop_sequence)
 
 
 def finish_with_calls(reason: FinishReason, has_calls: bool) -> FinishReason:
@@ -257,6 +259,8 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob] | None = None
     #: The calls the output makes, each whole (`text` is then the content outside them).
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    #: The stop string that ended the output (one of the request's `stop`), when one did.
+    stop_sequence: str | None = None
 
 
 class StreamResult:
@@ -285,7 +289,8 @@ class StreamResult:
         return GenerationResult(
             text="".join(self.parts), finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens or 0,
             completion_tokens=last.completion_tokens or 0, logprobs=self.logprobs,
-            prompt_logprobs=self.prompt_logprobs, tool_calls=whole_calls(self.calls))
+            prompt_logprobs=self.prompt_logprobs, tool_calls=whole_calls(self.calls),
+            stop_sequence=last.stop_sequence)
 
 
 @dataclass(frozen=True)

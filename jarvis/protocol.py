@@ -302,6 +302,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: ChatLogprobs | None = None
+    #: vLLM's extension: the stop string that ended the choice (None: an end-of-sequence token, or the length).
+    stop_reason: str | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -327,6 +329,8 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
+    #: vLLM's extension: the stop string that ended the choice (None: an end-of-sequence token, or the length).
+    stop_reason: str | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -352,6 +356,8 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    #: vLLM's extension: the stop string that ended the choice (None: an end-of-sequence token, or the length).
+    stop_reason: str | None = None
 
 
 class Completion(BaseModel):

@@ -32,6 +32,8 @@ class StopSequenceMatcher:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        #: The stop sequence that ended the text (the earliest in it), once `stopped`.
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         """Returns the text that is now safe to emit; sets `stopped` when a stop sequence appeared."""
@@ -40,11 +42,12 @@ class StopSequenceMatcher:
         if not self.stops:
             return text
         buffer = self._pending + text
-        found = [at for at in map(buffer.find, self.stops) if at >= 0]
+        found = [(at, stop) for stop in self.stops if (at := buffer.find(stop)) >= 0]
         if found:
+            at, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
             self._pending = ""
-            return buffer[:min(found)]
+            return buffer[:at]
         hold = self._held_tail(buffer)
         self._pending = buffer[len(buffer) - hold:] if hold else ""
         return buffer[: len(buffer) - hold]

@@ -110,6 +110,30 @@ def serve_engine(request: pytest.FixtureRequest, jarvis_server: Callable[..., Ru
 
 
 @pytest.fixture(scope="session")
+def shared_engine_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Iterator[Callable[[str], RunningServer]]:
+    """`shared_engine_server(engine)`: one server of the embedded model per engine with default settings, started
+    on first use and shared by every module that only reads from it (no adapters loaded, no counters asserted),
+    so a new surface's tests cost no new server starts."""
+    started: dict[str, RunningServer] = {}
+    mine: list[RunningServer] = []
+
+    def start(**env: str) -> RunningServer:
+        server = start_server(tmp_path_factory.mktemp("shared"), **env)
+        mine.append(server)
+        return server
+
+    def get(engine: str) -> RunningServer:
+        if engine not in started:
+            started[engine] = serve_engine(request, lambda **env: start(**env), engine)
+        return started[engine]
+
+    yield get
+    for server in mine:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def embedded_gguf() -> Path:
     from jarvis.embedded_model import embedded_model_path
     from jarvis.settings import load_settings

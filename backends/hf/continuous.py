@@ -229,7 +229,8 @@ class ContinuousBatcher:
         self._close(rid)
         tail = "" if stream.stops.stopped else stream.stops.flush()
         stream.emit(GenerationChunk(text=tail, finish_reason=reason,  # type: ignore[arg-type]
-                                    prompt_tokens=len(stream.prompt_ids), completion_tokens=len(stream.generated)))
+                                    prompt_tokens=len(stream.prompt_ids), completion_tokens=len(stream.generated),
+                                    stop_sequence=stream.stops.matched))
 
     def _close(self, rid: str) -> None:
         with self._lock:

@@ -443,7 +443,7 @@ class BatchScheduler:
     def _finish(self, seq: Sequence, reason: str) -> bool:
         tail = "" if seq.stops.stopped else seq.stops.flush()
         seq.emit(GenerationChunk(text=tail, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),  # type: ignore[arg-type]
-                                 completion_tokens=len(seq.generated)))
+                                 completion_tokens=len(seq.generated), stop_sequence=seq.stops.matched))
         return True
 
     def _score_prompt(self, seq: Sequence) -> list[TokenLogprob]:

@@ -269,7 +269,7 @@ class LlamaCppEngine(Engine):
                     break
             tail = "" if stops.stopped else stops.feed(decoder.flush()) + stops.flush()
             emit(GenerationChunk(text=tail, finish_reason=finish, prompt_tokens=len(ids),  # type: ignore[arg-type]
-                                 completion_tokens=count))
+                                 completion_tokens=count, stop_sequence=stops.matched))
         except BaseException as exc:  # surfaced to the request, never kills the worker pool
             emit(exc)
 

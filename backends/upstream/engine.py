@@ -289,7 +289,8 @@ class OpenAIUpstreamEngine(Engine):
             text = text[len(request.prompt):]  # the route adds the prompt back
         return GenerationResult(text, finish_reason(choice.get("finish_reason")),
                                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                                logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=calls)
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs, tool_calls=calls,
+                                stop_sequence=stop_sequence(choice, request))
 
     async def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         path, body = self.body(request, stream=True)
@@ -368,7 +369,15 @@ def chunk_of(choice: dict[str, Any], request: PreparedRequest) -> GenerationChun
     reason = choice.get("finish_reason")
     calls = tool_call_deltas(delta.get("tool_calls")) if request.kind == "chat" else []
     return GenerationChunk(text=text, token_count=len(logprobs) or (1 if text or calls else 0), logprobs=logprobs,
-                           finish_reason=finish_reason(reason) if reason else None, tool_calls=calls)
+                           finish_reason=finish_reason(reason) if reason else None, tool_calls=calls,
+                           stop_sequence=stop_sequence(choice, request) if reason else None)
+
+
+def stop_sequence(choice: dict[str, Any], request: PreparedRequest) -> str | None:
+    """The stop string that ended the choice, where the upstream says (vLLM's and Jarvis's `stop_reason`);
+    an OpenAI upstream does not, and the output then reads as ended by the model."""
+    value = choice.get("stop_reason")
+    return value if isinstance(value, str) and value in request.stop else None
 
 
 def split_logprobs(choice: dict[str, Any], request: PreparedRequest

@@ -283,6 +283,8 @@ class VllmEngine(Engine):
                 if out.finish_reason is not None:
                     chunk.finish_reason = "length" if score_only else FINISH_REASONS.get(out.finish_reason, "stop")
                     chunk.prompt_tokens, chunk.completion_tokens = len(ids), produced
+                    if isinstance(out.stop_reason, str):  # a stop string (an int is a stop token id)
+                        chunk.stop_sequence = out.stop_reason
                 yield chunk
 
     def _prompt_logprobs(self, ids: list[int], entries: Any, request: PreparedRequest) -> list[TokenLogprob]:

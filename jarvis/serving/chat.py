@@ -46,6 +46,8 @@ class ChoiceEvent:
     arguments: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: With `finish_reason`: the stop string that ended the choice, when one did.
+    stop_sequence: str | None = None
 
 
 def chat_generations(runtime: Runtime, body: wire.ChatCompletionRequest,
@@ -79,7 +81,8 @@ class ChatRun:
         return wire.dump(wire.ChatCompletion(
             id=wire.new_id("chatcmpl"), created=wire.now(), model=self.model,
             choices=[wire.ChatChoice(index=i, message=assistant_message(r), finish_reason=r.finish_reason,
-                                     logprobs=chat_logprobs(r.logprobs) if self.body.logprobs else None)
+                                     logprobs=chat_logprobs(r.logprobs) if self.body.logprobs else None,
+                                     stop_reason=r.stop_sequence)
                      for i, r in enumerate(results)],
             usage=self.usage))
 
@@ -97,7 +100,7 @@ class ChatRun:
             if chunk.finish_reason is not None:
                 prompt_tokens = chunk.prompt_tokens or 0
                 completion_tokens[index] = chunk.completion_tokens or 0
-                yield ChoiceEvent(index, finish_reason=chunk.finish_reason)
+                yield ChoiceEvent(index, finish_reason=chunk.finish_reason, stop_sequence=chunk.stop_sequence)
         self.usage = usage(prompt_tokens, sum(completion_tokens))
 
     async def sse(self, include_usage: bool) -> AsyncIterator[str]:
@@ -111,7 +114,7 @@ class ChatRun:
                 yield events.event([_choice(i, {"role": "assistant", "content": "", "tool_calls": None})])
             async for e in self.events():
                 logprobs = wire.dump(chat_logprobs(e.logprobs)) if want_logprobs and e.logprobs else None
-                yield events.event([_choice(e.index, _delta(e), e.finish_reason, logprobs)])
+                yield events.event([_choice(e.index, _delta(e), e.finish_reason, logprobs, e.stop_sequence)])
             if include_usage and self.usage is not None:
                 yield events.usage_event(self.usage)
         except APIError as exc:
@@ -120,9 +123,10 @@ class ChatRun:
 
 
 def _choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
-            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+            logprobs: dict[str, Any] | None = None, stop_reason: str | None = None) -> dict[str, Any]:
     """A `ChatChunkChoice` as a plain dict in its field order (what its event serializes)."""
-    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs,
+            "stop_reason": stop_reason}
 
 
 def _delta(e: ChoiceEvent) -> dict[str, Any]:

@@ -44,7 +44,8 @@ async def create_completion(runtime: Runtime, body: wire.CompletionRequest,
         text = (gen.prompt or "") + result.text if gen.echo else result.text
         choices.append(wire.CompletionChoice(
             index=index, text=text, finish_reason=result.finish_reason,
-            logprobs=completion_logprobs(result, gen.echo) if gen.logprobs else None))
+            logprobs=completion_logprobs(result, gen.echo) if gen.logprobs else None,
+            stop_reason=result.stop_sequence))
         if index % body.n == 0:  # a prompt counts once, however many choices it has
             prompt_tokens += result.prompt_tokens
         completion_tokens += result.completion_tokens
@@ -70,7 +71,8 @@ def completion_events(runtime: Runtime, gens: list[PreparedRequest], include_usa
             logprobs = wire.dump(completion_logprobs(GenerationResult("", "stop", 0, 0, logprobs=entries),
                                                      echo=False, offset=offsets[index]))
             offsets[index] += sum(len(e.token) for e in entries)
-        return {"index": index, "text": text, "finish_reason": chunk.finish_reason, "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": chunk.finish_reason, "logprobs": logprobs,
+                "stop_reason": chunk.stop_sequence}
 
     def render(index: int, chunk: GenerationChunk) -> str | None:
         wanted = chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs

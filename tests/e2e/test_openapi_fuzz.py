@@ -85,7 +85,10 @@ def test_every_json_body_refuses_an_unknown_field_by_name(fuzzed_server):
                 assert answer.status_code == 400, (method, path, answer.status_code, answer.text)
                 if path.startswith("/api/v1"):  # the Tinker API answers in its own shape
                     assert "frobnicate" in answer.json()["detail"], (method, path, answer.text)
+                elif path.startswith("/v1/messages"):  # and Anthropic's in its own
+                    assert answer.json()["type"] == "error", (method, path, answer.text)
+                    assert "frobnicate" in answer.json()["error"]["message"], (method, path, answer.text)
                 else:
                     assert answer.json()["error"]["param"] == "frobnicate", (method, path, answer.text)
             checked.append(f"{method.upper()} {path}")
-    assert len(checked) >= 6 and "POST /api/v1/create_model" in checked, checked
+    assert len(checked) >= 6 and {"POST /api/v1/create_model", "POST /v1/messages"} <= set(checked), checked

@@ -202,6 +202,20 @@ def test_objects_from_before_owners_are_the_admins(a, admin):
     assert admin.batches.retrieve(LEGACY_BATCH).status == "failed"
 
 
+def test_anthropic_clients_authenticate_with_x_api_key_and_get_anthropics_401(server):
+    import anthropic
+
+    ask = dict(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    good = anthropic.Anthropic(base_url=server.base_url, api_key=KEY_A, max_retries=0)  # sends X-API-Key
+    assert good.messages.create(**ask).usage.output_tokens >= 1
+    bearer = anthropic.Anthropic(base_url=server.base_url, auth_token=KEY_B, max_retries=0)  # Authorization: Bearer
+    assert bearer.messages.count_tokens(model=MODEL, messages=ask["messages"]).input_tokens > 0
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        anthropic.Anthropic(base_url=server.base_url, api_key="sk-wrong", max_retries=0).messages.create(**ask)
+    assert refused.value.body["error"]["type"] == "authentication_error"
+    assert "X-API-Key" in refused.value.body["error"]["message"]
+
+
 def test_admin_routes_need_the_admin_scope(server):
     def post(path: str, key: str, body: dict) -> httpx.Response:
         return httpx.post(f"{server.v1}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
