@@ -268,6 +268,30 @@ def test_accumulated_halves_equal_one_whole_batch_with_two_clients_at_once(servi
     assert after[0] == pytest.approx(after[1], rel=1e-4) and after[0] < first[0].metrics["loss:sum"]
 
 
+def test_a_custom_loss_trains_as_the_same_loss_built_in(service, trained):
+    """`forward_backward_custom` (the SDK computes the loss and its gradient on the client, then sends
+    cross_entropy with weights = -dLoss/dlogprobs): a custom weighted cross-entropy steps exactly as the
+    built-in one."""
+    import torch
+
+    data = trained["data"]
+
+    def weighted_ce(batch, logprobs):
+        loss = sum(-(torch.tensor(d.loss_fn_inputs["weights"].to_numpy()) * lp).sum() for d, lp in zip(batch, logprobs))
+        return loss, {"custom:sum": float(loss)}
+
+    built_in, custom = (service.create_lora_training_client(base_model=MODEL, rank=4, seed=5,
+                                                            train_unembed=False).result() for _ in range(2))
+    adam = types.AdamParams(learning_rate=1e-2)
+    reference = built_in.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+    built_in.optim_step(adam).result()
+    computed = custom.forward_backward_custom(data, weighted_ce).result()
+    custom.optim_step(adam).result()
+    assert computed.metrics["custom:sum"] == pytest.approx(reference, rel=1e-5)
+    after = [c.forward(data, "cross_entropy").result().metrics["loss:sum"] for c in (built_in, custom)]
+    assert after[0] == pytest.approx(after[1], rel=1e-4) and after[0] < reference
+
+
 def test_prompt_logprobs_and_retired_snapshots(server, service, trained):
     training, tokenizer = trained["training"], trained["tokenizer"]
     prompt = trained["prompts"][1]
