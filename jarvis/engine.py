@@ -154,6 +154,10 @@ class GenerationRequest:
     top_logprobs: int = 0
     echo: bool = False
     messages: list[dict[str, Any]] | None = None
+    #: Chat: open the assistant's turn after the messages (the chat template's generation prompt).
+    add_generation_prompt: bool = True
+    #: Chat: the last message is an assistant turn the output continues (a prefill), not a finished one.
+    continue_final: bool = False
     #: A token-id prompt, as the client sent it (a prepared request holds the ids of every prompt).
     prompt_token_ids: list[int] | None = None
     kind: Literal["completion", "chat"] = "completion"

@@ -53,7 +53,11 @@ def prepare(request: GenerationRequest, target: Target) -> PreparedRequest:
         fmt = target.chat_format
         if fmt is None:
             raise ValueError("a chat request for an engine that does not apply the template needs a chat format")
-        prompt = render_chat(fmt, request.messages or [], request.tool_use)
+        messages = request.messages or []
+        if request.continue_final:  # the assistant's turn is opened, and its beginning is the prompt's end
+            prompt = render_chat(fmt, messages[:-1], request.tool_use) + messages[-1]["content"]
+        else:
+            prompt = render_chat(fmt, messages, request.tool_use, request.add_generation_prompt)
         stop = (*stop, *(s for s in fmt.stop if s not in stop))
         tool_use = request.tool_use
         if tool_use is not None and tool_use.offered:

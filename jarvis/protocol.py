@@ -208,6 +208,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's chat extensions for where the answer begins
+    continue_final_message: bool = Field(False, description="The last message is an assistant turn to continue "
+                                                            "(a prefill); the answer is its continuation.")
+    add_generation_prompt: bool | None = Field(None, description="Open the assistant's turn after the messages "
+                                                                 "(default true; false with continue_final_message).")
 
     @property
     def token_limit(self) -> int | None:

@@ -228,6 +228,8 @@ class OpenAIUpstreamEngine(Engine):
                         top_logprobs=request.top_logprobs if request.logprobs else None)
             if request.tool_use is not None:
                 body.update(upstream_tools(request.tool_use))
+            if request.continue_final or not request.add_generation_prompt:  # vLLM's fields (and Jarvis's)
+                body.update(continue_final_message=request.continue_final or None, add_generation_prompt=False)
         else:
             body.update(prompt=request.prompt if request.prompt_token_ids is None else request.prompt_token_ids,
                         echo=request.echo or None,

@@ -26,7 +26,7 @@ from jarvis.engine import (
 )
 from jarvis.errors import APIError
 from jarvis.serving.render import ChunkEvents, chat_logprobs, merged_streams, sse, usage
-from jarvis.serving.requests import choice_seed, generation_options, tool_use
+from jarvis.serving.requests import choice_seed, generation_options, tool_use, turn_options
 
 if TYPE_CHECKING:
     from jarvis.runtime import Runtime
@@ -57,7 +57,7 @@ def chat_generations(runtime: Runtime, body: wire.ChatCompletionRequest,
         prompt=None, model=body.model, kind="chat", context=RequestContext(client=client),
         messages=[m.normalised() for m in body.messages], max_tokens=body.token_limit,
         logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, tool_use=tool_use(body),
-        **generation_options(body)))
+        **turn_options(body), **generation_options(body)))
     return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
 
 

@@ -112,9 +112,10 @@ def chat_messages(body: awire._Conversation) -> list[dict[str, Any]]:
                 out[-1]["tool_calls"] = tool_calls
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": tool_calls})
-    if body.messages[-1].role == "assistant":
-        raise _unsupported(f"messages[{len(body.messages) - 1}].role", "A final assistant turn (a prefill to "
-                           "continue) is not supported; end the conversation with a user turn.")
+    if body.messages[-1].role == "assistant" and out[-1].get("tool_calls"):
+        raise InvalidRequest(f"messages[{len(body.messages) - 1}]: a final assistant turn is continued (a prefill), "
+                             "so it cannot hold tool_use blocks; answer them with a user turn of tool_result blocks.",
+                             param=f"messages[{len(body.messages) - 1}].content", code="invalid_value")
     return out
 
 
@@ -166,6 +167,8 @@ def chat_body(body: awire._Conversation, max_tokens: int) -> wire.ChatCompletion
     """The chat request that answers `body` (a count_tokens body counts as a `max_tokens` 1 generation)."""
     fields: dict[str, Any] = {"model": body.model, "messages": chat_messages(body), "max_tokens": max_tokens,
                               **chat_tools(body)}
+    if body.messages[-1].role == "assistant":  # a prefill: the answer continues it
+        fields.update(continue_final_message=True, add_generation_prompt=False)
     if isinstance(body, awire.MessagesRequest):
         fields.update(stop=body.stop_sequences or None, stream=body.stream,
                       **{k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p),

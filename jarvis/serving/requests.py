@@ -136,6 +136,22 @@ def _check_history(body: wire.ChatCompletionRequest) -> None:
                                  code="invalid_value")
 
 
+def turn_options(body: wire.ChatCompletionRequest) -> dict[str, Any]:
+    """Where the answer begins: a new assistant turn (the default), or the continuation of the last message,
+    an assistant turn (`continue_final_message`, vLLM's rules: not with `add_generation_prompt` true)."""
+    if not body.continue_final_message:
+        return {"add_generation_prompt": body.add_generation_prompt is not False}
+    if body.add_generation_prompt:
+        raise InvalidRequest("continue_final_message and add_generation_prompt cannot both be true: the answer "
+                             "continues the last message instead of opening a new turn.",
+                             param="add_generation_prompt", code="invalid_value")
+    last = body.messages[-1]
+    if last.role != "assistant" or last.tool_calls:
+        raise InvalidRequest("continue_final_message continues the last message, which must be an assistant turn "
+                             "without tool calls.", param=f"messages[{len(body.messages) - 1}]", code="invalid_value")
+    return {"add_generation_prompt": False, "continue_final": True}
+
+
 def choice_seed(seed: int | None, index: int) -> int | None:
     """Choice `index` of n: its own seed (seed + index), so choices differ yet each is reproducible."""
     return None if seed is None else seed + index

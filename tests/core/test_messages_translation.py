@@ -67,7 +67,10 @@ def test_what_cannot_be_honoured_is_a_400_naming_its_place():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}])
     assert "assistant" in refused("messages[0].content[0].type", messages=[
         {"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}]}])
-    refused("messages[1].role", messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+    refused("messages[1].content", messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "get_weather", "input": {}}]}])
+    prefill = chat_body(body(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), 8)
+    assert (prefill.continue_final_message, prefill.add_generation_prompt) == (True, False)
     refused("tools[0].type", tools=[{"type": "bash_20250124", "name": "bash"}])
     refused("tool_choice.name", tools=TOOLS, tool_choice={"type": "tool", "name": "other"})
     refused("tool_choice", tool_choice={"type": "any"})

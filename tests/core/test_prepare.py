@@ -62,6 +62,30 @@ def test_chat_is_rendered_with_the_format_and_its_stops(runtime):
     assert prepared.stop == ("!", "<end_of_turn>")
 
 
+def test_a_final_assistant_turn_is_continued_or_left_open(runtime):
+    """vLLM's `continue_final_message` (Anthropic's prefill): the assistant's turn is opened and its beginning
+    ends the prompt; `add_generation_prompt: false` leaves the turn unopened."""
+    from jarvis import protocol as wire
+    from jarvis.serving.requests import turn_options
+
+    talk = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi, I am"}]
+    prefill = runtime.prepare(chat(*talk, max_tokens=2, continue_final=True, add_generation_prompt=False))
+    assert prefill.prompt == "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\nHi, I am"
+    closed = runtime.prepare(chat(talk[0], max_tokens=2, add_generation_prompt=False))
+    assert closed.prompt == "<start_of_turn>user\nHello<end_of_turn>\n"
+
+    def options(**fields):
+        return turn_options(wire.ChatCompletionRequest(model="m", messages=fields.pop("messages", talk), **fields))
+
+    assert options(continue_final_message=True) == {"add_generation_prompt": False, "continue_final": True}
+    with pytest.raises(InvalidRequest) as both:
+        options(continue_final_message=True, add_generation_prompt=True)
+    assert both.value.param == "add_generation_prompt"
+    with pytest.raises(InvalidRequest) as user_last:
+        options(continue_final_message=True, messages=talk[:1])
+    assert user_last.value.param == "messages[0]"
+
+
 def test_a_conversation_the_format_cannot_render_names_messages(runtime):
     error = refused(runtime, chat({"role": "assistant", "content": "first"}, {"role": "assistant", "content": "x"}))
     assert error.status_code == 400 and error.param == "messages" and "gemma" in error.message

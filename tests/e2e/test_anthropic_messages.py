@@ -75,6 +75,18 @@ def test_a_stop_sequence_ends_the_message_and_is_named(client):
     assert (final.stop_reason, final.stop_sequence, text_of(final)) == ("stop_sequence", stop, text_of(message))
 
 
+def test_a_final_assistant_turn_is_continued(client):
+    """Anthropic's prefill: the answer is the continuation of the last assistant turn, which greedy decoding
+    makes the rest of the answer to the same conversation without it."""
+    whole = text_of(client.messages.create(model=MODEL, max_tokens=24, messages=PROMPT, extra_body=GREEDY))
+    cut = whole.find(" ", len(whole) // 3)
+    assert cut > 0, whole
+    prefill = whole[:cut]
+    rest = client.messages.create(model=MODEL, max_tokens=12, extra_body=GREEDY,
+                                  messages=[*PROMPT, {"role": "assistant", "content": prefill}])
+    assert whole[cut:].startswith(text_of(rest)) and text_of(rest), (whole, prefill, text_of(rest))
+
+
 def test_a_forced_tool_call_validates_and_its_result_continues_the_turn(client):
     message = client.messages.create(model=MODEL, max_tokens=60, messages=QUESTION, tools=TOOLS,
                                      tool_choice={"type": "tool", "name": "get_weather"})
@@ -111,7 +123,6 @@ def test_errors_arrive_as_the_sdks_typed_exceptions(client, server):
             "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}, "image"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
         ({"tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, "nope"),
-        ({"messages": [*PROMPT, {"role": "assistant", "content": "Once"}]}, "final assistant turn"),
         ({"max_tokens": 100_000}, "maximum context length"),
     ]
     for kwargs, named in refused:
