@@ -123,7 +123,8 @@ class AdapterService:
         self._store = AdapterStore(settings.state_path / "adapters.json")
         self._lock = asyncio.Lock()
 
-    async def load(self, name: str, path: str, *, persist: bool = True, private: bool = False) -> AdapterInfo:
+    async def load(self, name: str, path: str, *, persist: bool = True, private: bool = False,
+                   owner: str | None = None) -> AdapterInfo:
         if not name or name == self._model_id():
             raise InvalidRequest(f"lora_name {name!r} is empty or names the base model", param="lora_name")
         async with self._lock:
@@ -131,7 +132,7 @@ class AdapterService:
                 raise InvalidRequest(f"The lora adapter '{name}' has already been loaded; unload it first.",
                                      param="lora_name", code="adapter_exists")
             adapter = replace(inspect_adapter(name, path, self.settings.adapter_dir, self.settings.max_lora_rank),
-                              private=private)
+                              private=private, owner=owner if private else None)
             engine = self._engine()
             try:
                 await engine.load_adapter(adapter)

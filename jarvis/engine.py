@@ -312,9 +312,12 @@ class AdapterInfo:
     #: Loaded by a service for its own use under an unguessable name (the Tinker service's sampler weights):
     #: served when asked for by name, never listed in /v1/models, and listed elsewhere to admin keys only.
     private: bool = False
+    #: With `private`: the only client (`RequestContext.client`, a key's label) whose requests it serves; None:
+    #: any client's that names it.
+    owner: str | None = None
 
     def public(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "private"}
+        return {k: v for k, v in asdict(self).items() if k not in ("private", "owner")}
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class Runtime(Protocol):
     def admit(self, client: str) -> None: ...
     def prepare(self, request: GenerationRequest) -> PreparedRequest: ...
     async def load_adapter(self, name: str, path: str, *, persist: bool = True,
-                           private: bool = False) -> AdapterInfo: ...
+                           private: bool = False, owner: str | None = None) -> AdapterInfo: ...
     async def unload_adapter(self, name: str) -> None: ...
     async def generate(self, request: PreparedRequest) -> GenerationResult: ...
     def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]: ...
@@ -181,13 +181,17 @@ class EngineRuntime:
     def resolve_model(self, name: str) -> ServedModel:
         return self._served(self.require_ready(), name)
 
-    def _served(self, info: ModelInfo, name: str) -> ServedModel:
-        for model in self._models(info, private=True):  # a private adapter is served to whoever names it
-            if model.id == name:
+    def _served(self, info: ModelInfo, name: str, client: str | None = None) -> ServedModel:
+        for model in self._models(info, private=True):  # a private adapter: to its owner, or whoever names it
+            if model.id == name and self._serves(model, client):
                 return model
         listed = ", ".join(m.id for m in self._models(info))
         raise NotFound(f"The model `{name}` does not exist. Available: {listed}.", param="model",
                        code="model_not_found")
+
+    def _serves(self, model: ServedModel, client: str | None) -> bool:
+        adapter = self.adapters.get(model.adapter) if model.adapter is not None else None
+        return adapter is None or adapter.owner is None or adapter.owner == client
 
     @property
     def queue_depth(self) -> int:
@@ -210,10 +214,12 @@ class EngineRuntime:
         return self.adapter_service.served
 
     async def load_adapter(self, name: str, path: str, *, persist: bool = True,
-                           private: bool = False) -> AdapterInfo:
+                           private: bool = False, owner: str | None = None) -> AdapterInfo:
+        """Serve the adapter folder at `path` as `name`; a `private` one is unlisted and, with an `owner`,
+        served to that client's requests only."""
         if self.supervisor.info is None:  # the model must be loaded; adapters restored at start come before "ready"
             self.require_ready()
-        return await self.adapter_service.load(name, path, persist=persist, private=private)
+        return await self.adapter_service.load(name, path, persist=persist, private=private, owner=owner)
 
     async def unload_adapter(self, name: str) -> None:
         self.require_ready()
@@ -231,7 +237,7 @@ class EngineRuntime:
         """The request as the engine takes it (`jarvis.prepare`), for the model it names; the request's
         context learns which engine serves it."""
         info = self.require_ready()
-        served = self._served(info, request.model)
+        served = self._served(info, request.model, request.context.client)
         engine = self.engine
         request.context.engine = engine.name
         needs_format = request.kind == "chat" and not engine.applies_chat_template

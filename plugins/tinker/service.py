@@ -21,7 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from jarvis.auth import Principal
+from jarvis.auth import Principal, owner_principal
 from jarvis.errors import APIError, NotFound
 from jarvis.plugins.tinker import proto
 from jarvis.plugins.tinker.futures import Futures, Outcome, RequestFailed
@@ -46,6 +46,11 @@ _PATH = re.compile(r"^tinker://(?P<model>[^/]+)/(?P<segment>weights|sampler_weig
 def engine_name_of(path: str) -> str:
     """The private adapter name sampler weights are served under: unguessable without their tinker:// path."""
     return "tinker-" + hashlib.sha256(path.encode()).hexdigest()[:20]
+
+
+def owner_label(owner: str | None) -> str | None:
+    """The client label (`Principal.label`) of an owner's requests: the only one a private adapter serves."""
+    return None if owner is None else owner_principal(owner).label
 
 
 def session_of(model_id: str) -> str:
@@ -288,7 +293,8 @@ class TinkerService:
         await self.trainer.run(self.trainer.save, model_id, folder, False)
         engine_name = engine_name_of(path)
         try:
-            await self.runtime.load_adapter(engine_name, str(folder), persist=False, private=True)
+            await self.runtime.load_adapter(engine_name, str(folder), persist=False, private=True,
+                                            owner=owner_label(viewer.owner))
         except APIError as exc:
             raise RequestFailed(f"The {self.runtime.engine.name} engine could not load the sampler weights: "
                                 f"{exc.message}", category="user" if exc.status_code < 500 else "server") from None
@@ -381,7 +387,8 @@ class TinkerService:
             found = await self.checkpoint(model_path, viewer)
             adapter = engine_name_of(model_path)
             if adapter not in self.runtime.adapters:
-                await self.runtime.load_adapter(adapter, found["folder"], persist=False, private=True)
+                await self.runtime.load_adapter(adapter, found["folder"], persist=False, private=True,
+                                                owner=owner_label(found["owner"]))
         else:
             self.check_base(base_model)
         await self.store.run(self.store.add_sampler, sampler_id, viewer.owner, session_id, self.base_model,
@@ -412,6 +419,9 @@ class TinkerService:
             raise RequestFailed("target_prompt_logprobs and prompt_logprobs_last_n are not supported by Jarvis yet.")
         self.runtime.admit(client)
         model = found["adapter"] or self.base_model
+        served = self.runtime.adapters.get(model)
+        if served is not None and served.owner not in (None, client):  # an admin samples another key's weights
+            client = served.owner
 
         async def work() -> Outcome:
             if found["adapter"] and found["adapter"] not in self.runtime.adapters:

@@ -135,6 +135,15 @@ def test_another_key_sees_none_of_it(server, trained):
         models = [m["id"] for m in httpx.get(f"{server.v1}/models", headers=headers).json()["data"]]
         adapters = httpx.get(f"{server.v1}/adapters", headers=headers).json()["data"]
         assert models == [MODEL] and adapters == [], (models, adapters)
+    # ... and served on the OpenAI routes to the key that trained them, the 404 of an unknown model to another
+    from jarvis.plugins.tinker.service import engine_name_of
+
+    name = engine_name_of(trained["training"].save_weights_for_sampler("for-a").result().path)
+    ask = {"model": name, "prompt": "Hi", "max_tokens": 1}
+    answers = {key: httpx.post(f"{server.v1}/completions", json=ask, headers={"Authorization": f"Bearer {key}"})
+               for key in (KEY_A, KEY_B)}
+    assert answers[KEY_A].status_code == 200, answers[KEY_A].text
+    assert answers[KEY_B].status_code == 404 and answers[KEY_B].json()["error"]["code"] == "model_not_found"
 
 
 def rl_rewards(client) -> list[float]:
