@@ -160,7 +160,8 @@ class GenerationRequest:
     continue_final: bool = False
     #: A token-id prompt, as the client sent it (a prepared request holds the ids of every prompt).
     prompt_token_ids: list[int] | None = None
-    kind: Literal["completion", "chat"] = "completion"
+    #: "embedding": an embeddings request as the request hooks see it (no sampling, no completion tokens).
+    kind: Literal["completion", "chat", "embedding"] = "completion"
     context: RequestContext = field(default_factory=RequestContext, compare=False)
 
     @property
@@ -334,6 +335,33 @@ class ModelInfo:
     vocab_size: int | None = None
 
 
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """Inputs to embed, one vector each (`Engine.embed`). `inputs` are as the client sent them (texts or
+    token ids): what an engine that does not count tokens (an upstream) passes on; the runtime fills
+    `token_ids` for an engine that does (tokenized, in the vocabulary, within the context window)."""
+
+    model: str
+    inputs: list[str | list[int]]
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+    #: Always None today: embeddings come from the base model (an adapter is refused with a 400).
+    adapter: str | None = None
+    context: RequestContext = field(default_factory=RequestContext, compare=False)
+
+    @property
+    def request_id(self) -> str:
+        return self.context.request_id
+
+
+@dataclass
+class EmbeddingResult:
+    """One vector per input, in input order (unit length from a local engine), and the tokens read."""
+
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
 @dataclass
 class EngineStats:
     """Counters an operator (and the disconnect test) can watch through /health. The runtime counts the
@@ -445,6 +473,17 @@ class Engine:
 
     async def unload_adapter(self, name: str) -> None:
         raise NotImplementedError(f"the {self.name} engine does not serve LoRA adapters")
+
+    def embedding_info(self) -> dict[str, Any] | None:
+        """How `embed` makes its vectors, for `GET /v1/engine`: {"pooling", "normalize", "dimensions", ...};
+        None: the engine serves no embeddings (the runtime then answers a 400)."""
+        return None
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """One vector per input. A local engine takes `request.token_ids`, pools the final (post-norm) hidden
+        state of every token by its mean and L2-normalises it (`jarvis.embeddings.EMBEDDING_METHOD`), with no
+        LM head, off the event loop."""
+        raise NotImplementedError(f"the {self.name} engine does not serve embeddings")
 
     def describe(self) -> dict[str, Any]:
         """What `GET /v1/engine` shows beyond the model: dtype, device, batching, limits."""

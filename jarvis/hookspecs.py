@@ -72,7 +72,8 @@ def jarvis_shutdown(app: Litestar, server: JarvisServer) -> None:
 @hookspec
 def jarvis_request_started(request: PreparedRequest) -> None:
     """A generation is about to reach the engine; must be fast (one that raises is logged, and the other
-    plugins still get the event)."""
+    plugins still get the event). An embeddings request arrives too, as `kind` "embedding" (its result has
+    prompt tokens only)."""
 
 
 @hookspec

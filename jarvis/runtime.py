@@ -22,7 +22,10 @@ from typing import Any, Protocol
 
 from jarvis.adapters import AdapterInfo, AdapterService
 from jarvis.chat_format import ChatFormat
+from jarvis.embeddings import as_hooked_request, as_hooked_result, prepare_embeddings
 from jarvis.engine import (
+    EmbeddingRequest,
+    EmbeddingResult,
     Engine,
     GenerationChunk,
     GenerationRequest,
@@ -72,6 +75,8 @@ class Runtime(Protocol):
     async def unload_adapter(self, name: str) -> None: ...
     async def generate(self, request: PreparedRequest) -> GenerationResult: ...
     def stream(self, request: PreparedRequest) -> AsyncIterator[GenerationChunk]: ...
+    def prepare_embeddings(self, request: EmbeddingRequest) -> EmbeddingRequest: ...
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
 
 
 class EngineRuntime:
@@ -271,6 +276,30 @@ class EngineRuntime:
             raise _as_api_error(exc)  # noqa: B904  (the error it returns carries its cause)
         finally:
             self._finished(request, collected.result() if error is None else None, error)
+
+    def prepare_embeddings(self, request: EmbeddingRequest) -> EmbeddingRequest:
+        """The embeddings request as the engine takes it (`jarvis.embeddings`): checked, tokenized."""
+        info = self.require_ready()
+        request.context.engine = self.engine.name
+        return prepare_embeddings(request, self.engine, info, self._served(info, request.model))
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """The vectors of a prepared embeddings request, in a generation slot, the request hooks around it."""
+        hooked = as_hooked_request(request)
+        self._started(hooked)
+        stats = self.engine.stats
+        try:
+            async with self.admission.slot():
+                stats.requests_started += 1
+                try:
+                    result = await self.engine.embed(request)
+                finally:
+                    stats.requests_finished += 1
+        except BaseException as exc:
+            self._finished(hooked, None, exc)
+            raise _as_api_error(exc)  # noqa: B904  (the error it returns carries its cause)
+        self._finished(hooked, as_hooked_result(result), None)
+        return result
 
     # Every engine call passes through one of these two, once: the engine's request counters, the tokens
     # it generated and the first token's arrival are kept here, not by each engine.

@@ -268,7 +268,27 @@ class HfEngine(Engine):
                              "wave_shifts": self._scheduler.shifts if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,
                              "continuous": self._continuous.describe() if self._continuous else None,
-                             "served_by": dict(self._paths), "recent": list(self._recent)}}
+                             "served_by": dict(self._paths), "recent": list(self._recent)},
+                "embeddings": self.embedding_info()}
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embedding_info(self) -> dict[str, Any] | None:
+        from jarvis.backends.hf.embeddings import MAX_TOKENS_PER_FORWARD
+        from jarvis.embeddings import embedding_method
+
+        model = self._handle.model if self._handle is not None else None
+        size = model.config.get_text_config().hidden_size if model is not None else 0
+        return embedding_method(size, forward=f"the base decoder (no LM head), right-padded groups of up to "
+                                              f"{MAX_TOKENS_PER_FORWARD} tokens, under the wave scheduler's "
+                                              f"model lock")
+
+    async def embed(self, request: Any) -> Any:
+        from jarvis.backends.hf.embeddings import embed_token_ids
+        from jarvis.engine import EmbeddingResult
+
+        ids = request.token_ids or []
+        return EmbeddingResult(await asyncio.to_thread(embed_token_ids, self._handle, ids), sum(map(len, ids)))
 
     # --- generation ------------------------------------------------------------------------------
 

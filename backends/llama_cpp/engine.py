@@ -117,6 +117,7 @@ class LlamaCppEngine(Engine):
         # and which adapter each context currently has applied (its KV cache belongs to those weights).
         self._adapters: dict[str, list[Any]] = {}
         self._applied: dict[int, str | None] = {}
+        self._embedder: Any = None  # the embedding-mode context (backends/llama_cpp/embeddings.py), on first use
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -158,6 +159,9 @@ class LlamaCppEngine(Engine):
         self._adapters.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         for llm in self._contexts:
             llm.close()
         self._contexts.clear()
@@ -180,7 +184,32 @@ class LlamaCppEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu" if not self.options.n_gpu_layers else "gpu offload", "threads": self.threads,
                 "batching": {"kind": f"a pool of {self.options.n_parallel} contexts",
-                             "n_parallel": self.options.n_parallel, "n_batch": self.options.n_batch}}
+                             "n_parallel": self.options.n_parallel, "n_batch": self.options.n_batch},
+                "embeddings": self.embedding_info()}
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embedding_info(self) -> dict[str, Any] | None:
+        from jarvis.embeddings import embedding_method
+
+        meta = self._vocab.metadata if self._vocab is not None else {}
+        arch = meta.get("general.architecture")
+        embedder = self._embedder
+        return embedding_method(int(meta.get(f"{arch}.embedding_length", 0) or 0),
+                                context="a separate embedding-mode context on the same mmap'd GGUF, made on first "
+                                        "use; several inputs per llama_decode",
+                                started=embedder is not None and embedder.dimensions is not None,
+                                decodes=embedder.decodes if embedder is not None else 0)
+
+    async def embed(self, request: Any) -> Any:
+        from jarvis.backends.llama_cpp.embeddings import LlamaEmbedder
+        from jarvis.engine import EmbeddingResult
+
+        if self._embedder is None:
+            self._embedder = LlamaEmbedder(self.path, self.settings.max_model_len, self.threads,
+                                           self.options.n_gpu_layers)
+        ids = request.token_ids or []
+        return EmbeddingResult(await self._embedder.embed(ids), sum(map(len, ids)))
 
     def compile_constraint(self, constraint: OutputConstraint) -> Any:
         """A GBNF grammar for llama.cpp's grammar sampler (JSON Schema through llama-cpp-python's converter,

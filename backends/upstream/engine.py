@@ -210,7 +210,19 @@ class OpenAIUpstreamEngine(Engine):
                 "routing": {"policy": "least outstanding requests, ties round-robin", "max_attempts": o.max_attempts,
                             "health_interval_s": o.health_interval, "failure_threshold": o.failure_threshold,
                             "cooldown_s": o.cooldown},
-                "upstreams": self.pool.describe()}
+                "upstreams": self.pool.describe(),
+                "embeddings": self.embedding_info()}
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embedding_info(self) -> dict[str, Any] | None:
+        return {"pooling": "the upstream's", "normalize": "the upstream's", "dimensions": "the upstream's",
+                "matryoshka": "passed on (dimensions goes upstream)", "path": "/embeddings"}
+
+    async def embed(self, request: Any) -> Any:
+        from jarvis.backends.upstream.embeddings import upstream_embed
+
+        return await upstream_embed(self, request)
 
     # --- requests --------------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ class VllmEngine(Engine):
         self._loras: dict[str, Any] = {}
         self._lora_ids = itertools.count(1)
         self._engine_args: dict[str, Any] = {}
+        self._embedder: Any = None  # the pooling engine of /v1/embeddings (backends/vllm/embeddings.py)
 
     def _base_dir(self) -> Path | None:
         if self.model_dir is not None:
@@ -154,6 +155,9 @@ class VllmEngine(Engine):
         return merged
 
     async def stop(self) -> None:
+        if self._embedder is not None:
+            embedder, self._embedder = self._embedder, None
+            await embedder.shutdown()
         if self._engine is not None:
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.shutdown)
@@ -202,7 +206,46 @@ class VllmEngine(Engine):
                 "engine_args": engine_args,
                 "usage_context": getattr(self, "_usage_context", None),
                 "engine_resolved": resolved,
-                "batching": {"kind": "continuous (vLLM scheduler, paged KV cache)"}}
+                "batching": {"kind": "continuous (vLLM scheduler, paged KV cache)"},
+                "embeddings": self.embedding_info()}
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embedding_info(self) -> dict[str, Any] | None:
+        from jarvis.embeddings import embedding_method
+
+        config = read_model_config(self._served_dir) if self._served_dir is not None else {}
+        size = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size") or 0
+        embedder = self._embedder
+        return embedding_method(int(size), **(embedder.describe() if embedder is not None else
+                                              {"second_engine": "a vLLM pooling engine, started on the first "
+                                                                "/v1/embeddings request", "running": False}))
+
+    async def embed(self, request: Any) -> Any:
+        from jarvis.backends.vllm.embeddings import POOLING_KV_TOKENS, VllmEmbedder
+        from jarvis.engine import EmbeddingResult
+
+        if self._engine is None or self._served_dir is None:
+            raise RuntimeError("vllm engine not started")
+        if self._embedder is None:
+            from jarvis.backends.vllm.config import kv_bytes_per_token
+
+            args = {**self._engine_args, "model": str(self._served_dir), "tokenizer": str(self._served_dir)}
+            per_token = kv_bytes_per_token(read_model_config(self._served_dir), str(args.get("dtype")))
+            max_len = self.model_info().max_model_len
+            kv = per_token * max(POOLING_KV_TOKENS, 4 * max_len) if per_token else None
+            if self.platform.device == "cuda":  # the generating engine holds its share: take part of the rest
+                args["gpu_memory_utilization"] = round((1 - self.options.gpu_memory_utilization) * 0.9, 3)
+            usage = None
+            try:
+                from vllm.usage.usage_lib import UsageContext
+
+                usage = UsageContext(self._usage_context) if self._usage_context else None
+            except (ImportError, ValueError):
+                pass
+            self._embedder = VllmEmbedder(args, kv, usage)
+        ids = request.token_ids or []
+        return EmbeddingResult(await self._embedder.embed(ids), sum(map(len, ids)))
 
     # --- generation ------------------------------------------------------------------------------
 

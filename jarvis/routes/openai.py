@@ -1,4 +1,4 @@
-"""The OpenAI surface over HTTP: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI surface over HTTP: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
 
 A handler hands the raw body and who is asking (`client_of`: an API key's fingerprint or the peer address)
 to `jarvis.serving`, which validates, admits, prepares and runs it, and wraps what comes back: a JSON body, or
@@ -19,11 +19,13 @@ from jarvis import bodies
 from jarvis import protocol as wire
 from jarvis.auth import bearer_token, principal_of
 from jarvis.limits import client_id
+from jarvis.protocol_embeddings import EmbeddingsRequest
 from jarvis.routes.openapi_docs import json_body
 from jarvis.runtime import Runtime
 from jarvis.server import server_of
 from jarvis.serving.chat import chat_reply
 from jarvis.serving.completions import completion_reply
+from jarvis.serving.embeddings import embeddings_reply
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -81,3 +83,8 @@ class OpenAIController(Controller):
           operation_class=json_body(wire.CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return reply(await completion_reply(runtime_of(request), await request.body(), client_of(request)))
+
+    @post("/embeddings", status_code=200, summary="Create embeddings (OpenAI-compatible): mean-pooled, unit length.",
+          operation_class=json_body(EmbeddingsRequest))
+    async def embeddings(self, request: Request) -> Response:
+        return reply(await embeddings_reply(runtime_of(request), await request.body(), client_of(request)))

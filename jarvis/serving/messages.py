@@ -310,8 +310,9 @@ def event(kind: str, **fields: Any) -> str:
     return f"event: {kind}\ndata: {compact_json({'type': kind, **fields})}\n\n"
 
 
-def start_message(runtime: Runtime, body: awire.MessagesRequest, client: str | None = None) -> MessageRun:
-    return MessageRun(body, start_chat(runtime, chat_body(body, body.max_tokens), client))
+async def create_message(runtime: Runtime, body: awire.MessagesRequest, client: str | None = None) -> dict[str, Any]:
+    """Run a validated Messages request to the end and return the `message` body (a batch line's answer)."""
+    return await MessageRun(body, start_chat(runtime, chat_body(body, body.max_tokens), client)).result()
 
 
 async def messages_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str, Any] | AsyncIterator[str]:

@@ -13,16 +13,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from jarvis import protocol as wire
+from jarvis import protocol_anthropic as awire
 from jarvis import protocol_responses as rwire
 from jarvis.bodies import validate_body
 from jarvis.errors import InvalidRequest
+from jarvis.protocol_embeddings import EmbeddingsRequest
 
-LineBody = wire.ChatCompletionRequest | wire.CompletionRequest | rwire.ResponsesRequest
+LineBody = (wire.ChatCompletionRequest | wire.CompletionRequest | rwire.ResponsesRequest | EmbeddingsRequest
+            | awire.MessagesRequest)
 
 ENDPOINTS: dict[str, type[LineBody]] = {
     "/v1/chat/completions": wire.ChatCompletionRequest,
     "/v1/completions": wire.CompletionRequest,
     "/v1/responses": rwire.ResponsesRequest,
+    "/v1/embeddings": EmbeddingsRequest,
+    "/v1/messages": awire.MessagesRequest,
 }
 
 
@@ -97,7 +102,7 @@ def parse_line(number: int, raw: str, endpoint: str, seen: dict[str, int]) -> Ba
 def validate_line_body(line: BatchLine, endpoint: str) -> LineBody:
     """The body as the HTTP route would accept it; raises the route's InvalidRequest otherwise."""
     body = validate_body(line.body, ENDPOINTS[endpoint])
-    if body.stream:
+    if getattr(body, "stream", False):  # an embeddings body has no stream
         raise InvalidRequest("stream=true is not supported in a batch: each line gets one complete response. "
                              "Remove `stream` or set it to false.", param="stream", code="stream_not_supported")
     return body

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jarvis import protocol_anthropic as awire
 from jarvis.auth import owner_principal
 from jarvis.errors import APIError, EngineFailure
 from jarvis.plugins.batch.lines import BatchLine, parse_input, validate_line_body
@@ -30,6 +31,8 @@ from jarvis.plugins.batch.store import TERMINAL, BatchJobStore
 from jarvis.runtime import EngineRuntime
 from jarvis.serving.chat import create_chat_completion
 from jarvis.serving.completions import create_completion
+from jarvis.serving.embeddings import create_embeddings
+from jarvis.serving.messages import create_message
 from jarvis.serving.responses import create_response
 
 log = logging.getLogger("jarvis.batch")
@@ -37,7 +40,8 @@ log = logging.getLogger("jarvis.batch")
 INTERRUPTED = "interrupted"
 #: What runs one line of each endpoint: the same serving call as its HTTP route (non-streamed).
 ENDPOINT_CALLS = {"/v1/chat/completions": create_chat_completion, "/v1/completions": create_completion,
-                  "/v1/responses": create_response}
+                  "/v1/responses": create_response, "/v1/embeddings": create_embeddings,
+                  "/v1/messages": create_message}
 _STOP_CODES = {"cancelled": ("batch_cancelled", "the batch was cancelled before this request ran."),
                "expired": ("batch_expired", "the batch expired before this request ran.")}
 
@@ -179,7 +183,8 @@ class BatchJobRunner:
         except APIError as exc:
             if not self.runtime.ready:
                 raise JobInterrupted() from exc
-            status, payload = exc.status_code, exc.to_body()
+            status = exc.status_code
+            payload = awire.error_body(status, exc.message) if endpoint == "/v1/messages" else exc.to_body()
         except Exception as exc:
             if not self.runtime.ready:
                 raise JobInterrupted() from exc

@@ -33,6 +33,11 @@ def adapter_label(adapter: str | None) -> str:
     return adapter or "none"
 
 
+def operation_of(kind: str) -> str:
+    """A request's kind as the GenAI conventions name the operation (the `operation` label, the span name)."""
+    return {"chat": "chat", "embedding": "embeddings"}.get(kind, "text_completion")
+
+
 class ServerMetrics:
     """Every metric Jarvis exports; `registry` is what GET /metrics renders."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jarvis.plugins.telemetry.alerts import AlertEvaluator, FinishedGeneration, RequestWindow, ServerSnapshot
-from jarvis.plugins.telemetry.metrics import ServerMetrics
+from jarvis.plugins.telemetry.metrics import ServerMetrics, operation_of
 from jarvis.plugins.telemetry.resources import ResourceSampler
 from jarvis.plugins.telemetry.settings import TelemetrySettings
 
@@ -100,7 +100,7 @@ class TelemetryRecorder:
         status = generation_status(error)
         prompt_tokens = result.prompt_tokens if result is not None else 0
         completion_tokens = result.completion_tokens if result is not None else 0
-        operation = "chat" if request.kind == "chat" else "text_completion"
+        operation = operation_of(request.kind)
         self.metrics.record(request.model, request.adapter, operation, status, latency_s=latency, ttft_s=ttft,
                             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             error_type=type(error).__name__ if status == "error" else None,

@@ -121,7 +121,9 @@ class Tracing:
         """A child of the current (server) span, named `{operation} {model}` as GenAI spans are."""
         from opentelemetry.trace import SpanKind
 
-        operation = "chat" if request.kind == "chat" else "text_completion"
+        from jarvis.plugins.telemetry.metrics import operation_of
+
+        operation = operation_of(request.kind)
         attributes = {"gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
                       "gen_ai.system": "jarvis", "gen_ai.request.temperature": request.temperature,
                       "gen_ai.request.top_p": request.top_p, "jarvis.request.id": request.request_id,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from openai.types import Completion
+from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ MALFORMED = [
     ('{"custom_id": "broken", "method": "POST", ', "json"),
     (json.dumps({"method": "POST", "url": CHAT, "body": {"model": MODEL, "messages": []}}), "custom_id"),
     (request_line("req-0", "I repeat an id"), "duplicate"),
-    (request_line("bad-url", "x", url="/v1/embeddings"), "url"),
+    (request_line("bad-url", "x", url="/v1/moderations"), "url"),
     (request_line("bad-method", "x", method="GET"), "method"),
     (request_line("other-endpoint", "x", url="/v1/completions"), "endpoint"),
     (json.dumps({"custom_id": "bad-body", "method": "POST", "url": CHAT,
@@ -138,6 +138,48 @@ def test_completions_endpoint(client):
         assert Completion.model_validate(record["response"]["body"]).object == "text_completion"
 
 
+def test_embeddings_endpoint(client):
+    texts = ["The cat sat.", "Paris is in France.", "Two plus two is four."]
+    lines = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                         "body": {"model": MODEL, "input": text}}) for i, text in enumerate(texts)]
+    lines.append(json.dumps({"custom_id": "e-bad", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"model": MODEL, "input": "x", "dimensions": 8}}))
+    uploaded = client.files.create(file=("e.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = wait_for_batch(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h").id)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (3, 1)
+    output = {r["custom_id"]: r for r in read_jsonl(client.files.content(batch.output_file_id).text)}
+    # each alone, as each line embeds it (llama.cpp's batched decode differs in the last digits)
+    direct = [client.embeddings.create(model=MODEL, input=text, encoding_format="float").data[0] for text in texts]
+    for i, item in enumerate(direct):
+        body = CreateEmbeddingResponse.model_validate(output[f"e{i}"]["response"]["body"])
+        line_vector = body.data[0].embedding
+        assert sum(a * b for a, b in zip(line_vector, item.embedding)) > 0.9999
+    refused = read_jsonl(client.files.content(batch.error_file_id).text)[0]
+    assert refused["response"]["status_code"] == 400 and refused["response"]["body"]["error"]["param"] == "dimensions"
+
+
+def test_messages_endpoint(client):
+    """Anthropic's Messages in a batch: each line's body is the `message` its route returns, each refusal
+    Anthropic's error object."""
+    ask = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}
+    lines = [json.dumps({"custom_id": "m0", "method": "POST", "url": "/v1/messages", "body": ask}),
+             json.dumps({"custom_id": "m-bad", "method": "POST", "url": "/v1/messages",
+                         "body": {**ask, "thinking": {"type": "enabled", "budget_tokens": 1024}}})]
+    uploaded = client.files.create(file=("m.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = wait_for_batch(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/messages", completion_window="24h").id)  # type: ignore[arg-type]
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    (done,) = read_jsonl(client.files.content(batch.output_file_id).text)
+    message = done["response"]["body"]
+    assert message["type"] == "message" and message["usage"]["output_tokens"] >= 1
+    assert message["content"][0]["type"] == "text" and message["stop_reason"] in ("end_turn", "max_tokens")
+    (refused,) = read_jsonl(client.files.content(batch.error_file_id).text)
+    assert refused["response"]["status_code"] == 400
+    error = refused["response"]["body"]
+    assert error["type"] == "error" and "thinking" in error["error"]["message"]
+
+
 def test_cancel_keeps_what_finished_and_reports_the_rest(client):
     lines = list(valid_lines(30, "cancel").values())
     uploaded = client.files.create(file=("cancel.jsonl", "\n".join(lines).encode()), purpose="batch")
@@ -174,7 +216,7 @@ def test_batch_request_errors(client):
         client.batches.create(input_file_id="file-missing", endpoint=CHAT, completion_window="24h")
     uploaded = client.files.create(file=("x.jsonl", b"{}\n"), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         client.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="1h")
 

@@ -20,7 +20,7 @@ def line(custom_id, url=CHAT, method="POST", **body):
 
 def test_each_line_is_judged_on_its_own():
     data = "\n".join([line("a"), "", "[1, 2]", "{oops", line(""), line("a"), line("b", method="GET"),
-                      line("c", url="/v1/embeddings"), line("d", url="/v1/completions"), line("e")]).encode()
+                      line("c", url="/v1/moderations"), line("d", url="/v1/completions"), line("e")]).encode()
     data += b"\n\xff\xfe\n"
     parsed = parse_input(data, CHAT)
     codes = {p.line: (p.error or {}).get("code") for p in parsed}
