@@ -103,6 +103,8 @@ class RequestContext:
     #: `time.monotonic()` when the first generated token reached the server; set by the runtime's
     #: stream wrapper and by `Engine.generate` (an engine that overrides `generate` sets it itself).
     first_token_at: float | None = None
+    #: The wire API the request came in by ("openai", "anthropic", "tinker"): telemetry's `api` label.
+    api: str = "openai"
 
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
@@ -188,7 +190,8 @@ class GenerationRequest:
     def for_choice(self: R, index: int, seed: int | None) -> R:
         """Choice `index` of `n`: the same generation with its own seed and its own context."""
         ctx = self.context
-        return replace(self, seed=seed, context=RequestContext(f"{ctx.request_id}-{index}", ctx.client, ctx.engine))
+        return replace(self, seed=seed, context=RequestContext(f"{ctx.request_id}-{index}", ctx.client, ctx.engine,
+                                                               api=ctx.api))
 
 
 @dataclass(frozen=True)

@@ -50,19 +50,21 @@ class ChoiceEvent:
     stop_sequence: str | None = None
 
 
-def chat_generations(runtime: Runtime, body: wire.ChatCompletionRequest,
-                     client: str | None = None) -> list[PreparedRequest]:
-    """One prepared generation per choice (n), each with its own seed when the body has one."""
+def chat_generations(runtime: Runtime, body: wire.ChatCompletionRequest, client: str | None = None,
+                     api: str = "openai") -> list[PreparedRequest]:
+    """One prepared generation per choice (n), each with its own seed when the body has one; `api`: the wire
+    API that asked (a translation onto chat names its own)."""
     first = runtime.prepare(GenerationRequest(
-        prompt=None, model=body.model, kind="chat", context=RequestContext(client=client),
+        prompt=None, model=body.model, kind="chat", context=RequestContext(client=client, api=api),
         messages=[m.normalised() for m in body.messages], max_tokens=body.token_limit,
         logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, tool_use=tool_use(body),
         **turn_options(body), **generation_options(body)))
     return [first, *(first.for_choice(i, choice_seed(body.seed, i)) for i in range(1, body.n))]
 
 
-def start_chat(runtime: Runtime, body: wire.ChatCompletionRequest, client: str | None = None) -> ChatRun:
-    return ChatRun(runtime, body, chat_generations(runtime, body, client))
+def start_chat(runtime: Runtime, body: wire.ChatCompletionRequest, client: str | None = None,
+               api: str = "openai") -> ChatRun:
+    return ChatRun(runtime, body, chat_generations(runtime, body, client, api))
 
 
 class ChatRun:

@@ -31,6 +31,8 @@ from jarvis.serving.render import compact_json
 if TYPE_CHECKING:
     from jarvis.runtime import Runtime
 
+#: How these requests are named to the request hooks (telemetry's `api` label).
+API = "anthropic"
 #: Content block types of Anthropic's API that a text model cannot take.
 MEDIA_BLOCKS = ("image", "document", "search_result", "container_upload")
 
@@ -312,7 +314,7 @@ def event(kind: str, **fields: Any) -> str:
 
 async def create_message(runtime: Runtime, body: awire.MessagesRequest, client: str | None = None) -> dict[str, Any]:
     """Run a validated Messages request to the end and return the `message` body (a batch line's answer)."""
-    return await MessageRun(body, start_chat(runtime, chat_body(body, body.max_tokens), client)).result()
+    return await MessageRun(body, start_chat(runtime, chat_body(body, body.max_tokens), client, API)).result()
 
 
 async def messages_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str, Any] | AsyncIterator[str]:
@@ -321,7 +323,7 @@ async def messages_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str,
     body = parse_body(raw, awire.MessagesRequest)
     chat = chat_body(body, body.max_tokens)
     runtime.admit(client)
-    run = MessageRun(body, start_chat(runtime, chat, client))
+    run = MessageRun(body, start_chat(runtime, chat, client, API))
     return run.events() if body.stream else await run.result()
 
 
@@ -329,7 +331,7 @@ async def count_tokens(runtime: Runtime, raw: bytes, client: str) -> dict[str, A
     """`{"input_tokens": N}`: the prompt the model would see for this conversation and these tools, counted by
     the engine's tokenizer; an engine that cannot count locally (an upstream) generates one token to learn it."""
     body = parse_body(raw, awire.CountTokensRequest)
-    gen = chat_generations(runtime, chat_body(body, 1), client)[0]
+    gen = chat_generations(runtime, chat_body(body, 1), client, API)[0]
     if gen.prompt_token_ids is not None:
         return {"input_tokens": len(gen.prompt_token_ids)}
     runtime.admit(client)

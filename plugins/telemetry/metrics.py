@@ -48,8 +48,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         by_model = ["model", "adapter"]
         r = self.registry
-        self.requests = Counter("jarvis_requests", "Generations finished, by model, adapter, operation and status.",
-                                [*by_model, "operation", "status"], registry=r)
+        self.requests = Counter("jarvis_requests", "Generations finished, by model, adapter, operation, status and "
+                                "the wire API that asked (openai, anthropic, tinker).",
+                                [*by_model, "operation", "status", "api"], registry=r)
         self.errors = Counter("jarvis_request_errors", "Generations that failed, by error type.",
                               [*by_model, "error_type"], registry=r)
         self.latency = Histogram("jarvis_request_duration_seconds", "Generation latency, start to last token.",
@@ -84,11 +85,11 @@ class ServerMetrics:
 
     def record(self, model: str, adapter: str | None, operation: str, status: str, *, latency_s: float,
                ttft_s: float | None, prompt_tokens: int, completion_tokens: int, error_type: str | None,
-               tool_names: Sequence[str] = ()) -> None:
+               tool_names: Sequence[str] = (), api: str = "openai") -> None:
         label = adapter_label(adapter)
         for name in tool_names:
             self.tool_calls.labels(model, label, name).inc()
-        self.requests.labels(model, label, operation, status).inc()
+        self.requests.labels(model, label, operation, status, api).inc()
         if error_type is not None:
             self.errors.labels(model, label, error_type).inc()
         if status != "ok":

@@ -104,7 +104,8 @@ class TelemetryRecorder:
         self.metrics.record(request.model, request.adapter, operation, status, latency_s=latency, ttft_s=ttft,
                             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                             error_type=type(error).__name__ if status == "error" else None,
-                            tool_names=[c.name or "" for c in result.tool_calls] if result is not None else ())
+                            tool_names=[c.name or "" for c in result.tool_calls] if result is not None else (),
+                            api=request.context.api)
         self.finished_count += 1
         self.output_tokens += completion_tokens
         if status != "cancelled":

@@ -125,6 +125,7 @@ class Tracing:
 
         operation = operation_of(request.kind)
         attributes = {"gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
+                      "jarvis.api": request.context.api,
                       "gen_ai.system": "jarvis", "gen_ai.request.temperature": request.temperature,
                       "gen_ai.request.top_p": request.top_p, "jarvis.request.id": request.request_id,
                       "jarvis.engine": request.engine or "", "jarvis.adapter": request.adapter or ""}

@@ -33,6 +33,7 @@ def engine_request(model: str, prompt: list[int], params: Any, seed: int | None,
         ignore_eos=stop is not None and len(stop) == 0,  # [] turns every stop off, end of sequence included
         logprobs=True, echo=echo)
     request.context.client = client
+    request.context.api = "tinker"
     return request
 
 

@@ -152,3 +152,11 @@ def test_langchain_anthropic_binds_tools_unchanged(server):
     (call,) = reply.tool_calls
     assert call["name"] == "GetWeather" and isinstance(call["args"]["city"], str)
     assert "".join(str(chunk.content) for chunk in llm.stream("Count to three")) != ""
+
+
+def test_telemetry_counts_messages_under_their_api(client, server):
+    client.messages.create(model=MODEL, max_tokens=2, messages=PROMPT)
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    counted = [line for line in metrics.splitlines() if line.startswith("jarvis_requests_total{")
+               and 'api="anthropic"' in line and 'operation="chat"' in line and 'status="ok"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1, metrics[:2000]

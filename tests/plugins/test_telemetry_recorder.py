@@ -85,7 +85,8 @@ def test_cancelled_generations_are_not_errors():
     rec.started(gen)
     rec.finished(gen, None, GeneratorExit())
     assert metric_line(rec, "jarvis_requests_total") == [
-        'jarvis_requests_total{adapter="none",model="base-model",operation="text_completion",status="cancelled"} 1.0']
+        'jarvis_requests_total{adapter="none",api="openai",model="base-model",operation="text_completion",'
+        'status="cancelled"} 1.0']
     assert rec.window.current() == []
 
 
