@@ -61,6 +61,16 @@ def unexpected_error_response(_: Request, exc: Exception) -> Response:
                     status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+#: Loggers of the HTTP clients engines and plugins use: a line per request at INFO (the upstream engine's every
+#: call), which costs the event loop more than the proxying itself. Shown again at JARVIS_LOG_LEVEL=debug.
+CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def quiet_client_logs(level: str) -> None:
+    for name in CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level.lower() in ("debug", "trace") else logging.WARNING)
+
+
 def create_app(boot: Bootstrap | None = None,
                on_engine_failure: Callable[[str], None] | None = None) -> Litestar:
     """The app over `boot` (settings, plugins, registries; built here when not given), refused with every
@@ -69,6 +79,7 @@ def create_app(boot: Bootstrap | None = None,
     boot = boot or bootstrap()
     boot.require_valid()
     settings, pm = boot.settings, boot.plugins
+    quiet_client_logs(settings.log_level)
     runtime = EngineRuntime(settings, boot.registries, pm.relay)
     keys = KeyRing.from_settings(settings)
     server = JarvisServer(settings, runtime, pm, keys)

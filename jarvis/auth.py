@@ -221,7 +221,8 @@ def access_guard(settings: JarvisSettings, keyring: KeyRing):
     """The app's guard: identifies the caller (kept as the connection's `user`), then enforces the route's
     access level: 401 without a valid key where one is needed, 403 naming the scope on an admin route."""
 
-    def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    async def guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # async: run inline, not in
+        # a worker thread (Litestar hands a sync guard to its thread pool on every request)
         principal = keyring.identify(bearer_token(connection.headers)) if keyring.enabled else SINGLE_USER
         connection.scope["user"] = principal or keyring.anonymous
         if not keyring.enabled:
