@@ -56,6 +56,13 @@ def wait_ready(base_url: str, process: subprocess.Popen, log: IO[str], timeout_s
 @contextmanager
 def jarvis_server(ready_timeout_s: float = 180, **settings: str) -> Iterator[str]:
     """A fresh server with `settings` (JARVIS_* names); yields its /v1 base URL once /health says ready."""
+    with jarvis_server_process(ready_timeout_s, **settings) as (v1, _):
+        yield v1
+
+
+@contextmanager
+def jarvis_server_process(ready_timeout_s: float = 180, **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`jarvis_server`, yielding the server's process too (for its CPU time)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -67,7 +74,7 @@ def jarvis_server(ready_timeout_s: float = 180, **settings: str) -> Iterator[str
                                    stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(f"http://127.0.0.1:{port}", process, log, ready_timeout_s)
-            yield f"http://127.0.0.1:{port}/v1"
+            yield f"http://127.0.0.1:{port}/v1", process
         finally:
             exited = process.poll()
             process.terminate()
