@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from jarvis_process import jarvis_server_process  # noqa: E402
 
 HERE = Path(__file__).parent
+#: The key every request sends: LiteLLM's master key (it refuses to start without a strong one); the others ignore it.
+KEY = "sk-bench-4f7c2a9e1b6d8035c2e7a914f0b3d6e8"
 BODY = {"model": "stub", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}
 
 
@@ -57,9 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 120) -> None:
+def wait_http(url: str, timeout_s: float = 120, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
         try:
             if httpx.get(url, timeout=2).status_code < 500:
                 return
@@ -130,7 +132,7 @@ class Connections:
 def request_bytes(path: str, stream: bool) -> bytes:
     body = json.dumps({**BODY, "stream": stream}).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer sk-bench\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 async def open_loop(port: int, path: str, stream: bool, rate: float,
@@ -224,12 +226,16 @@ def litellm_server(upstream: int, venvs: Path):
 litellm_settings: {{callbacks: [], success_callback: [], failure_callback: [], telemetry: false, drop_params: true}}
 general_settings: {{disable_spend_logs: true}}
 """)
-        env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+        env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": KEY}
         log = open(Path(tmp) / "litellm.log", "w+")
         process = subprocess.Popen([str(venv / "bin" / "litellm"), "--config", str(config), "--port", str(port),
                                     "--num_workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=300)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout_s=300, process=process)
+            except RuntimeError:
+                log.seek(0)
+                raise RuntimeError(f"LiteLLM did not start:\n{log.read()[-3000:]}") from None
             yield port, process
         finally:
             process.terminate()
@@ -288,16 +294,16 @@ def main() -> None:
     with ExitStack() as stack:
         upstream, stub = stack.enter_context(stub_server())
         targets: dict[str, tuple[int, int]] = {"direct": (upstream, stub.pid)}
-        v1, jarvis = stack.enter_context(jarvis_server_process(
-            JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=f"http://127.0.0.1:{upstream}/v1",
-            JARVIS_LOG_LEVEL="info", JARVIS_TELEMETRY_ENABLED=str(args.telemetry).lower(),
-            **dict(item.split("=", 1) for item in args.jarvis_env)))
+        settings = {"JARVIS_INFERENCE_ENGINE": "openai", "JARVIS_UPSTREAM_URL": f"http://127.0.0.1:{upstream}/v1",
+                    "JARVIS_LOG_LEVEL": "info", "JARVIS_TELEMETRY_ENABLED": str(args.telemetry).lower(),
+                    **dict(item.split("=", 1) for item in args.jarvis_env)}
+        v1, jarvis = stack.enter_context(jarvis_server_process(**settings))
         targets["jarvis"] = (int(v1.rsplit(":", 1)[1].split("/")[0]), jarvis.pid)
         if not args.no_litellm:
             try:
                 port, process = stack.enter_context(litellm_server(upstream, args.venvs))
                 targets["litellm"] = (port, process.pid)
-            except (subprocess.CalledProcessError, RuntimeError) as exc:
+            except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
                 console.print(f"[yellow]LiteLLM skipped: {exc}")
         for r in range(args.rounds):
             order = list(targets) if r % 2 == 0 else list(targets)[::-1]

@@ -32,6 +32,7 @@ from jarvis.routes.responses import ResponsesController
 from jarvis.routes.tokenizer import TokenizerController
 from jarvis.runtime import EngineRuntime
 from jarvis.server import JarvisServer
+from jarvis.shedding import shed_when_full
 
 log = logging.getLogger("jarvis.app")
 
@@ -86,7 +87,7 @@ def create_app(boot: Bootstrap | None = None,
 
     extra_routes: list[Any] = []
     pm.hook.jarvis_register_routes(register=extra_routes.append)
-    middleware: list[Any] = []
+    middleware: list[Any] = [shed_when_full(runtime.admission)]  # first: the outermost layer
     pm.hook.jarvis_register_middleware(register=middleware.append)
 
     @asynccontextmanager

@@ -72,6 +72,7 @@ def serve(**overrides: Any) -> None:
     # uvicorn re-raises the signal after its shutdown; this handler makes that a clean exit (status 0).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           access_log=settings.access_log,
                                            timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
                                            timeout_keep_alive=settings.keep_alive_timeout))
     server.run()

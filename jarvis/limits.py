@@ -29,15 +29,22 @@ class Admission:
         self.waiting = 0
         self._slots: asyncio.Semaphore | None = None
 
+    @property
+    def full(self) -> bool:
+        """Every slot is busy and the queue is full: a new request would be refused."""
+        return (self.max_concurrent is not None and self.running >= self.max_concurrent
+                and self.waiting >= self.max_queue)
+
+    def overloaded(self) -> RateLimited:
+        return RateLimited(f"The server is at capacity: {self.running} generations running and {self.waiting} "
+                           f"waiting (JARVIS_MAX_CONCURRENT={self.max_concurrent}, JARVIS_MAX_QUEUE="
+                           f"{self.max_queue}). Retry after the Retry-After delay.", self.retry_after,
+                           code="server_overloaded")
+
     def check(self) -> None:
         """Raise 429 when every slot is busy and the queue is full."""
-        if self.max_concurrent is None:
-            return
-        if self.running >= self.max_concurrent and self.waiting >= self.max_queue:
-            raise RateLimited(f"The server is at capacity: {self.running} generations running and {self.waiting} "
-                              f"waiting (JARVIS_MAX_CONCURRENT={self.max_concurrent}, JARVIS_MAX_QUEUE="
-                              f"{self.max_queue}). Retry after the Retry-After delay.", self.retry_after,
-                              code="server_overloaded")
+        if self.full:
+            raise self.overloaded()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -143,6 +143,9 @@ class JarvisSettings(BaseSettings):
         False, description="When the engine fails its first start: false = the server exits non-zero with the "
                            "reason; true = it stays up (503, /health says why) and retries with back-off.",
         json_schema_extra={"fix": "set JARVIS_ENGINE_START_RETRY to true or false"})
+    access_log: bool = Field(True, description="A log line per HTTP request (uvicorn's access log); off saves "
+                                               "about 0.25 ms of CPU per request on a busy proxy.",
+                             json_schema_extra={"fix": "set JARVIS_ACCESS_LOG to true or false"})
     log_level: str = Field(
         "info", pattern="^(critical|error|warning|info|debug)$", description="Server log level.",
         json_schema_extra={"fix": "set JARVIS_LOG_LEVEL to one of critical, error, warning, info, debug"})

@@ -68,3 +68,41 @@ def test_client_id_never_holds_the_key():
     assert "secret" not in ident and ident.startswith("key-")
     assert client_id("sk-very-secret", None) == ident
     assert client_id(None, "10.1.2.3") == "addr-10.1.2.3"
+
+
+def test_a_full_server_sheds_generation_requests_at_the_door_in_their_apis_shape():
+    """While every slot is busy and the queue is full, POSTs to the generation routes are answered 429 before
+    the app runs (no body read, no routing); everything else reaches the app."""
+    import asyncio
+    import json
+
+    from jarvis.limits import Admission
+    from jarvis.shedding import shed_when_full
+
+    admission = Admission(max_concurrent=1, max_queue=0, retry_after=2.0)
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    shed = shed_when_full(admission)(app)
+
+    def call(method: str, path: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(shed({"type": "http", "method": method, "path": path}, None, send))
+        return sent
+
+    assert call("POST", "/v1/chat/completions") == [] and reached == ["/v1/chat/completions"]  # not full yet
+    admission.running = 1
+    start, body = call("POST", "/v1/chat/completions")
+    assert start["status"] == 429 and (b"retry-after", b"2") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "server_overloaded"
+    start, body = call("POST", "/v1/messages")
+    anthropic = json.loads(body["body"])
+    assert anthropic["type"] == "error" and anthropic["error"]["type"] == "rate_limit_error"
+    assert call("GET", "/v1/models") == [] and call("POST", "/v1/load_lora_adapter") == []
+    assert reached == ["/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter"]
