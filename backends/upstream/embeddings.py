@@ -11,15 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from jarvis.backends.upstream.errors import RETRYABLE, answer_error, score_failure
 from jarvis.engine import EmbeddingRequest, EmbeddingResult
 from jarvis.errors import APIError
 
 if TYPE_CHECKING:
     from jarvis.backends.upstream.engine import OpenAIUpstreamEngine
-    from jarvis.backends.upstream.pool import Upstream
 
 
 def embeddings_body(request: EmbeddingRequest, upstream_model: str | None) -> dict[str, Any]:
@@ -46,20 +42,6 @@ def vectors_of(data: dict[str, Any], count: int, url: str) -> tuple[list[list[fl
 
 async def upstream_embed(engine: OpenAIUpstreamEngine, request: EmbeddingRequest) -> EmbeddingResult:
     body = embeddings_body(request, engine.upstream_model)
-    tried: list[Upstream] = []
-    error: APIError | None = None
-    while True:
-        attempt = engine._next_attempt(request, tried, error)  # type: ignore[arg-type]  (reads .adapter only)
-        try:
-            response = await attempt.upstream.client.post("/embeddings", json=body)
-            if response.status_code >= 400:
-                raise answer_error(response.status_code, response.content, attempt.upstream.url)
-            vectors, tokens = vectors_of(response.json(), len(request.inputs), attempt.upstream.url)
-            attempt.succeeded()
-            return EmbeddingResult(vectors, tokens)
-        except RETRYABLE as exc:
-            error = score_failure(attempt, exc)
-        except (httpx.HTTPError, APIError) as exc:
-            raise score_failure(attempt, exc) from None
-        finally:
-            attempt.close()
+    vectors, tokens = await engine.post(request, "/embeddings", body,
+                                        lambda response, url: vectors_of(response.json(), len(request.inputs), url))
+    return EmbeddingResult(vectors, tokens)

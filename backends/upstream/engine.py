@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import AliasChoices, Field
@@ -52,6 +52,8 @@ from jarvis.engine import (
 )
 from jarvis.errors import APIError, ConfigError
 from jarvis.settings import JarvisSettings, load_settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("jarvis.backends.upstream.engine")
 
@@ -274,8 +276,11 @@ class OpenAIUpstreamEngine(Engine):
         return APIError(f"{error.message} {summary.message}", status_code=error.status_code,
                         error_type=error.error_type, code=error.code)
 
-    async def generate(self, request: PreparedRequest) -> GenerationResult:
-        path, body = self.body(request, stream=False)
+    async def post(self, request: PreparedRequest | Any, path: str, body: dict[str, Any],
+                   read: Callable[[httpx.Response, str], T]) -> T:
+        """POST `body` to `path` on an upstream the pool picks for `request` (its `adapter`), retried on the
+        next one after a connection failure or a 502/503, each upstream scored; `read(response, url)` makes
+        the answer of a 2xx (raising an `APIError` for one of another shape)."""
         tried: list[Upstream] = []
         error: APIError | None = None
         while True:
@@ -284,15 +289,19 @@ class OpenAIUpstreamEngine(Engine):
                 response = await attempt.upstream.client.post(path, json=body)
                 if response.status_code >= 400:
                     raise answer_error(response.status_code, response.content, attempt.upstream.url)
-                data = response.json()
+                answer = read(response, attempt.upstream.url)
                 attempt.succeeded()
-                break
+                return answer
             except RETRYABLE as exc:
                 error = score_failure(attempt, exc)
             except (httpx.HTTPError, APIError) as exc:
                 raise score_failure(attempt, exc) from None
             finally:
                 attempt.close()
+
+    async def generate(self, request: PreparedRequest) -> GenerationResult:
+        path, body = self.body(request, stream=False)
+        data = await self.post(request, path, body, lambda response, _: response.json())
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         request.context.mark_first_token()
