@@ -4,9 +4,10 @@ is answered 429 before any of its work is done.
 `JARVIS_MAX_CONCURRENT` and `JARVIS_MAX_QUEUE` bound the generations the runtime holds (`jarvis.limits`);
 the runtime refuses the one past them once its body is parsed and its route has run. Past the server's CPU
 ceiling (a proxy in front of a fast upstream) that is too late: the refusals themselves queue behind the
-work, answer in seconds, and the 200s delivered fall. This ASGI layer, outermost, answers such a request
-from its method and path alone (no routing, no key check, no body read), in the shape of its API, so
-refusing costs a fraction of serving and the rate delivered stays at the ceiling.
+work and the 200s delivered fall. This ASGI layer, the outermost of every route's middleware (it runs after
+Litestar's route lookup, before the key check, the handler and the body read), answers such a request from
+its method and path alone, in the shape of its API, so refusing costs a fraction of serving. It is not
+enough at twice the ceiling: there the loop cannot even parse every request in time, and refusals queue too.
 """
 
 from __future__ import annotations

@@ -10,19 +10,18 @@ and `anthropic-beta` are accepted, and every error, the guard's 401/403 included
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from litestar import Controller, Request, post
 from litestar.exceptions import HTTPException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
+from litestar.openapi.spec import Operation
 from litestar.response import Response
 from pydantic import BaseModel
 
 from jarvis import protocol_anthropic as awire
 from jarvis.errors import APIError
 from jarvis.routes.openai import client_of, reply, runtime_of
-from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, inline_definitions
+from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, inline_definitions, own_errors_body
 from jarvis.serving.messages import count_tokens, messages_reply
 
 log = logging.getLogger("jarvis.app")
@@ -44,22 +43,7 @@ def anthropic_error(_: Request, exc: Exception) -> Response:
 def anthropic_body(model: type[BaseModel]) -> type[Operation]:
     """An `operation_class` documenting `model` as the JSON body and the errors in Anthropic's shape."""
     error = JsonSchema(inline_definitions(awire.ErrorResponse.model_json_schema()))
-    body = RequestBody(content={"application/json": OpenAPIMediaType(
-        schema=JsonSchema(inline_definitions(model.model_json_schema())))}, required=True)
-
-    @dataclass
-    class AnthropicOperation(Operation):
-        documents_own_errors = True  # `jarvis.routes.openapi_docs.document_errors` leaves them
-
-        def __post_init__(self) -> None:
-            self.request_body = body
-            self.responses = {**(self.responses or {}), **{
-                str(status): OpenAPIResponse(description=text,
-                                             content={"application/json": OpenAPIMediaType(schema=error)})
-                for status, text in ERROR_STATUSES.items()}}
-
-    AnthropicOperation.__name__ = f"{model.__name__}Operation"
-    return AnthropicOperation
+    return own_errors_body(model, error, ERROR_STATUSES, f"{model.__name__}Operation")
 
 
 class MessagesController(Controller):

@@ -71,6 +71,29 @@ def json_body(model: type[BaseModel]) -> type[Operation]:
     return JsonBodyOperation
 
 
+def own_errors_body(body: type[BaseModel] | None, error: Schema, statuses: dict[int, str],
+                    name: str) -> type[Operation]:
+    """An `operation_class` for a route of another API (Tinker's, Anthropic's): its JSON body, if any, and its
+    errors in that API's own shape `error`, which `document_errors` then leaves as they are."""
+    request_body = None if body is None else RequestBody(content={"application/json": OpenAPIMediaType(
+        schema=JsonSchema(inline_definitions(body.model_json_schema())))}, required=True)
+
+    @dataclass
+    class OwnErrorsOperation(Operation):
+        documents_own_errors = True
+
+        def __post_init__(self) -> None:
+            if request_body is not None:
+                self.request_body = request_body
+            self.responses = {**(self.responses or {}), **{
+                str(status): OpenAPIResponse(description=text,
+                                             content={"application/json": OpenAPIMediaType(schema=error)})
+                for status, text in statuses.items()}}
+
+    OwnErrorsOperation.__name__ = name
+    return OwnErrorsOperation
+
+
 def document_errors(app: Litestar) -> None:
     """Every operation's error statuses, with the OpenAI error object Jarvis really sends for them."""
     schema = app.openapi_schema

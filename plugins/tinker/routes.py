@@ -10,12 +10,11 @@ HTTP errors in Tinker's shape, `{"detail": "..."}`. Every route needs an API key
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, RequestBody
+from litestar.openapi.spec import Operation
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tinker import types
 
@@ -25,7 +24,7 @@ from jarvis.plugins.tinker.futures import RequestFailed
 from jarvis.plugins.tinker.service import TinkerService
 from jarvis.plugins.tinker.trainer import LoraSpec
 from jarvis.routes.openai import client_of
-from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, inline_definitions
+from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, own_errors_body
 from jarvis.server import server_of
 
 M = TypeVar("M", bound=BaseModel)
@@ -42,22 +41,7 @@ ERRORS = {**ERROR_STATUSES, 410: "The session is finished."}
 def operation(body: type[BaseModel] | None = None) -> type[Operation]:
     """An `operation_class` documenting a Tinker route: its JSON body (the SDK's own request type) and its
     errors in Tinker's shape, `{"detail": "..."}`."""
-
-    @dataclass
-    class TinkerOperation(Operation):
-        documents_own_errors = True  # `jarvis.routes.openapi_docs.document_errors` leaves them
-
-        def __post_init__(self) -> None:
-            if body is not None:
-                self.request_body = RequestBody(content={"application/json": OpenAPIMediaType(
-                    schema=JsonSchema(inline_definitions(body.model_json_schema())))}, required=True)
-            self.responses = {**(self.responses or {}), **{
-                str(status): OpenAPIResponse(description=text,
-                                             content={"application/json": OpenAPIMediaType(schema=DETAIL)})
-                for status, text in ERRORS.items()}}
-
-    TinkerOperation.__name__ = f"Tinker{body.__name__ if body else ''}Operation"
-    return TinkerOperation
+    return own_errors_body(body, DETAIL, ERRORS, f"Tinker{body.__name__ if body else ''}Operation")
 
 
 def detail(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
