@@ -28,6 +28,10 @@ Reading the tables: api/bare = API steps/s over bare steps/s (goal >= 0.9x), tin
 shared machine bursts of background load slow single steps several-fold: the medians, the paired median
 (the median of api step k - bare step k, run a block apart) and the best steps resist them, totals do
 not. "first loss" is loss:sum of each path's first step. Raw times go to DIR/training_service.json.
+  loop    then one turn of the RL loop on the API's trained weights: save_weights_and_get_sampling_client
+          (the time to publish them to the serving engine hot), --samples seeded samples, and the trainer's
+          forward on the same tokens: |sampled - trained| logprob per token (mean, max).
+
 Defaults (4×32 tokens, 20 steps; 8×32 sampled tokens, 8 rounds) take 2-4 minutes on 2 CPU cores.
 
     python bench/training_service.py [--steps N] [--batch B] [--seq-len L] [--rank R]
@@ -176,6 +180,26 @@ def summarize_training(runs: dict[str, Run]) -> dict[str, dict[str, float]]:
     return out
 
 
+def fresh_weights_loop(training: tinker.TrainingClient, prompt: list[int], samples: int,
+                       max_tokens: int) -> dict[str, float]:
+    """One turn of the RL loop on the weights just trained: publish them to the serving engine, sample
+    `samples` continuations of `prompt` (temperature 1, seeded), score the same tokens with the trainer's
+    forward, and compare the two logprobs per sampled token (on-policy RL needs them equal)."""
+    start = time.perf_counter()
+    sampler = training.save_weights_and_get_sampling_client().result()
+    publish_s = time.perf_counter() - start
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=7, stop=[])
+    sequences = sampler.sample(types.ModelInput.from_ints(prompt), samples, params).result().sequences
+    data = [types.Datum(model_input=types.ModelInput.from_ints((prompt + s.tokens)[:-1]),
+                        loss_fn_inputs={"target_tokens": (prompt + s.tokens)[1:],
+                                        "weights": [0.0] * (len(prompt) + len(s.tokens) - 1)}) for s in sequences]
+    scored = training.forward(data, "cross_entropy").result().loss_fn_outputs
+    gaps = torch.cat([(torch.tensor(out["logprobs"].to_numpy()[len(prompt) - 1:]) - torch.tensor(s.logprobs)).abs()
+                      for out, s in zip(scored, sequences)])
+    return {"publish_s": publish_s, "tokens": float(gaps.numel()), "gap_mean": float(gaps.mean()),
+            "gap_max": float(gaps.max())}
+
+
 def summarize_sampling(runs: dict[str, Run]) -> dict[str, dict[str, float]]:
     out = {}
     for name, run in runs.items():
@@ -228,8 +252,8 @@ def print_tables(console: Console, args: argparse.Namespace, config: dict[str, A
     console.print(table)
 
     table = Table(title=f"Sampling: {args.samples} samples × {args.max_tokens} tokens, temperature 1, ignore EOS, "
-                        f"{PROMPT_LEN}-token prompt, {args.rounds} rounds, llama.cpp n_parallel "
-                        f"{config['llama_n_parallel']}")
+                        f"{PROMPT_LEN}-token prompt, {args.rounds} rounds, engine {args.engine}"
+                        + (f" (n_parallel {config['llama_n_parallel']})" if args.engine == "llama_cpp" else ""))
     for column in ("path", "tok/s", "median tok/s", "median s/round", "tokens/round", "tinker/v1",
                    "tinker/v1 (median)"):
         table.add_column(column, justify="left" if column == "path" else "right")
@@ -261,6 +285,8 @@ def main() -> None:
                                                      "embedded model; llama_cpp serves its GGUF)")
     parser.add_argument("--device", default="cpu", help="where the bare loop trains: cpu or cuda (the server's "
                                                         "trainer follows JARVIS_DEVICE=auto)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3,
+                        help="vllm: the serving engine's share of the GPU (the rest is the trainers')")
     parser.add_argument("--ready-timeout", type=float, default=180, help="seconds to wait for the server")
     parser.add_argument("--out", type=Path, default=Path("jarvis-reports"))
     args = parser.parse_args()
@@ -282,6 +308,8 @@ def main() -> None:
     settings = {"JARVIS_DATA_DIR": str(data_dir), "JARVIS_API_KEYS": KEY, "JARVIS_LLAMA_N_PARALLEL": str(n_parallel),
                 "JARVIS_MAX_MODEL_LEN": str(max(512, args.seq_len + 1, PROMPT_LEN + args.max_tokens)),
                 "JARVIS_INFERENCE_ENGINE": args.engine}
+    if args.engine == "vllm":
+        settings["JARVIS_VLLM_GPU_MEMORY_UTILIZATION"] = str(args.gpu_memory_utilization)
     if args.model:
         settings.update(JARVIS_MODEL_NAME=str(folder), JARVIS_TINKER_BASE_MODEL=str(folder),
                         JARVIS_SERVED_MODEL_NAME=MODEL)
@@ -296,6 +324,8 @@ def main() -> None:
             with console.status(f"training: {args.steps} steps per path, alternating ..."):
                 train_runs = alternate({"api": api.step, "bare": bare.step}, WARMUP, args.steps, BLOCK)
             del bare
+            with console.status("the loop: publish the trained weights, sample, score with forward ..."):
+                loop = fresh_weights_loop(api.client, prompt, args.samples, args.max_tokens)
             with console.status(f"sampling: {args.rounds} rounds per path, alternating ..."), \
                     httpx.Client(base_url=v1_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600) as http:
                 paths = sampling_paths(service, http, prompt, args.samples, args.max_tokens)
@@ -306,10 +336,14 @@ def main() -> None:
 
     training, sampling = summarize_training(train_runs), summarize_sampling(sample_runs)
     print_tables(console, args, config, training, sampling)
+    console.print(f"Fresh weights ({args.engine} samples, the trainer scores): published in {loop['publish_s']:.2f} s; "
+                  f"|sampled - trained| logprob over {loop['tokens']:.0f} tokens: mean {loop['gap_mean']:.2e}, "
+                  f"max {loop['gap_max']:.2e}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "training_service.json"
     out.write_text(json.dumps({"config": config, "training": {"summary": training, "runs": train_runs},
-                               "sampling": {"summary": sampling, "runs": sample_runs}}, indent=2))
+                               "sampling": {"summary": sampling, "runs": sample_runs},
+                               "fresh_weights": loop}, indent=2))
     console.print(f"results: {out}")
 
 

@@ -71,6 +71,16 @@ class TrainingModel:
     pending_backward: int = 0  # forward_backward calls since the last optim_step
 
 
+def padded(rows: list[Any], lengths: list[int], dtype: type, device: Any) -> Any:
+    """Rows of these lengths as one zero-padded [len(rows), max(lengths)] tensor on `device` (one copy)."""
+    import torch
+
+    out: np.ndarray = np.zeros((len(rows), max(lengths)), dtype=dtype)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        out[i, :n] = row
+    return torch.from_numpy(out).to(device)
+
+
 def adapter_name(model_id: str) -> str:
     return "m" + hashlib.sha256(model_id.encode()).hexdigest()[:16]
 
@@ -200,33 +210,26 @@ class Trainer:
         for p in model.params:  # set_adapter leaves only the active adapter trainable
             p.requires_grad_(True)
         device = next(peft.parameters()).device
-        width = max(len(d.tokens) for d in data)
-        ids = torch.zeros((len(data), width), dtype=torch.long, device=device)
-        mask = torch.zeros((len(data), width), dtype=torch.long, device=device)
-        for i, d in enumerate(data):
-            ids[i, :len(d.tokens)] = torch.tensor(d.tokens, device=device)
-            mask[i, :len(d.tokens)] = 1
-        targets = torch.zeros((len(data), width), dtype=torch.long, device=device)
-        for i, d in enumerate(data):
-            targets[i, :len(d.tokens)] = torch.as_tensor(d.inputs["target_tokens"], device=device)
-        outputs: list[dict[str, np.ndarray]] = []
+        lengths = [len(d.tokens) for d in data]
+        ids = padded([d.tokens for d in data], lengths, np.int64, device)
+        mask = padded([np.ones(n) for n in lengths], lengths, np.float32, device)
+        targets = padded([d.inputs["target_tokens"] for d in data], lengths, np.int64, device)
+        # every datum's inputs as one padded [batch, width] tensor per key; only `weights` is optional (default 1)
+        inputs = {key: padded([d.inputs[key] if key in d.inputs else np.ones(n) for d, n in zip(data, lengths)],
+                              lengths, np.float32, device)
+                  for key in dict.fromkeys(k for d in data for k in d.inputs if k != "target_tokens")}
         with torch.set_grad_enabled(not forward_only):
-            logits = peft(input_ids=ids, attention_mask=mask).logits.float()
-            # log p(target) = logit(target) - logsumexp(logits), for the whole batch at once: slicing per datum
-            # first would give every datum's backward a gradient buffer the size of the batch's logits
+            logits = peft(input_ids=ids, attention_mask=mask.long()).logits.float()
+            # log p(target) = logit(target) - logsumexp(logits), and the loss, for the whole batch at once: one
+            # backward and one copy to the host, however many data (padding masked out of the loss)
             every_target = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            total = torch.zeros((), device=device)
-            for i, d in enumerate(data):
-                n = len(d.tokens)
-                inputs = {k: torch.as_tensor(np.array(v), device=device) for k, v in d.inputs.items()}
-                target_logprobs = every_target[i, :n]
-                elementwise = datum_loss(loss_fn, target_logprobs, inputs, config)
-                total = total + elementwise.sum()
-                outputs.append({"logprobs": target_logprobs.detach().float().cpu().numpy(),
-                                "elementwise_loss": elementwise.detach().float().cpu().numpy()})
+            elementwise = datum_loss(loss_fn, every_target, inputs, config) * mask
+            total = elementwise.sum()
             if not forward_only:
                 total.backward()
                 model.pending_backward += 1
+        logprobs, losses = every_target.detach().cpu().numpy(), elementwise.detach().cpu().numpy()
+        outputs = [{"logprobs": logprobs[i, :n], "elementwise_loss": losses[i, :n]} for i, n in enumerate(lengths)]
         return outputs, {"loss:sum": float(total.detach())}
 
     def optim_step(self, model_id: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
