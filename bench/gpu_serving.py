@@ -1,6 +1,8 @@
 """Jarvis's engines vs `vllm serve` on one GPU: the same model, the same engine arguments, `vllm bench serve`.
 
-  raw     `vllm serve MODEL` with the engine arguments Jarvis plans for the settings below, as CLI flags;
+  raw     `vllm serve MODEL` with its own defaults (--raw-flags defaults: only the memory share, the context,
+          bf16 and the LoRA flags are given), or with the engine arguments Jarvis plans, as CLI flags
+          (--raw-flags planned), so a difference of defaults shows instead of being copied;
   jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=vllm and JARVIS_MODEL_NAME=MODEL;
   hf      `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=hf (bf16, the engine's defaults), --sides raw,hf;
           hf-waves forces its wave scheduler (the default), hf-continuous transformers' continuous batching,
@@ -18,8 +20,14 @@ time, alternating which goes first at each level: concurrency levels (--concurre
 (p50, p99), the goals each side is held to, and single-stream TPOT against the memory-bandwidth floor (weight
 bytes / 4.3 TB/s).
 
+Multi-LoRA (--adapters N): N random LoRA adapters (rank --lora-rank on the attention and MLP projections, B
+not zero, so each changes the output) are made on the host; `vllm serve` gets `--enable-lora --max-loras N
+--max-lora-rank R --lora-modules a0=DIR ...`, every Jarvis side JARVIS_LORA_MODULES, and `vllm bench serve
+--lora-modules a0 ... a{N-1}` sends each request to one adapter at random: a mixed load of N adapters.
+
     python bench/gpu_serving.py --tokenizer DIR [--shape gemma3-270m|llama3-8b] [--concurrency 1,16,64,256]
     python bench/gpu_serving.py --gguf FILE --sides raw,hf --concurrency 1,16,64 --rates 8,32
+    python bench/gpu_serving.py --adapters 4 --sides raw,jarvis,hf --concurrency 64
     python bench/gpu_serving.py --dry-run        # no GPU: the plan, the commands, the bench command
     python bench/gpu_serving.py --report DIR     # no GPU: the tables again from a run's saved results
 
@@ -125,6 +133,30 @@ def make_model(shape: str, tokenizer_dir: Path, folder: Path) -> Path:
     return folder
 
 
+def make_adapters(folder: Path, adapters: dict[str, Path], rank: int) -> None:
+    """Random PEFT LoRA adapters of `rank` on the attention and MLP projections, each with its own seed and B
+    drawn (not PEFT's zeros), so each adapter changes the model's output (kept when already there)."""
+    if all((path / "adapter_config.json").is_file() for path in adapters.values()):
+        return
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config)
+    for seed, (name, path) in enumerate(adapters.items()):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for key, weight in model.named_parameters():
+                if "lora_" in key:
+                    weight.normal_(0.0, 0.02)
+        model.save_pretrained(str(path))
+        print(f"made adapter {name}: rank {rank}, {path}")
+    del model, base
+
+
 def convert_gguf(gguf: Path, folder: Path) -> Path:
     """The GGUF's weights as a transformers folder (Jarvis's converter; kept when already there)."""
     if not (folder / "config.json").is_file():
@@ -147,7 +179,23 @@ def jarvis_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[s
     return {"JARVIS_INFERENCE_ENGINE": "vllm", "JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": name,
             "JARVIS_VLLM_GPU_MEMORY_UTILIZATION": str(args.gpu_memory_utilization),
             "JARVIS_MAX_MODEL_LEN": str(args.max_model_len), "JARVIS_VLLM_DTYPE": "bf16",
-            "JARVIS_VLLM_ENABLE_LORA": "false", **dict(kv.split("=", 1) for kv in args.set)}
+            "JARVIS_VLLM_ENABLE_LORA": "true" if args.adapters else "false",
+            **({"JARVIS_VLLM_MAX_LORAS": str(args.adapters)} if args.adapters else {}),
+            **adapter_settings(folder, args), **dict(kv.split("=", 1) for kv in args.set)}
+
+
+def adapter_folders(folder: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """The --adapters adapters' names and folders (made by make_adapters beside the model)."""
+    return {f"a{i}": folder.parent / "adapters" / f"a{i}" for i in range(args.adapters)}
+
+
+def adapter_settings(folder: Path, args: argparse.Namespace) -> dict[str, str]:
+    """What every Jarvis side needs to serve the --adapters adapters from its start."""
+    if not args.adapters:
+        return {}
+    adapters = adapter_folders(folder, args)
+    return {"JARVIS_ADAPTER_ROOT": str(folder.parent / "adapters"), "JARVIS_MAX_LORA_RANK": str(args.lora_rank),
+            "JARVIS_LORA_MODULES": ",".join(f"{name}={path}" for name, path in adapters.items())}
 
 
 def hf_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, str]:
@@ -156,7 +204,7 @@ def hf_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, 
             "JARVIS_DEVICE": "cuda", "JARVIS_DTYPE": "bf16", "JARVIS_MAX_MODEL_LEN": str(args.max_model_len),
             "JARVIS_HF_MAX_BATCH_SIZE": str(min(256, max(levels_of(args.concurrency)))),
             "JARVIS_HF_KV_CACHE_MEMORY": str(args.hf_kv_cache_memory),
-            **dict(kv.split("=", 1) for kv in args.set_hf)}
+            **adapter_settings(folder, args), **dict(kv.split("=", 1) for kv in args.set_hf)}
 
 
 def all_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, dict[str, str]]:
@@ -211,11 +259,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_flags(engine_args: dict[str, Any], folder: Path, args: argparse.Namespace) -> list[str]:
+    """`vllm serve`'s flags: its own defaults but for the memory share, the context, bf16 and LoRA
+    (--raw-flags defaults), or every engine argument Jarvis plans (--raw-flags planned)."""
+    if args.raw_flags == "planned":
+        flags = cli_flags(engine_args)
+    else:
+        flags = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len",
+                 str(args.max_model_len), "--dtype", "bfloat16"]
+        if args.adapters:
+            flags += ["--enable-lora", "--max-loras", str(args.adapters), "--max-lora-rank",
+                      str(engine_args.get("max_lora_rank", args.lora_rank))]
+    if args.adapters:
+        flags += ["--lora-modules", *(f"{n}={p}" for n, p in adapter_folders(folder, args).items())]
+    return flags
+
+
 def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dict[str, dict[str, str]], work: Path,
-             ports: dict[str, int]) -> dict[str, tuple[list[str], dict[str, str]]]:
+             ports: dict[str, int], args: argparse.Namespace) -> dict[str, tuple[list[str], dict[str, str]]]:
     """What each side in `ports` runs, and the environment it adds (only these JARVIS_* reach Jarvis)."""
     raw = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(ports.get("raw", 0)), "--served-model-name", name, *cli_flags(engine_args)]
+           "--port", str(ports.get("raw", 0)), "--served-model-name", name, *raw_flags(engine_args, folder, args)]
     jarvis = [sys.executable, "-m", "jarvis", "serve"]
     every = {"raw": (raw, {"VLLM_CACHE_ROOT": str(work / "vllm-cache-raw")})}
     for side in settings:
@@ -227,10 +291,10 @@ def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dic
 
 
 def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env: dict[str, str],
-                  settings: dict[str, dict[str, str]], work: Path, sides: tuple[str, ...],
-                  timeout_s: float) -> dict[str, Any]:
+                  settings: dict[str, dict[str, str]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The vLLM servers at once, then the transformers one (it sizes its KV cache from the memory they leave),
     each in a new process session (it outlives this script); ready or their logs."""
+    sides, timeout_s = args.sides, args.ready_timeout
     ports = {side: free_port() for side in sides}
     base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
     state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {},
@@ -238,7 +302,7 @@ def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env
     # one transformers server at a time: each sizes its KV cache from what the servers before it left
     for group in ([s for s in sides if s not in HF_SIDES], *([s] for s in sides if s in HF_SIDES)):
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
-                                               {s: ports[s] for s in group}).items():
+                                               {s: ports[s] for s in group}, args).items():
             log = work / f"{side}.log"
             env = {**base, **plan_env, **extra}
             process = subprocess.Popen(command, env=env, cwd=work, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -362,6 +426,7 @@ def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: i
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
             "--base-url", f"http://127.0.0.1:{state['servers'][side]['port']}", "--endpoint", "/v1/completions",
             "--model", state["name"], "--tokenizer", state["model"], *data, "--num-prompts", str(prompts),
+            *(["--lora-modules", *state["adapters"]] if state.get("adapters") else []),
             "--max-concurrency", str(concurrency), *(["--request-rate", str(rate)] if rate else []),
             "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
@@ -575,6 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="sweeps over the levels (median of rounds)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="each server's share")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--adapters", type=int, default=0, help="multi-LoRA: N random adapters, each request to one "
+                        "of them at random (0: the base model only)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="the --adapters adapters' rank")
+    parser.add_argument("--raw-flags", choices=("defaults", "planned"), default="defaults",
+                        help="vllm serve with its own defaults, or with the engine arguments Jarvis plans")
     parser.add_argument("--set", action="append", default=[], metavar="JARVIS_VLLM_X=V",
                         help="another Jarvis setting, for both servers (it changes the planned engine arguments)")
     parser.add_argument("--set-hf", action="append", default=[], metavar="JARVIS_HF_X=V",
@@ -637,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
             engine_args, env = planned(settings["jarvis"], probe, assume_h200=True)
         print(f"engine arguments (planned for one H200): {json.dumps(engine_args)}\nenvironment: {env}")
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
-                                               {s: 8001 + i for i, s in enumerate(args.sides)}).items():
+                                               {s: 8001 + i for i, s in enumerate(args.sides)}, args).items():
             print(f"{side}: {' '.join(f'{k}={v}' for k, v in extra.items())} {' '.join(command)}")
         state = {"servers": {s: {"port": p} for s, p in (("raw", 8001), ("jarvis", 8002))}, "model": str(folder),
                  "name": name}
@@ -660,11 +730,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
             make_model(args.shape, tokenizer_folder(source, work), folder)
+        if args.adapters:
+            make_adapters(folder, adapter_folders(folder, args), args.lora_rank)
         settings = all_settings(folder, name, args)
         engine_args, env = planned(settings["jarvis"], folder, assume_h200=False)
         print(f"engine arguments, both vLLM servers: {json.dumps(engine_args)}")
-        state = start_servers(folder, name, engine_args, env, settings, work, args.sides, args.ready_timeout)
-    result_dir = work / "results"
+        state = start_servers(folder, name, engine_args, env, settings, work, args)
+    state["adapters"] = list(adapter_folders(folder, args))
+    result_dir = work / ("results" if not args.adapters else f"results-{args.adapters}-adapters")
     result_dir.mkdir(exist_ok=True)
     report = parity(state)
     (result_dir / "parity.json").write_text(json.dumps(report, indent=2, default=str))
@@ -688,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
     (result_dir / "meta.json").write_text(json.dumps({
         "shape": label, "sides": state["sides"], "weight_bytes": weights, "engine_args": state["engine_args"],
         "input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
-        "ignore_eos": state["ignore_eos"]}, indent=2))
+        "ignore_eos": state["ignore_eos"], "adapters": state["adapters"], "lora_rank": args.lora_rank,
+        "raw_flags": args.raw_flags}, indent=2))
     try:
         benchmark(state, args, result_dir, started + args.budget)
     finally:
