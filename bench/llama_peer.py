@@ -1,20 +1,50 @@
 """Jarvis's llama_cpp engine vs llama-cpp-python's own server, on the same GGUF, driven by vLLM's benchmark client.
 
-Both servers load the embedded Gemma 3 270M Q4_K_M with the same threads, context and batch size and
-one sequence at a time (Jarvis: JARVIS_LLAMA_N_PARALLEL=1; the peer serves one request at a time):
+Both servers load the embedded Gemma 3 270M Q4_K_M with the same settings, each set explicitly:
+--threads (n_threads and n_threads_batch), --n-batch (default: JARVIS_LLAMA_N_BATCH's, 512), --n-ctx
+tokens of context per sequence (default: JARVIS_MAX_MODEL_LEN's, 4096), no GPU layers, and one
+sequence decoded at a time:
 
-  jarvis  `python -m jarvis serve` (JARVIS_INFERENCE_ENGINE=llama_cpp);
-  peer    `python -m llama_cpp.server` with `--logits_all false` (its default computes logits for every
-          position, which makes it slower: `--peer-defaults` measures that too).
+  jarvis  `python -m jarvis serve` with JARVIS_INFERENCE_ENGINE=llama_cpp, JARVIS_LLAMA_N_PARALLEL=1,
+          JARVIS_LLAMA_N_THREADS, JARVIS_LLAMA_N_BATCH, JARVIS_MAX_MODEL_LEN;
+  peer    `python -m llama_cpp.server` with --n_threads/--n_threads_batch, --n_batch, --n_ctx,
+          --logits_all false (its default computes logits for every position, which is slower),
+          --interrupt_requests false (its default ends the running stream early, with a normal [DONE],
+          whenever another request waits: at concurrency > 1 most streams come back cut short) and
+          --use_mlock false (as Jarvis). `--peer-defaults` runs it with its own logits_all and
+          interrupt_requests (true) instead, to show what those cost.
 
 vLLM's `vllm bench serve` (in process: `vllm.benchmarks.serve`) sends random prompts of --input-len
-tokens and asks for --output-len tokens with `ignore_eos` and temperature 0 on both, streaming over
-/v1/completions, at each concurrency; the servers alternate round by round (jarvis, peer, peer,
-jarvis, ...) so background load hits both alike. Printed per concurrency: output tokens/s, TTFT and
-TPOT medians, failed or cut streams (a stream that ends before its tokens is counted as failed by
-vLLM's client), and the ratio Jarvis / peer (tokens/s ≥ 1.00 is the goal).
+tokens, streaming over /v1/completions at temperature 0, and asks for --output-len tokens. The peer has
+no `ignore_eos`, so both sides get the same request body: `ignore_eos` (Jarvis honours it, the peer
+ignores the field) and a logit_bias of -100 on every end-of-generation token of the GGUF (Gemma 3:
+<eos>, <end_of_turn>, </s>; read from llama.cpp's `llama_vocab_is_eog`), which both honour: neither
+can end a stream early on an end token. Both decode greedily with no repetition penalty: vLLM's client
+sends `repetition_penalty: 1.0`, which the peer ignores (its field is `repeat_penalty`, default 1.1), so
+the peer also gets `repeat_penalty: 1.0` (Jarvis rejects unknown fields, so only the peer gets it).
+The servers alternate round by round (jarvis, peer, peer, jarvis, ...) so background load hits both
+alike; --rounds (default 3) runs per server and concurrency.
 
-    python bench/llama_peer.py [--concurrency 1,4] [--prompts 16] [--rounds 2] [--threads N]
+How to read the table (one row per concurrency; figures are medians over rounds):
+  tok/s j / p     output tokens per second (tokens received / wall time), Jarvis / peer;
+  ratio           Jarvis tok/s / peer tok/s (≥ 1.00: Jarvis is faster);
+  TTFT, TPOT      median time to first token and per output token after the first, Jarvis / peer;
+  failed j/p      requests that errored (all rounds together);
+  cut j/p         streams that ended without finish_reason "length", i.e. before the tokens asked (vLLM's
+                  client counts them as successes), all rounds together;
+  short j/p       tokens asked minus tokens received, all rounds together;
+  same text       requests whose streamed text is identical on both sides (same prompts, greedy decoding of
+                  the same GGUF; the peer's text loses bytes of multi-byte characters split across tokens);
+  flag            TRUNC(side) when a side failed, cut streams or came back short: its tok/s measures less
+                  work than was asked, so the ratio is not a like-for-like comparison.
+Tokens received per request: the server's usage.completion_tokens where it streams usage (Jarvis does);
+else the tokens asked where the stream finished with "length" (the peer sends no usage, and vLLM's
+re-tokenization of its text miscounts); else vLLM's re-tokenization of the streamed text.
+--out DIR writes every run's raw vLLM result (with each stream's finish_reason) to DIR/llama_peer.json.
+
+    python bench/llama_peer.py [--concurrency 1,4] [--prompts 16] [--rounds 3] [--threads N]
+                               [--input-len 128] [--output-len 64] [--n-ctx 4096] [--n-batch 512]
+                               [--peer-defaults] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +61,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -38,19 +69,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from jarvis_process import jarvis_server  # noqa: E402
 
 MODEL = "gemma-3-270m"
+SIDES = ("jarvis", "peer")
 
 
 @contextlib.contextmanager
-def peer_server(gguf: Path, threads: int, n_ctx: int, logits_all: bool) -> Iterator[str]:
+def peer_server(gguf: Path, threads: int, n_ctx: int, n_batch: int, peer_defaults: bool) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    flag = "true" if peer_defaults else "false"
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL,
              "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_threads_batch",
-             str(threads), "--n_ctx", str(n_ctx), "--n_batch", "512", "--logits_all", str(logits_all).lower(),
-             "--verbose", "false"], stdout=log, stderr=subprocess.STDOUT)
+             str(threads), "--n_ctx", str(n_ctx), "--n_batch", str(n_batch), "--n_gpu_layers", "0",
+             "--logits_all", flag, "--interrupt_requests", flag, "--use_mlock", "false", "--verbose", "false"],
+            stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and process.poll() is None:
@@ -82,24 +116,77 @@ def uuid_request_ids() -> Iterator[None]:
     @dataclasses.dataclass
     class WithUuid(original):  # type: ignore[misc, valid-type]
         def __post_init__(self) -> None:
-            if self.request_id:
+            if self.request_id:  # type: ignore[has-type]
                 self.request_id = str(uuid.uuid4())
 
-    serve.RequestFuncInput = funcs.RequestFuncInput = WithUuid
+    serve.RequestFuncInput = funcs.RequestFuncInput = WithUuid  # type: ignore[misc]
     try:
         yield
     finally:
-        serve.RequestFuncInput = funcs.RequestFuncInput = original
+        serve.RequestFuncInput = funcs.RequestFuncInput = original  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def finish_reasons(reasons: list[str | None]) -> Iterator[None]:
+    """Appends each stream's finish_reason (None: the stream ended without one) to `reasons`. A stream that
+    finished with "length" produced exactly the max_tokens asked (both servers say so only then); where the
+    server streams no usage (the peer), vLLM's client would count its tokens by re-tokenizing the streamed
+    text, which miscounts (the peer's stream drops bytes of multi-byte characters split across tokens):
+    such a stream is counted as the tokens asked instead."""
+    import contextvars
+
+    from vllm.benchmarks.lib import endpoint_request_func as funcs
+
+    current: contextvars.ContextVar[list[str | None]] = contextvars.ContextVar("finish_reason")
+    handler, request = funcs.StreamedResponseHandler, funcs.ASYNC_REQUEST_FUNCS["openai"]
+
+    class Recording(handler):  # type: ignore[misc, valid-type]
+        def add_chunk(self, chunk_bytes: bytes) -> list[str]:
+            messages = handler.add_chunk(self, chunk_bytes)
+            for message in messages:
+                data = message.removeprefix("data: ")
+                if data.startswith("{"):
+                    for choice in json.loads(data).get("choices") or []:
+                        if choice.get("finish_reason"):
+                            current.get()[0] = choice["finish_reason"]
+            return messages
+
+    async def recorded(request_func_input: Any, *args: Any, **kwargs: Any) -> Any:
+        holder: list[str | None] = [None]
+        current.set(holder)
+        output = await request(request_func_input, *args, **kwargs)
+        if output.success and holder[0] == "length" and not output.output_tokens:
+            output.output_tokens = request_func_input.output_len
+        reasons.append(holder[0] if output.success else "failed")
+        return output
+
+    funcs.StreamedResponseHandler = Recording  # type: ignore[misc]
+    funcs.ASYNC_REQUEST_FUNCS["openai"] = recorded
+    try:
+        yield
+    finally:
+        funcs.StreamedResponseHandler = handler  # type: ignore[misc]
+        funcs.ASYNC_REQUEST_FUNCS["openai"] = request
+
+
+def end_tokens(gguf: Path) -> list[int]:
+    """Every token id llama.cpp treats as end of generation in this GGUF (Gemma 3: <eos>, <end_of_turn>, </s>)."""
+    import llama_cpp
+
+    vocab_model = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(vocab_model.model)
+    ids = [t for t in range(vocab_model.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    vocab_model.close()
+    return ids
 
 
 def vllm_bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int, input_len: int, output_len: int,
-               seed: int, uuid_ids: bool = False) -> dict:
+               seed: int, extra_body: dict[str, Any], uuid_ids: bool = False) -> dict[str, Any]:
     """One `vllm bench serve` run (vLLM's own client, in process) against `base_url`."""
-    import argparse as _argparse
-
     from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = _argparse.ArgumentParser()
+    parser = FlexibleArgumentParser()
     add_cli_args(parser)
     with tempfile.TemporaryDirectory() as out:
         args = parser.parse_args([
@@ -107,22 +194,46 @@ def vllm_bench(base_url: str, tokenizer: Path, concurrency: int, prompts: int, i
             "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(input_len),
             "--random-output-len", str(output_len), "--num-prompts", str(prompts), "--max-concurrency",
             str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", str(seed), "--percentile-metrics",
-            "ttft,tpot,itl",
-            "--metric-percentiles", "50,99", "--save-result", "--result-dir", out, "--disable-tqdm"])
-        with uuid_request_ids() if uuid_ids else contextlib.nullcontext():
-            return main(args)
+            "ttft,tpot,itl", "--metric-percentiles", "50,99", "--extra-body", json.dumps(extra_body),
+            "--save-result", "--save-detailed", "--result-dir", out, "--disable-tqdm"])
+        reasons: list[str | None] = []
+        with uuid_request_ids() if uuid_ids else contextlib.nullcontext(), finish_reasons(reasons):
+            result = main(args)
+        return {**result, "finish_reasons": reasons[-prompts:]}  # the last ones: vLLM first sends a test request
+
+
+def received(run: dict[str, Any], asked: int) -> dict[str, int]:
+    """Requests that failed, streams cut short and tokens missing in one run (tokens asked: `asked` each)."""
+    lens = run.get("output_lens") or []
+    errors = run.get("errors") or []
+    failed = run["num_prompts"] - run["completed"]
+    ok = [n for n, e in zip(lens, errors, strict=False) if not e] if errors else lens
+    cut = sum(1 for reason in run["finish_reasons"] if reason not in ("length", "failed"))
+    short = asked * run["num_prompts"] - sum(min(n, asked) for n in ok)
+    return {"failed": failed, "cut": cut, "short": short, "received": sum(lens), "asked": asked * run["num_prompts"]}
 
 
 def main() -> None:
+    from jarvis.backends.llama_cpp.engine import LlamaCppSettings
+    from jarvis.settings import JarvisSettings
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--prompts", type=int, default=16, help="requests per run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per server and concurrency")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and concurrency (median over them)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--peer-defaults", action="store_true", help="run the peer with logits_all true (its default)")
+    parser.add_argument("--n-ctx", type=int, default=JarvisSettings.model_fields["max_model_len"].default,
+                        help="context tokens per sequence on both sides (default: JARVIS_MAX_MODEL_LEN's)")
+    parser.add_argument("--n-batch", type=int, default=LlamaCppSettings.model_fields["n_batch"].default,
+                        help="prompt tokens per decode call on both sides (default: JARVIS_LLAMA_N_BATCH's)")
+    parser.add_argument("--peer-defaults", action="store_true",
+                        help="run the peer with its own logits_all and interrupt_requests (both true)")
+    parser.add_argument("--out", type=Path, default=None, help="write every run's raw result to OUT/llama_peer.json")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.embedded_model import embedded_model_path
@@ -130,44 +241,74 @@ def main() -> None:
 
     data_dir = load_settings().data_dir
     gguf, tokenizer = embedded_model_path(data_dir), embedded_hf_model(data_dir)
-    n_ctx = 2048
+    eog = end_tokens(gguf)
+    no_end = {"logit_bias": {str(t): -100 for t in eog}}
+    # vLLM's client sends repetition_penalty 1.0, which the peer ignores: its own field is repeat_penalty (default
+    # 1.1, a different output and a penalty pass). Jarvis rejects unknown fields, so each side gets its spelling.
+    extra_body: dict[str, dict[str, Any]] = {"jarvis": no_end, "peer": {**no_end, "repeat_penalty": 1.0}}
     levels = [int(c) for c in args.concurrency.split(",")]
-    runs: dict[tuple[str, int], list[dict]] = {}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_LLAMA_N_PARALLEL="1",
-                       JARVIS_LLAMA_N_THREADS=str(args.threads), JARVIS_MAX_MODEL_LEN=str(n_ctx),
-                       JARVIS_LLAMA_N_BATCH="512") as jarvis_v1, \
-            peer_server(gguf, args.threads, n_ctx, args.peer_defaults) as peer:
+                       JARVIS_LLAMA_N_THREADS=str(args.threads), JARVIS_MAX_MODEL_LEN=str(args.n_ctx),
+                       JARVIS_LLAMA_N_BATCH=str(args.n_batch), JARVIS_LLAMA_N_GPU_LAYERS="0") as jarvis_v1, \
+            peer_server(gguf, args.threads, args.n_ctx, args.n_batch, args.peer_defaults) as peer:
         targets = {"jarvis": jarvis_v1.removesuffix("/v1"), "peer": peer}
         for name, url in targets.items():  # warm-up
-            vllm_bench(url, tokenizer, 1, 2, args.input_len, 8, 0, uuid_ids=name == "peer")
+            vllm_bench(url, tokenizer, 1, 2, args.input_len, 8, 0, extra_body[name], uuid_ids=name == "peer")
         for level in levels:
             for r in range(args.rounds):
-                order = ("jarvis", "peer") if r % 2 == 0 else ("peer", "jarvis")
+                order = SIDES if r % 2 == 0 else SIDES[::-1]
                 for name in order:
                     print(f"concurrency {level}, round {r + 1}: {name}", file=sys.stderr)
                     runs.setdefault((name, level), []).append(
                         vllm_bench(targets[name], tokenizer, level, args.prompts, args.input_len, args.output_len,
-                                   seed=r, uuid_ids=name == "peer"))
+                                   seed=r, extra_body=extra_body[name], uuid_ids=name == "peer"))
 
     def med(name: str, level: int, key: str) -> float:
         return statistics.median(run[key] for run in runs[(name, level)])
 
-    print(f"\nJarvis llama_cpp vs llama_cpp.server (logits_all {'true' if args.peer_defaults else 'false'}), "
-          f"{args.threads} threads, {args.input_len} in / {args.output_len} out, {args.prompts} prompts x "
-          f"{args.rounds} rounds; medians over rounds")
-    print(f"{'conc':>4} {'jarvis tok/s':>12} {'peer tok/s':>10} {'ratio':>6} {'TTFT p50 j/p ms':>16} "
-          f"{'TPOT p50 j/p ms':>16} {'failed j/p':>10}")
+    def total(name: str, level: int, key: str) -> int:
+        return sum(received(run, args.output_len)[key] for run in runs[(name, level)])
+
+    def same_text(level: int) -> tuple[int, int]:
+        pairs = [(a, b) for ja, pa in zip(runs[("jarvis", level)], runs[("peer", level)], strict=True)
+                 for a, b in zip(ja["generated_texts"], pa["generated_texts"], strict=True)]
+        return sum(a == b for a, b in pairs), len(pairs)
+
+    peer_mode = "peer defaults: logits_all, interrupt_requests true" if args.peer_defaults else \
+        "peer: logits_all false, interrupt_requests false"
+    print(f"\nJarvis llama_cpp vs llama_cpp.server ({peer_mode}); {args.threads} threads, n_ctx {args.n_ctx}, "
+          f"n_batch {args.n_batch}, 1 sequence at a time; {args.input_len} in / {args.output_len} out "
+          f"(EOG tokens {eog} biased -100), {args.prompts} prompts x {args.rounds} rounds; medians over rounds")
+    print(f"{'conc':>4} {'tok/s j / p':>15} {'ratio':>6} {'TTFT p50 j / p ms':>18} {'TPOT p50 j / p ms':>18} "
+          f"{'failed j/p':>10} {'cut j/p':>9} {'short j/p':>11} {'same text':>10}  flag")
     summary = []
     for level in levels:
         j, p = med("jarvis", level, "output_throughput"), med("peer", level, "output_throughput")
-        failed = [sum(run["num_prompts"] - run["completed"] for run in runs[(n, level)]) for n in ("jarvis", "peer")]
+        counts = {key: [total(n, level, key) for n in SIDES] for key in ("failed", "cut", "short", "received", "asked")}
+        same, pairs = same_text(level)
+        truncating = [n for i, n in enumerate(SIDES)
+                      if counts["failed"][i] or counts["cut"][i] or counts["short"][i]]
+        ttft = [med(n, level, "median_ttft_ms") for n in SIDES]
+        tpot = [med(n, level, "median_tpot_ms") for n in SIDES]
         row = {"concurrency": level, "jarvis_tok_s": j, "peer_tok_s": p, "ratio": j / p,
-               "ttft_p50": [med(n, level, "median_ttft_ms") for n in ("jarvis", "peer")],
-               "tpot_p50": [med(n, level, "median_tpot_ms") for n in ("jarvis", "peer")], "failed": failed}
+               "ttft_p50_ms": ttft, "tpot_p50_ms": tpot, **counts,
+               "same_text": [same, pairs], "truncated": truncating}
         summary.append(row)
-        print(f"{level:>4} {j:>12.1f} {p:>10.1f} {j / p:>6.2f} {row['ttft_p50'][0]:>7.0f} / {row['ttft_p50'][1]:<6.0f} "
-              f"{row['tpot_p50'][0]:>7.1f} / {row['tpot_p50'][1]:<6.1f} {failed[0]:>4} / {failed[1]:<4}")
+        flag = " ".join(f"TRUNC({n})" for n in truncating) or "-"
+        print(f"{level:>4} {j:>6.1f} / {p:<6.1f} {j / p:>6.2f} {ttft[0]:>8.0f} / {ttft[1]:<7.0f} "
+              f"{tpot[0]:>8.1f} / {tpot[1]:<7.1f} "
+              f"{counts['failed'][0]:>4} / {counts['failed'][1]:<3} {counts['cut'][0]:>3} / {counts['cut'][1]:<3} "
+              f"{counts['short'][0]:>4} / {counts['short'][1]:<4} {same:>4} / {pairs:<3}  {flag}")
     print(json.dumps(summary))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        raw = [{"side": name, "concurrency": level, "round": r + 1, **received(run, args.output_len), "result": run}
+               for (name, level), rounds in runs.items() for r, run in enumerate(rounds)]
+        (args.out / "llama_peer.json").write_text(json.dumps(
+            {"config": {**config, "gguf": str(gguf), "end_tokens": eog, "extra_body": extra_body},
+             "summary": summary, "runs": raw}, indent=2, default=str))
 
 
 if __name__ == "__main__":
