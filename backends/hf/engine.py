@@ -336,6 +336,7 @@ class HfEngine(Engine):
                 else:
                     h.model = PeftModel.from_pretrained(h.model, adapter.path, adapter_name=adapter.name)
                 h.model.eval()
+                self._stack_adapters()
         finally:
             if self._continuous is not None and not h.has_adapters:  # the first adapter failed to load
                 self._continuous.resume()
@@ -346,6 +347,7 @@ class HfEngine(Engine):
             with h.lock:
                 remaining = [n for n in h.model.peft_config if n != name]
                 if not remaining:  # back to the plain base model, LoRA layers removed
+                    self._stack_adapters(drop=True)
                     h.model = h.model.unload()
                     if self._continuous is not None:
                         self._continuous.resume()
@@ -353,8 +355,19 @@ class HfEngine(Engine):
                 h.model.delete_adapter(name)
                 if h.model.active_adapter not in remaining:
                     h.model.set_adapter(remaining[0])
+                self._stack_adapters()
 
         await asyncio.to_thread(unload)
+
+    def _stack_adapters(self, drop: bool = False) -> None:
+        """Stack the loaded adapters again (under the handle's lock): mixed batches then run each LoRA layer
+        as two batched matmuls; without a stack (an adapter kind that does not stack) PEFT routes the rows."""
+        from jarvis.backends.hf.stacked_lora import StackedLora
+
+        h = self._handle
+        if h.stacked is not None:
+            h.stacked.close()
+        h.stacked = None if drop else StackedLora.build(h.model)
 
 
 @hookimpl

@@ -43,11 +43,10 @@ from typing import Any
 import torch
 
 from jarvis.backends.hf.sampling import adjusted_logits, sample_rows, samples, seq_logprob
+from jarvis.backends.hf.stacked_lora import BASE
 from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
-
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class IncrementalDetokenizer:
@@ -100,6 +99,8 @@ class ModelHandle:
     eos_ids: frozenset[int]
     lock: threading.Lock
     stats: EngineStats
+    #: The loaded adapters stacked per layer (stacked_lora.StackedLora), or None: PEFT's own per-row routing.
+    stacked: Any = None
 
     @property
     def has_adapters(self) -> bool:
@@ -193,11 +194,17 @@ class BatchScheduler:
                 for seq in wave:
                     seq.emit(exc)
 
-    def _forward(self, **inputs: Any) -> Any:
+    def _forward(self, adapters: list[str] | None = None, **inputs: Any) -> Any:
+        """One forward pass; `adapters` names each row's adapter (BASE: none) while adapters are loaded."""
         h = self.handle
         with h.lock:
             h.stats.forward_passes += 1
-            return h.model(**inputs, use_cache=True)
+            if adapters is None or not h.has_adapters:
+                return h.model(**inputs, use_cache=True)
+            if h.stacked is None:
+                return h.model(**inputs, use_cache=True, adapter_names=adapters)
+            with h.stacked.use(adapters):
+                return h.model(**inputs, use_cache=True)
 
     def _starting(self, arrivals: list[Sequence]) -> list[Sequence]:
         """The arrivals that need decoding: prompt scores go out first, the cancelled and the zero-token finish."""
@@ -223,9 +230,8 @@ class BatchScheduler:
             return self._decode_static(wave, live, width)
         ids, mask, positions = self._left_padded(live, width)
         cache = DynamicCache(config=h.model.config)
-        extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            logits_to_keep=1, **extra)
+                            logits_to_keep=1, adapters=[s.adapter for s in live])
         while True:
             logits = out.logits[:, -1, :].float()
             tokens = self._sample(logits, live)
@@ -240,10 +246,9 @@ class BatchScheduler:
                 live = [live[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
             positions = positions[:, -1:] + 1
-            extra = {"adapter_names": [s.adapter for s in live]} if h.has_adapters else {}
             out = self._forward(input_ids=torch.tensor(tokens, device=h.device).unsqueeze(-1),
                                 attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                logits_to_keep=1, **extra)
+                                logits_to_keep=1, adapters=[s.adapter for s in live])
 
     def _decode_static(self, wave: list[Sequence], live: list[Sequence], width: int) -> None:
         h = self.handle
@@ -450,8 +455,7 @@ class BatchScheduler:
         """Logprob of each prompt token given the ones before it (the BOS is context, not scored)."""
         h = self.handle
         ids = torch.tensor([seq.prompt_ids], device=h.device)
-        extra = {"adapter_names": [seq.adapter]} if h.has_adapters else {}
-        logits = self._forward(input_ids=ids, logits_to_keep=0, **extra).logits[0].float()
+        logits = self._forward(input_ids=ids, logits_to_keep=0, adapters=[seq.adapter]).logits[0].float()
         entries = []
         if seq.prompt_ids and not skips_leading_bos(seq.prompt_ids, h.tokenizer.bos_token_id, seq.request.score_bos):
             first = h.tokenizer.decode(seq.prompt_ids[:1])

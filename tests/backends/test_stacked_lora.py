@@ -1,0 +1,68 @@
+"""Stacked per-row LoRA (backends/hf/stacked_lora.py) against PEFT's own mixed-batch routing, in process.
+
+Two adapters of different ranks and scalings on the embedded model; one batch whose rows take adapter a,
+the base model, adapter b: the stacked forward's logits equal PEFT's `adapter_names=` forward's."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def two_adapters(hf_folder, tmp_path_factory):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("stacked")
+    for name, rank, alpha, targets in (("a", 4, 8, ["q_proj", "v_proj"]), ("b", 8, 8, ["q_proj", "down_proj"])):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_folder),
+                               LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+        torch.manual_seed(rank)
+        with torch.no_grad():
+            for key, weight in model.named_parameters():
+                if "lora_" in key:
+                    weight.normal_(0.0, 0.05)  # B not zero: the adapter changes the output
+        model.save_pretrained(str(folder / name))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder), str(folder / "a"),
+                                      adapter_name="a")
+    model.load_adapter(str(folder / "b"), adapter_name="b")
+    return model.eval()
+
+
+def test_a_mixed_batch_matches_peft_routing(two_adapters):
+    from jarvis.backends.hf.stacked_lora import BASE, StackedLora
+
+    model, rows = two_adapters, ["a", BASE, "b"]
+    ids = torch.randint(1000, 5000, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        routed = model(input_ids=ids, adapter_names=rows).logits
+        base = model(input_ids=ids, adapter_names=[BASE] * 3).logits
+        stacked = StackedLora.build(model)
+        assert stacked is not None
+        try:
+            with stacked.use(rows):
+                mine = model(input_ids=ids).logits
+            plain = model(input_ids=ids).logits  # outside `use`: the base model
+        finally:
+            stacked.close()
+        again = model(input_ids=ids, adapter_names=rows).logits  # closed: PEFT routes the rows again
+    assert not torch.allclose(routed[0], base[0], atol=1e-2) and not torch.allclose(routed[2], base[2], atol=1e-2)
+    assert torch.allclose(mine, routed, atol=2e-3, rtol=1e-4), (mine - routed).abs().max()  # float rounding
+    assert torch.allclose(plain, base, atol=1e-5)
+    assert torch.allclose(again, routed, atol=1e-5)
+
+
+def test_what_does_not_stack_keeps_peft_routing(hf_folder):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jarvis.backends.hf.stacked_lora import StackedLora
+
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_folder),
+                          LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert StackedLora.build(dora) is None
