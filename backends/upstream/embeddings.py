@@ -43,5 +43,5 @@ def vectors_of(data: dict[str, Any], count: int, url: str) -> tuple[list[list[fl
 async def upstream_embed(engine: OpenAIUpstreamEngine, request: EmbeddingRequest) -> EmbeddingResult:
     body = embeddings_body(request, engine.upstream_model)
     vectors, tokens = await engine.post(request, "/embeddings", body,
-                                        lambda response, url: vectors_of(response.json(), len(request.inputs), url))
+                                        lambda data, url: vectors_of(data, len(request.inputs), url))
     return EmbeddingResult(vectors, tokens)

@@ -23,15 +23,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import httpx
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jarvis import hookimpl
 from jarvis.backends.upstream.errors import (
-    RETRYABLE,
+    TRANSPORT_ERRORS,
     answer_error,
     broke_off,
+    retryable,
     score_failure,
     stream_error_event,
     stream_unfinished,
@@ -277,31 +277,33 @@ class OpenAIUpstreamEngine(Engine):
                         error_type=error.error_type, code=error.code)
 
     async def post(self, request: PreparedRequest | Any, path: str, body: dict[str, Any],
-                   read: Callable[[httpx.Response, str], T]) -> T:
+                   read: Callable[[Any, str], T]) -> T:
         """POST `body` to `path` on an upstream the pool picks for `request` (its `adapter`), retried on the
-        next one after a connection failure or a 502/503, each upstream scored; `read(response, url)` makes
-        the answer of a 2xx (raising an `APIError` for one of another shape)."""
+        next one after a connection failure or a 502/503, each upstream scored; `read(json, url)` makes the
+        answer of a 2xx from its JSON (raising an `APIError` for one of another shape)."""
         tried: list[Upstream] = []
         error: APIError | None = None
         while True:
             attempt = self._next_attempt(request, tried, error)
+            url = attempt.upstream.url
             try:
-                response = await attempt.upstream.client.post(path, json=body)
-                if response.status_code >= 400:
-                    raise answer_error(response.status_code, response.content, attempt.upstream.url)
-                answer = read(response, attempt.upstream.url)
+                async with attempt.upstream.session.post(url + path, json=body) as response:
+                    content = await response.read()
+                if response.status >= 400:
+                    raise answer_error(response.status, content, url)
+                answer = read(json_answer(content, url, path), url)
                 attempt.succeeded()
                 return answer
-            except RETRYABLE as exc:
+            except (*TRANSPORT_ERRORS, APIError) as exc:
+                if not retryable(exc):
+                    raise score_failure(attempt, exc) from None
                 error = score_failure(attempt, exc)
-            except (httpx.HTTPError, APIError) as exc:
-                raise score_failure(attempt, exc) from None
             finally:
                 attempt.close()
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:
         path, body = self.body(request, stream=False)
-        data = await self.post(request, path, body, lambda response, _: response.json())
+        data = await self.post(request, path, body, lambda answer, _: answer)
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         request.context.mark_first_token()
@@ -325,11 +327,11 @@ class OpenAIUpstreamEngine(Engine):
             url = attempt.upstream.url
             delivered = False  # once a chunk went out, the stream is never sent again
             try:
-                async with attempt.upstream.client.stream("POST", path, json=body) as r:
-                    if r.status_code >= 400:
-                        raise answer_error(r.status_code, await r.aread(), url)
+                async with attempt.upstream.session.post(url + path, json=body) as r:
+                    if r.status >= 400:
+                        raise answer_error(r.status, await r.read(), url)
                     held: GenerationChunk | None = None  # the finishing chunk waits for the usage that follows
-                    async for event in sse_events(r):
+                    async for event in sse_events(r.content.iter_any()):
                         if "error" in event:
                             raise stream_error_event(url, event["error"])
                         usage = event.get("usage")
@@ -348,13 +350,13 @@ class OpenAIUpstreamEngine(Engine):
                     attempt.succeeded()
                     finished = True
                     yield held
-            except RETRYABLE as exc:
+            except (*TRANSPORT_ERRORS, APIError) as exc:
+                if not retryable(exc):
+                    raise score_failure(attempt, exc) from None
                 if delivered:  # part of the answer is out: never sent again, the client learns it broke off
                     score_failure(attempt, exc)
                     raise broke_off(url, exc) from None
                 error = score_failure(attempt, exc)
-            except (httpx.HTTPError, APIError) as exc:
-                raise score_failure(attempt, exc) from None
             finally:
                 attempt.close()
 
@@ -367,18 +369,30 @@ class OpenAIUpstreamEngine(Engine):
         await self.monitor.unload_adapter(name)
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of a Server-Sent Events stream, up to `data: [DONE]`."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            return
-        try:
-            yield json.loads(payload)
-        except ValueError:
-            continue
+def json_answer(content: bytes, url: str, path: str) -> Any:
+    """An upstream's 2xx body as JSON; anything else is the upstream failing (502)."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        raise APIError(f"The upstream {url} answered {path} with no JSON: {content[:200]!r}", status_code=502,
+                       error_type="upstream_error", code="upstream_error") from None
+
+
+async def sse_events(blocks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a Server-Sent Events stream (its bytes as they arrive), up to `data: [DONE]`."""
+    pending = b""
+    async for block in blocks:
+        *lines, pending = (pending + block).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                yield json.loads(payload)
+            except ValueError:
+                continue
 
 
 def finish_reason(value: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import httpx
 
 from jarvis.backends.upstream.pool import Attempt
@@ -56,16 +57,29 @@ def answer_error(status: int, body: bytes, url: str) -> APIError:
     return error
 
 
-#: Failures after which the request may go to another upstream (when nothing reached the client yet).
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-             httpx.WriteError, RetryableAnswer)
+#: What the clients raise when an exchange with an upstream fails: no answer, or a broken one (aiohttp's
+#: timeouts are TimeoutErrors).
+TRANSPORT_ERRORS = (aiohttp.ClientError, httpx.HTTPError, TimeoutError)
+
+
+def stalled(exc: BaseException) -> bool:
+    """A timeout once connected: the upstream may still be working on the request (not down, not retried)."""
+    return (isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)) or \
+        isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout))
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether the request may go to another upstream (when nothing reached the client yet): the connection
+    failed or broke before an answer, or a 502/503 came back."""
+    if isinstance(exc, RetryableAnswer):
+        return True
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)) and not stalled(exc)
 
 
 def score_failure(attempt: Attempt, exc: Exception) -> APIError:
     """Score a failed attempt; the error the client gets if it is not retried."""
-    if isinstance(exc, httpx.HTTPError):
-        down = not isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout))
-        attempt.failed(f"{type(exc).__name__}: {exc}", down=down)
+    if isinstance(exc, TRANSPORT_ERRORS):
+        attempt.failed(f"{type(exc).__name__}: {exc}", down=not stalled(exc))
         return unreachable(attempt.upstream.url, exc)
     assert isinstance(exc, APIError)
     if exc.status_code >= 500 or exc.error_type == "upstream_error":

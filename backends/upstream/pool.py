@@ -69,7 +69,10 @@ class Upstream:
 
     url: str
     api_key: str | None = None
+    #: The monitor's client: health checks and adapter calls.
     client: httpx.AsyncClient | None = None
+    #: The request path's client (an aiohttp.ClientSession): completions, streams and embeddings.
+    session: Any = None
     #: Up while its last check (or request) succeeded; a down upstream is tried only when no other is left.
     up: bool = True
     #: False when it does not serve the pool's model (it is then never chosen).
