@@ -8,6 +8,8 @@ thousands of requests per second on one core), one server process each:
            log level; telemetry off unless --telemetry)
   litellm  LiteLLM's proxy (one worker, no database, callbacks off) in a virtualenv of its own, made on first use
            under --venvs (skipped with --no-litellm, or when it cannot be installed)
+  before   with --before DIR: Jarvis from another checkout (e.g. `git worktree add /tmp/before HEAD~1`), same
+           settings: a change's effect measured side by side with it
 
 The load comes from a separate process (raw HTTP/1.1 on keep-alive connections; latency counted from each
 request's scheduled time, so a client that falls behind shows as latency, not as a lower rate):
@@ -21,7 +23,7 @@ request's scheduled time, so a client that falls behind shows as latency, not as
 Rounds alternate the order of the targets. The table prints medians over rounds; --out writes every figure.
 
     python bench/proxy_load.py [--rounds R] [--duration S] [--rate N] [--concurrency C] [--no-litellm]
-                               [--telemetry] [--venvs DIR] [--out DIR]
+                               [--telemetry] [--venvs DIR] [--before DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from jarvis_process import jarvis_server_process  # noqa: E402
+from jarvis_process import checkout_env, jarvis_server_process  # noqa: E402
 
 HERE = Path(__file__).parent
 #: The key every request sends: LiteLLM's master key (it refuses to start without a strong one); the others ignore it.
@@ -287,6 +289,7 @@ def main() -> None:
     parser.add_argument("--jarvis-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the Jarvis server (repeatable), e.g. JARVIS_MAX_CONCURRENT=64")
     parser.add_argument("--venvs", type=Path, default=Path.home() / ".cache" / "jarvis" / "bench-venvs")
+    parser.add_argument("--before", type=Path, help="another checkout's Jarvis, measured too (same settings)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     console = Console(width=220)
@@ -299,6 +302,11 @@ def main() -> None:
                     **dict(item.split("=", 1) for item in args.jarvis_env)}
         v1, jarvis = stack.enter_context(jarvis_server_process(**settings))
         targets["jarvis"] = (int(v1.rsplit(":", 1)[1].split("/")[0]), jarvis.pid)
+        if args.before:
+            links = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            v1, before = stack.enter_context(jarvis_server_process(**settings,
+                                                                   **checkout_env(args.before.resolve(), links)))
+            targets["before"] = (int(v1.rsplit(":", 1)[1].split("/")[0]), before.pid)
         if not args.no_litellm:
             try:
                 port, process = stack.enter_context(litellm_server(upstream, args.venvs))
