@@ -31,6 +31,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 class StackedLora:
     def __init__(self, model: Any, names: list[str]) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
         self.slots = {BASE: 0, **{name: i + 1 for i, name in enumerate(names)}}
         self.rows: torch.Tensor | None = None  # each row's slot, set for one forward by `use`
         self._hooks: list[Any] = []
@@ -80,8 +81,7 @@ class StackedLora:
     @contextlib.contextmanager
     def use(self, adapters: Sequence[str]) -> Iterator[None]:
         """One forward of the model with row i through adapter `adapters[i]` (BASE: none)."""
-        device = next(self.model.parameters()).device
-        self.rows = torch.tensor([self.slots[a] for a in adapters], device=device)
+        self.rows = torch.tensor([self.slots[a] for a in adapters], device=self.device)
         try:
             yield
         finally:

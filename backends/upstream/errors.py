@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import aiohttp
-import httpx
 
 from jarvis.backends.upstream.pool import Attempt
 from jarvis.errors import APIError, EngineUnavailable
@@ -57,15 +56,14 @@ def answer_error(status: int, body: bytes, url: str) -> APIError:
     return error
 
 
-#: What the clients raise when an exchange with an upstream fails: no answer, or a broken one (aiohttp's
-#: timeouts are TimeoutErrors).
-TRANSPORT_ERRORS = (aiohttp.ClientError, httpx.HTTPError, TimeoutError)
+#: What the request path's client (aiohttp) raises when an exchange with an upstream fails: no answer, or a
+#: broken one (its timeouts are TimeoutErrors).
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 def stalled(exc: BaseException) -> bool:
     """A timeout once connected: the upstream may still be working on the request (not down, not retried)."""
-    return (isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)) or \
-        isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout))
+    return isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
 
 
 def retryable(exc: BaseException) -> bool:
