@@ -20,7 +20,7 @@ Only when no head holds an accepted token (greedy), the draws keep failing (`DRA
 truncated the candidates (top-k, top-p or min-p set: those cut after the mask, as in llama.cpp) does the
 grammar mask the whole vocabulary.
 
-`GrammarCheckedLlama` is a `llama_cpp.Llama` whose `generate()` does that whenever it gets a grammar.
+`GrammarCheckedSampler` wraps a request's sampler chain (`slots.SamplerChain`) whenever it has a grammar.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama
 from llama_cpp.llama_grammar import LlamaGrammar
 
 #: Most likely tokens the grammar masks at once after it rejected the first pick: a small head, then a
@@ -45,12 +44,13 @@ assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
 
 class GrammarCheckedSampler:
-    """Stands in for llama-cpp-python's `LlamaSampler` in `Llama.generate()`: `sample(ctx, idx)` returns the
-    next token and accepts it into both the chain (penalties keep their history) and the grammar."""
+    """A sampler chain checked against a grammar: `sample(ctx, idx)` returns the next token from row `idx`
+    of the context's logits and accepts it into both the chain (penalties keep their history) and the
+    grammar."""
 
     def __init__(self, chain: Any, vocab: Any, grammar: LlamaGrammar, n_vocab: int, *, greedy: bool,
                  seed: int) -> None:
-        self.chain = chain  # llama-cpp-python's LlamaSampler, built without the grammar
+        self.chain = chain  # the request's chain (`slots.SamplerChain`), without the grammar
         self.grammar = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode(), grammar._root.encode())
         if not self.grammar:
             raise ValueError("llama.cpp could not parse the grammar")
@@ -143,7 +143,7 @@ class GrammarCheckedSampler:
         return None
 
     def sample(self, ctx: Any, idx: int = -1) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, idx), shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
         candidates = self._candidates(logits)
         token = self._pick(candidates)
         if not self._allowed(token):
@@ -169,17 +169,6 @@ class GrammarCheckedSampler:
 
     def __del__(self) -> None:
         self.close()
-
-
-class GrammarCheckedLlama(Llama):
-    """`Llama` whose sampler checks a grammar against the sampled token first (see the module docstring)."""
-
-    def _init_sampler(self, *args: Any, grammar: LlamaGrammar | None = None, **kwargs: Any) -> Any:
-        chain = super()._init_sampler(*args, grammar=None, **kwargs)
-        if grammar is None:
-            return chain
-        return GrammarCheckedSampler(chain, self._model.vocab, grammar, self._n_vocab,
-                                     greedy=kwargs.get("temp", 0.8) == 0.0, seed=self._seed)
 
 
 # --- JSON Schema → GBNF -----------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from llama_cpp import Llama  # noqa: E402
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar  # noqa: E402
 
 from jarvis.backends.llama_cpp import grammar as llama_grammar  # noqa: E402
-from jarvis.backends.llama_cpp.grammar import GrammarCheckedLlama  # noqa: E402
+from jarvis.backends.llama_cpp.grammar import GrammarCheckedSampler  # noqa: E402
+from jarvis.backends.llama_cpp.slots import SamplerChain  # noqa: E402
+from jarvis.engine import PreparedRequest  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colour", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"},
@@ -27,48 +29,69 @@ PROMPT = b"<start_of_turn>user\nDescribe a person as JSON.<end_of_turn>\n<start_
 
 
 @pytest.fixture(scope="module")
-def models(embedded_gguf):
-    stock = Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
-    checked = GrammarCheckedLlama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
-    return stock, checked
+def llm(embedded_gguf):
+    return Llama(str(embedded_gguf), n_ctx=512, n_threads=2, verbose=False)
 
 
-def greedy(llm: Llama, grammar: str, limit: int = 80) -> list[int]:
+def checked_sampler(llm: Llama, grammar: str, temp: float, seed: int = 7) -> GrammarCheckedSampler:
+    """The engine's sampler for a request with this grammar (no top-k/top-p/min-p, no penalties)."""
+    req = PreparedRequest(model="m", prompt="", temperature=temp, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    return GrammarCheckedSampler(SamplerChain(req, llm.n_vocab(), seed), llama_cpp.llama_model_get_vocab(llm.model),
+                                 LlamaGrammar.from_string(grammar, verbose=False), llm.n_vocab(),
+                                 greedy=temp == 0.0, seed=seed)
+
+
+def stock_greedy(llm: Llama, grammar: str, limit: int) -> list[int]:
+    """llama-cpp-python's own sampler: the grammar masks the whole vocabulary, then the chain picks."""
     out: list[int] = []
     for token in llm.generate(llm.tokenize(PROMPT, special=True), temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
                               repeat_penalty=1.0, grammar=LlamaGrammar.from_string(grammar, verbose=False)):
         out.append(token)
-        if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token) or len(out) >= limit:
+        if is_end(llm, token) or len(out) >= limit:
             break
     return out
 
 
+def checked_greedy(llm: Llama, sampler: GrammarCheckedSampler, limit: int) -> list[int]:
+    out: list[int] = []
+    llm.reset()
+    llm.eval(llm.tokenize(PROMPT, special=True))
+    while True:
+        token = sampler.sample(llm._ctx.ctx, -1)
+        out.append(token)
+        if is_end(llm, token) or len(out) >= limit:
+            return out
+        llm.eval([token])
+
+
+def is_end(llm: Llama, token: int) -> bool:
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("grammar", "limit"), [("json_object", 16), ("schema", 40)])
-def test_greedy_matches_the_stock_sampler_token_for_token(models, grammar, limit):
+def test_greedy_matches_the_stock_sampler_token_for_token(llm, grammar, limit):
     """The stock sampler masks all 262k tokens at every step (slow), so the comparison stops after `limit`
     tokens, enough for the checked sampler's rejection path: json_object's opening (the grammar rejects the
     first pick), keys, string values and indents; the whole schema object (about 30 tokens, with several
     rejected picks) and the steps after it, where the grammar rejects every pick."""
     gbnf = JSON_GBNF if grammar == "json_object" else LlamaGrammar.from_json_schema(json.dumps(SCHEMA),
                                                                                     verbose=False)._grammar
-    stock, checked = models
-    expected = greedy(stock, gbnf, limit)
-    assert greedy(checked, gbnf, limit) == expected
-    assert checked._sampler.resampled > 0  # the grammar did reject first picks: the checked path ran
+    expected = stock_greedy(llm, gbnf, limit)
+    sampler = checked_sampler(llm, gbnf, 0.0)
+    assert checked_greedy(llm, sampler, limit) == expected
+    assert sampler.resampled > 0  # the grammar did reject first picks: the checked path ran
+    sampler.close()
 
 
 @pytest.mark.slow
-def test_sampling_draws_from_the_constrained_distribution(models):
+def test_sampling_draws_from_the_constrained_distribution(llm):
     """Many draws of the first token under `[a-z]+` (thousands of accepted tokens, inside and outside the
     head the grammar masks at once) against the exact distribution: the softmax over the accepted tokens."""
-    _, llm = models
     temp, draws = 1.5, 2000
-    gen = llm.generate(llm.tokenize(b'My favourite word is "', special=True), temp=temp, top_k=0, top_p=1.0,
-                       min_p=0.0, repeat_penalty=1.0,
-                       grammar=LlamaGrammar.from_string("root ::= [a-z]+", verbose=False))
-    next(gen)  # evaluates the prompt; the sampler now stands before the first token
-    sampler = llm._sampler
+    llm.reset()
+    llm.eval(llm.tokenize(b'My favourite word is "', special=True))
+    sampler = checked_sampler(llm, "root ::= [a-z]+", temp)
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
 
     llama_cpp.llama_sampler_reset(sampler.grammar)
@@ -88,8 +111,8 @@ def test_sampling_draws_from_the_constrained_distribution(models):
         llama_cpp.llama_sampler_reset(sampler.grammar)
         pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
         ctypes.memmove(pointer, logits.ctypes.data, logits.nbytes)  # the same step each time
-        seen[sampler.sample(llm._ctx, -1)] += 1
-    gen.close()
+        seen[sampler.sample(llm._ctx.ctx, -1)] += 1
+    sampler.close()
     print(f"resampled {sampler.resampled}, masked {sampler.masked} of {draws} draws")
     assert seen[exact == 0].sum() == 0  # nothing the grammar rejects
     assert sampler.resampled > draws // 10  # the rejection path was exercised, not only first picks

@@ -150,12 +150,26 @@ def test_seed_makes_sampling_repeatable(client):
 
 
 def test_concurrent_requests_get_their_own_answers(client):
-    prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(6)]  # more than a batch of llama.cpp's
-    alone = {p: complete(client, p, max_tokens=8).choices[0].text for p in prompts}
+    """Each of six concurrent requests gets the answer to its own prompt. Batching engines (vLLM, llama.cpp's
+    slots) compute a row's logits in another batch shape than alone, so a greedy answer may part from the
+    lone one at a near-tie (the two likeliest tokens within 0.3 nats), and only there."""
+    prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(6)]  # more than llama.cpp's slots
+    alone = {p: complete(client, p, max_tokens=8, logprobs=2).choices[0] for p in prompts}
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        together = dict(zip(prompts, pool.map(lambda p: complete(client, p, max_tokens=8).choices[0].text,
+        together = dict(zip(prompts, pool.map(lambda p: complete(client, p, max_tokens=8, logprobs=2).choices[0],
                                               prompts)))
-    assert together == alone
+    for prompt in prompts:
+        assert_same_until_a_near_tie(alone[prompt].logprobs, together[prompt].logprobs)
+
+
+def assert_same_until_a_near_tie(expected, actual, gap: float = 0.3) -> None:
+    """`actual` has `expected`'s tokens, or parts from them once, where `expected`'s two likeliest were close
+    and `actual` took the second."""
+    for i, (want, got) in enumerate(zip(expected.tokens, actual.tokens, strict=True)):
+        if want != got:
+            (first, p1), (second, p2) = sorted(expected.top_logprobs[i].items(), key=lambda kv: -kv[1])[:2]
+            assert got == second and p1 - p2 < gap, (i, expected.tokens, actual.tokens, expected.top_logprobs[i])
+            return
 
 
 def test_chat_logprobs(client):
