@@ -78,10 +78,16 @@ class StackedLora:
             return output + (update.squeeze(1) if flat else update).to(output.dtype)
         return add_update
 
+    def rows_of(self, adapters: Sequence[str]) -> torch.Tensor:
+        """Each row's slot in the stacks, on the model's device (KeyError: an adapter not in this stack)."""
+        return torch.tensor([self.slots[a] for a in adapters], device=self.device)
+
     @contextlib.contextmanager
-    def use(self, adapters: Sequence[str]) -> Iterator[None]:
-        """One forward of the model with row i through adapter `adapters[i]` (BASE: none)."""
-        self.rows = torch.tensor([self.slots[a] for a in adapters], device=self.device)
+    def use(self, adapters: Sequence[str] | torch.Tensor) -> Iterator[None]:
+        """One forward of the model with row i through adapter `adapters[i]` (BASE: none), or through the slot
+        `adapters[i]` when given as a tensor (a static decode keeps one, changed in place as rows change, so a
+        replayed CUDA graph reads each row's adapter from the same address)."""
+        self.rows = adapters if isinstance(adapters, torch.Tensor) else self.rows_of(adapters)
         try:
             yield
         finally:

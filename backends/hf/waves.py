@@ -16,8 +16,9 @@ Two ways to decode a wave (`decode=`):
     along; shapes never change, so with "graphs" (the default on CUDA) the decode step is
     compiled and replayed as a CUDA graph
     (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
-    dominates a small model's step. Waves with adapters decode "dynamic" (PEFT's per-row
-    adapter routing is not graph-friendly).
+    dominates a small model's step. Adapters ride along as stacks indexed by each row's slot
+    (stacked_lora.py: the graph reads the slots from one device tensor); adapters that do not stack
+    (DoRA: PEFT's per-row routing, not graph-friendly) make the waves decode "dynamic".
 
 A static wave takes requests while it runs: every row writes its next token to the same cache
 slot `at`, so a waiting request is prefilled on its own and its KV copied into a free row just
@@ -33,6 +34,7 @@ and a replayed CUDA graph would be captured again for each value of it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import random
 import threading
@@ -106,6 +108,12 @@ class ModelHandle:
     def has_adapters(self) -> bool:
         return hasattr(self.model, "peft_config")
 
+    @property
+    def static_ok(self) -> bool:
+        """Whether a static (and graph) decode can serve the batch: no adapters, or adapters that stack (PEFT's
+        own per-row routing is not graph-friendly)."""
+        return not self.has_adapters or self.stacked is not None
+
 
 @dataclass
 class StaticWave:
@@ -118,6 +126,12 @@ class StaticWave:
     mask: torch.Tensor
     positions: torch.Tensor
     at: int
+    #: Each row's adapter slot in `stacked` (stacked_lora.StackedLora), kept on the device; None without adapters.
+    rows: torch.Tensor | None = None
+    stacked: Any = None
+
+    def adapters(self) -> list[str]:
+        return [seq.adapter if seq is not None else BASE for seq in self.slots]
 
     @staticmethod
     def history(seq: Sequence) -> int:
@@ -226,7 +240,7 @@ class BatchScheduler:
             return
         width = max(len(s.prompt_ids) for s in live)
         longest = width + max(s.request.max_tokens or 0 for s in live)
-        if self.decode != "dynamic" and not h.has_adapters and longest <= self.max_len:
+        if self.decode != "dynamic" and h.static_ok and longest <= self.max_len:
             return self._decode_static(wave, live, width)
         ids, mask, positions = self._left_padded(live, width)
         cache = DynamicCache(config=h.model.config)
@@ -266,7 +280,7 @@ class BatchScheduler:
         else:
             cache.reset()
         out = self._forward(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
-                            past_key_values=cache, logits_to_keep=1)
+                            past_key_values=cache, logits_to_keep=1, adapters=[s.adapter for s in rows])
         w = StaticWave(wave, [*live, *[None] * (bucket - len(live))], [int(ids[0, -1])] * bucket, cache, mask,
                        prefill_positions[:, -1:].clone(), at=width)
         while True:
@@ -286,9 +300,24 @@ class BatchScheduler:
             w.at += 1
             with h.lock:
                 h.stats.forward_passes += 1
-                out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
-                                      attention_mask=mask, position_ids=w.positions, past_key_values=cache,
-                                      use_cache=True, logits_to_keep=1)
+                with self._row_adapters(w):
+                    out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
+                                          attention_mask=mask, position_ids=w.positions, past_key_values=cache,
+                                          use_cache=True, logits_to_keep=1)
+
+    def _row_adapters(self, w: StaticWave) -> Any:
+        """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
+        device tensor per wave, rewritten in place only when the rows' adapters change (a request joined or the
+        stack was rebuilt by a load or unload); a finished row keeps its old slot, its output being dropped."""
+        h = self.handle
+        if not h.has_adapters:
+            return contextlib.nullcontext()
+        if h.stacked is None:  # an adapter that does not stack was loaded while the wave ran
+            raise RuntimeError("an adapter kind that does not stack (e.g. DoRA) was loaded during a static decode")
+        names = w.adapters()
+        if w.rows is None or w.stacked is not h.stacked:
+            w.rows, w.stacked = h.stacked.rows_of(names), h.stacked
+        return h.stacked.use(w.rows)
 
     def _waiting(self) -> bool:
         """Whether a request waits: the head of `_pending`, filled from the queue without blocking."""
@@ -300,9 +329,11 @@ class BatchScheduler:
         return True
 
     def _fits(self, seq: Sequence, at: int) -> bool:
-        """Whether `seq` can join a static wave at slot `at`: its prompt fits left of it, its answer in the cache."""
-        return (not self.handle.has_adapters and len(seq.prompt_ids) <= at
-                and at + (seq.request.max_tokens or 0) <= self.max_len)
+        """Whether `seq` can join a static wave at slot `at`: its prompt fits left of it, its answer in the cache
+        (and its adapter, if any, is in the stack the wave runs with)."""
+        h = self.handle
+        return ((seq.adapter == BASE or (h.stacked is not None and seq.adapter in h.stacked.slots))
+                and h.static_ok and len(seq.prompt_ids) <= at and at + (seq.request.max_tokens or 0) <= self.max_len)
 
     def _make_room(self, seq: Sequence, w: StaticWave) -> bool:
         """Shift every row of `w` left, as far as its longest row and `seq`'s prompt allow, if `seq` then fits.
@@ -354,7 +385,7 @@ class BatchScheduler:
         ids, prompt_mask, prompt_positions = self._left_padded(live, width)
         small = DynamicCache(config=h.model.config)
         out = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                            past_key_values=small, logits_to_keep=1)
+                            past_key_values=small, logits_to_keep=1, adapters=[s.adapter for s in live])
         rows = free[: len(live)]
         for layer, part in zip(w.cache.layers, small.layers):
             kept = part.keys.shape[-2]
@@ -370,6 +401,8 @@ class BatchScheduler:
         for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
             if not self._advance(seq, token, logits[r]):
                 w.slots[j], w.feed[j] = seq, token
+                if w.rows is not None and w.stacked is self.handle.stacked:
+                    w.rows[j] = w.stacked.slots[seq.adapter]
 
     def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids left-padded to `width`, the attention mask that hides the padding, and each row's positions

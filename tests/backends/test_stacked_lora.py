@@ -66,3 +66,70 @@ def test_what_does_not_stack_keeps_peft_routing(hf_folder):
     dora = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_folder),
                           LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     assert StackedLora.build(dora) is None
+
+
+def test_a_static_wave_serves_stacked_adapters_and_takes_joiners(two_adapters, hf_folder):
+    """With the adapters stacked, a static wave (what CUDA graphs replay on a GPU) serves rows of different
+    adapters and takes requests for them while it decodes; each answers what it answers alone in a wave of
+    its own, its adapter routed per row (the dynamic loop)."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from jarvis.backends.hf.stacked_lora import BASE, StackedLora
+    from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
+    from jarvis.engine import EngineStats, PreparedRequest
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    stacked = StackedLora.build(two_adapters)
+    assert stacked is not None
+    handle = ModelHandle(two_adapters, tokenizer, torch.device("cpu"), frozenset({tokenizer.eos_token_id}),
+                         threading.Lock(), EngineStats(), stacked=stacked)
+    jobs = [("a", "The history of the ocean begins with", 20), (BASE, "Fact: the moon is", 6),
+            ("b", "A short poem about autumn leaves and rain:", 6)]
+
+    def submit(s: BatchScheduler, adapter: str, prompt: str, max_tokens: int) -> dict:
+        out: dict = {"text": "", "tokens": 0, "done": threading.Event(), "started": threading.Event()}
+
+        def emit(chunk) -> None:
+            if isinstance(chunk, BaseException):
+                out["error"] = chunk
+                out["done"].set()
+                return
+            out["text"] += chunk.text
+            out["tokens"] += chunk.token_count
+            if out["tokens"] >= 2:
+                out["started"].set()
+            if chunk.finish_reason:
+                out["done"].set()
+
+        request = PreparedRequest(prompt=None, model="m", max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                  adapter=None if adapter == BASE else adapter)
+        s.submit(request, tokenizer(prompt)["input_ids"], emit, threading.Event())
+        return out
+
+    def scheduler(decode: str) -> BatchScheduler:
+        s = BatchScheduler(handle, max_batch_size=4, gather_seconds=0.0, decode=decode, max_len=256)
+        s.start()
+        return s
+
+    static, dynamic = scheduler("static"), scheduler("dynamic")
+    try:
+        first = submit(static, *jobs[0])
+        assert first["started"].wait(120)
+        joiners = [submit(static, *job) for job in jobs[1:]]
+        answers = [first, *joiners]
+        for answer in answers:
+            assert answer["done"].wait(300) and "error" not in answer, answer
+        assert static.waves == 1 and static.joined == 2, (static.waves, static.joined)
+        alone = []
+        for job in jobs:
+            answer = submit(dynamic, *job)
+            assert answer["done"].wait(300) and "error" not in answer, answer
+            alone.append(answer["text"])
+    finally:
+        static.stop()
+        dynamic.stop()
+        stacked.close()
+    assert [a["text"] for a in answers] == alone
+    assert len(set(alone)) == 3
