@@ -21,6 +21,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from jarvis import protocol as wire
 from jarvis import protocol_anthropic as awire
 from jarvis.bodies import parse_body, validate_body
@@ -178,7 +180,17 @@ def chat_body(body: awire._Conversation, max_tokens: int) -> wire.ChatCompletion
         if body.output_config is not None and body.output_config.format is not None:
             fields["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": body.output_config.format.schema_}}
-    return wire.ChatCompletionRequest.model_validate(fields)
+    try:
+        return wire.ChatCompletionRequest.model_validate(fields)
+    except ValidationError as exc:  # a value Anthropic's schema lets through and chat's refuses: a 400 all the same
+        first = exc.errors()[0]
+        param = CHAT_TO_ANTHROPIC.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
+        raise InvalidRequest(f"Invalid value for '{param}': {first['msg']}" if param else first["msg"],
+                             param=param, code="invalid_value") from None
+
+
+#: Chat's name of a field → the Messages API's, for an error that names what the client sent.
+CHAT_TO_ANTHROPIC = {"stop": "stop_sequences", "response_format": "output_config.format"}
 
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]

@@ -124,6 +124,7 @@ def test_errors_arrive_as_the_sdks_typed_exceptions(client, server):
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
         ({"tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, "nope"),
         ({"max_tokens": 100_000}, "maximum context length"),
+        ({"stop_sequences": ["", "ok"]}, "stop_sequences"),
     ]
     for kwargs, named in refused:
         with pytest.raises(anthropic.BadRequestError) as bad:
