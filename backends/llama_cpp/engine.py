@@ -254,7 +254,7 @@ class LlamaCppEngine(Engine):
         await asyncio.to_thread(load)
 
     async def unload_adapter(self, name: str) -> None:
-        """Frees the adapter once no running request uses it (requests still waiting for it then fail)."""
+        """Frees the adapter once the requests running with it finish; those still waiting for it get a 404."""
         import llama_cpp
 
         assert self._slots is not None, "engine not started"
@@ -262,6 +262,7 @@ class LlamaCppEngine(Engine):
 
         def unload() -> bool:
             with slots.lock:
+                slots.retiring.add(name)
                 if slots.uses(name):
                     return False
                 if slots.applied == name:
@@ -271,8 +272,11 @@ class LlamaCppEngine(Engine):
                     llama_cpp.llama_adapter_lora_free(handle)
                 return True
 
-        while not await asyncio.to_thread(unload):
-            await asyncio.sleep(0.02)
+        try:
+            while not await asyncio.to_thread(unload):
+                await asyncio.sleep(0.02)
+        finally:
+            slots.retiring.discard(name)
 
 
 def gbnf_literal(text: str) -> str:

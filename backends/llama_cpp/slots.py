@@ -32,6 +32,7 @@ import numpy as np
 
 from jarvis.engine import Emit, FinishReason, GenerationChunk, PreparedRequest, TokenLogprob
 from jarvis.engine_rules import skips_leading_bos
+from jarvis.errors import NotFound
 from jarvis.text_stream import StopSequenceMatcher, TokenTextDecoder
 
 log = logging.getLogger("jarvis.backends.llama_cpp.slots")
@@ -212,6 +213,7 @@ class SlotDecoder:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.adapters: dict[str, Any] = {}  # name → llama.cpp adapter handle
+        self.retiring: set[str] = set()  # adapters being unloaded: requests still waiting for them are refused
         self.applied: str | None = None  # the adapter the context runs with (None: the base model)
         self.steps = 0  # llama_decode calls
         self.prompt_tokens_decoded = 0  # prompt tokens not found in a slot's cache
@@ -299,7 +301,7 @@ class SlotDecoder:
             rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
         else:
             if name not in self.adapters:
-                raise RuntimeError(f"adapter {name!r} was unloaded while the request waited")
+                raise NotFound(f"The lora adapter '{name}' was unloaded.", param="model", code="adapter_not_found")
             rc = llama_cpp.llama_set_adapters_lora(
                 self.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[name]), 1,
                 (ctypes.c_float * 1)(1.0))
@@ -341,6 +343,11 @@ class SlotDecoder:
             job = self._pending[0]
             if job.cancel.is_set():
                 self._pending.popleft()
+                continue
+            if job.req.adapter in self.retiring:  # its adapter is being unloaded: the running ones finish, no more
+                self._pending.popleft()
+                job.emit(NotFound(f"The lora adapter '{job.req.adapter}' was unloaded.", param="model",
+                                  code="adapter_not_found"))
                 continue
             if job.req.adapter != self.applied:
                 if self.running:

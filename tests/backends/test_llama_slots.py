@@ -145,3 +145,31 @@ def test_requests_beyond_the_slots_wait_and_a_dropped_one_frees_its_slot(monkeyp
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_an_adapter_unloads_after_its_running_requests_and_refuses_the_waiting_ones(monkeypatch, trained_lora,
+                                                                                  adapter_root):
+    """One slot: a request runs with the adapter, a second waits for it. The unload waits for the first to
+    finish its answer, the second is refused with a 404, and the context is the base model again."""
+    from jarvis.adapters import inspect_adapter
+    from jarvis.errors import NotFound
+
+    async def main() -> None:
+        engine = await started(monkeypatch, 1)
+        try:
+            await engine.load_adapter(inspect_adapter("pirate", trained_lora["path"], adapter_root, 64))
+            running = asyncio.create_task(generate(engine, request(PROMPTS[0], 48, adapter="pirate")))
+            while engine._slots is not None and engine._slots.running == 0:
+                await asyncio.sleep(0.005)
+            waiting = asyncio.create_task(generate(engine, request(PROMPTS[1], 8, adapter="pirate")))
+            await asyncio.sleep(0.05)
+            await engine.unload_adapter("pirate")
+            assert running.done() and running.result()[1] == 48  # it finished before the adapter went
+            with pytest.raises(NotFound):
+                await waiting
+            assert engine._slots.applied is None and "pirate" not in engine._slots.adapters
+            assert (await generate(engine, request(PROMPTS[1], 4)))[1] == 4
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
