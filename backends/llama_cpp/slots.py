@@ -8,8 +8,9 @@ with its own sampler chain. A CPU decode step is bound by reading the weights, s
 little more than one; llama.cpp's own server works the same way. A new prompt is read in chunks between
 the running sequences' steps, so their tokens keep flowing while it is read.
 
-- A finished sequence's cache stays in its slot. A later prompt that shares a prefix with it (the next
-  turn of a chat) takes that slot and decodes only the rest.
+- A finished sequence's cache stays in its slot. A later prompt from the same client (API key) that
+  continues it (the next turn of a chat) takes that slot and decodes only the rest; another key's request
+  never does, so the time to its first token tells it nothing about what others asked.
 - One context carries one set of LoRA weights, so requests for different adapters take turns: a request
   for another adapter waits until the running ones finish, and the ones behind it wait too (first come,
   first served).
@@ -180,6 +181,7 @@ class Slot:
     seq: int
     cached: list[int] = field(default_factory=list)  # the tokens whose keys and values this sequence holds
     job: Job | None = None
+    owner: str | None = None  # who asked for what `cached` holds (RequestContext.client)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -376,7 +378,9 @@ class SlotDecoder:
             raise ValueError("the prompt has no tokens")
 
         def continued(slot: Slot) -> int:
-            return len(slot.cached) if slot.cached and common_prefix(slot.cached, job.ids) == len(slot.cached) else 0
+            if not slot.cached or slot.owner != job.req.context.client:  # one key's cache never serves another
+                return 0
+            return len(slot.cached) if common_prefix(slot.cached, job.ids) == len(slot.cached) else 0
 
         slot = max(free, key=lambda s: (continued(s), -len(s.cached)))
         reuse = 0
@@ -386,7 +390,7 @@ class SlotDecoder:
         if reuse == 0 or not llama_cpp.llama_memory_seq_rm(memory, slot.seq, reuse, -1):
             reuse = 0
             llama_cpp.llama_memory_seq_rm(memory, slot.seq, -1, -1)
-        slot.cached = slot.cached[:reuse]
+        slot.cached, slot.owner = slot.cached[:reuse], job.req.context.client
         job.fed = reuse
         if job.scores_prompt:
             job.prompt_logprobs = []

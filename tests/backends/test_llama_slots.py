@@ -1,8 +1,8 @@
 """The llama.cpp engine decodes its requests together (backends/llama_cpp/slots.py), in this process.
 
 Several sequences in one `llama_decode` must each come out as they do alone; a prompt that extends a
-finished one decodes only its new tokens; requests beyond the slots wait their turn; a request whose
-consumer goes away frees its slot at the next step.
+finished one of the same key decodes only its new tokens; requests beyond the slots wait their turn; a
+request whose consumer goes away frees its slot at the next step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from jarvis.backends.llama_cpp.engine import LlamaCppEngine  # noqa: E402
-from jarvis.engine import PreparedRequest, TokenLogprob  # noqa: E402
+from jarvis.engine import PreparedRequest, RequestContext, TokenLogprob  # noqa: E402
 from jarvis.settings import load_settings  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -108,6 +108,10 @@ def test_a_prompt_that_extends_a_finished_one_decodes_only_its_new_tokens(monkey
                                    echo=True, logprobs=True)  # scores every prompt token: no reuse
             fresh, _ = await generate(engine, echo)
             assert fresh == reused
+            # another key's identical follow-up finds no cache of its own: it decodes its whole prompt
+            before = slots.prompt_tokens_decoded
+            await generate(engine, request(follow_up, 4, context=RequestContext(client="another key")))
+            assert slots.prompt_tokens_decoded - before == len(engine.tokenize(follow_up))
         finally:
             await engine.stop()
 
