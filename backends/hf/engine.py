@@ -249,8 +249,11 @@ class HfEngine(Engine):
     def batching_kind(self) -> str:
         """What decodes the requests: the waves and their decode loop, behind continuous batching when it is on."""
         waves = f"waves, {self.decode} decode ({WAVE_DECODES[self.decode]})"
-        if self.decode != "dynamic" and self._handle is not None and not self._handle.static_ok:
-            waves += "; dynamic while an adapter that does not stack is loaded (PEFT's per-row adapter routing)"
+        if self.decode != "dynamic" and self._handle is not None and self._handle.has_adapters:
+            waves += ("; dynamic while an adapter that does not stack is loaded (PEFT's per-row adapter routing)"
+                      if not self._handle.static_ok else
+                      "; with the loaded adapters stacked per row, the static step runs eager"
+                      + (", not replayed as a CUDA graph" if self.decode == "graphs" else ""))
         if self.continuous:
             return f"continuous (transformers' ContinuousBatchingManager); what it does not cover: {waves}"
         return waves

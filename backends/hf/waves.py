@@ -17,8 +17,9 @@ Two ways to decode a wave (`decode=`):
     compiled and replayed as a CUDA graph
     (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
     dominates a small model's step. Adapters ride along as stacks indexed by each row's slot
-    (stacked_lora.py: the graph reads the slots from one device tensor); adapters that do not stack
-    (DoRA: PEFT's per-row routing, not graph-friendly) make the waves decode "dynamic".
+    (stacked_lora.py: one device tensor per wave holds the slots), the step then eager, not a
+    replayed graph; adapters that do not stack (DoRA: PEFT's per-row routing) make the waves
+    decode "dynamic".
 
 A static wave takes requests while it runs: every row writes its next token to the same cache
 slot `at`, so a waiting request is prefilled on its own and its KV copied into a free row just
@@ -308,7 +309,8 @@ class BatchScheduler:
     def _row_adapters(self, w: StaticWave) -> Any:
         """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
         device tensor per wave, rewritten in place only when the rows' adapters change (a request joined or the
-        stack was rebuilt by a load or unload); a finished row keeps its old slot, its output being dropped."""
+        stack was rebuilt by a load or unload), so a step reads them from the same address every time; a
+        finished row keeps its old slot, its output being dropped."""
         h = self.handle
         if not h.has_adapters:
             return contextlib.nullcontext()
@@ -415,8 +417,9 @@ class BatchScheduler:
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _step_fn(self) -> Any:
-        """The decode forward: compiled into a replayed CUDA graph in "graphs" mode, else eager."""
-        if self.decode != "graphs":
+        """The decode forward: compiled into a replayed CUDA graph in "graphs" mode, else eager. While adapters
+        are loaded the step runs eager: the stacks' forward hooks are not compiled into the graph."""
+        if self.decode != "graphs" or self.handle.has_adapters:
             return self.handle.model
         if self._decode_step is None:
             self._decode_step = torch.compile(self.handle.model.forward, mode="reduce-overhead", fullgraph=True)
