@@ -8,8 +8,13 @@ loaded into one PeftModel; C requests go in at once, request i to adapter i mod 
   base      the plain model, no adapter loaded (the ceiling);
   stacked   N adapters, the engine's stacked per-row LoRA (backends/hf/stacked_lora.py: two batched matmuls
             per LoRA layer whatever the number of adapters);
+  stacked-dynamic  the same stacks in a "dynamic" wave (a growing cache, finished rows pruned), what the
+            engine did with adapters before they rode the static decode; run when --decode is not dynamic;
   peft      N adapters, PEFT's own mixed-batch routing (`adapter_names=`: a loop over the adapters in every
-            LoRA layer), what the engine did before.
+            LoRA layer), what the engine did before the stacks.
+
+base and stacked decode as --decode says (default: the engine's own, "graphs" on CUDA, "dynamic" on CPU):
+with adapters loaded a static wave steps eager, without them "graphs" replays a CUDA graph.
 
 Printed: tokens/s per path and concurrency (median of --rounds), and stacked/peft and stacked/base; every
 request must produce exactly --max-tokens tokens. (That stacked computes what PEFT computes is
@@ -17,6 +22,7 @@ tests/backends/test_stacked_lora.py's business.)
 
     python bench/hf_multi_lora.py [--adapters 4] [--concurrency 4,8] [--max-tokens 32] [--rounds 3]
     python bench/hf_multi_lora.py --device cuda --dtype bf16 --random-weights --concurrency 16,64
+    python bench/hf_multi_lora.py --paths base,stacked,stacked-dynamic --decode graphs ...
 """
 
 from __future__ import annotations
@@ -99,9 +105,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode", choices=("dynamic", "static", "graphs"),
+                        help="the base and stacked paths' wave decode (default: graphs on CUDA, dynamic on CPU)")
+    parser.add_argument("--paths", default="base,stacked,stacked-dynamic,peft",
+                        help="which paths to run, comma-separated (base and stacked always)")
     parser.add_argument("--out", type=Path, default=Path("jarvis-reports"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    args.decode = args.decode or ("graphs" if args.device.startswith("cuda") else "dynamic")
+    wanted = {"base", "stacked", *args.paths.split(",")}
+    if args.decode == "dynamic":
+        wanted.discard("stacked-dynamic")
+    if not wanted <= {"base", "stacked", "stacked-dynamic", "peft"}:
+        parser.error("--paths takes base, stacked, stacked-dynamic and peft")
 
     base_model = load_model(args)
     data = prompts(max(levels), args.prompt_len, base_model.config.vocab_size)
@@ -109,11 +125,9 @@ def main() -> None:
         peft = with_adapters(load_model(args), args.adapters, args.rank, Path(tmp))
     names = [f"a{i}" for i in range(args.adapters)]
     lock, device = threading.Lock(), torch.device(args.device)
-    handles = {
-        "base": ModelHandle(base_model, NoTokenizer(), device, frozenset(), lock, EngineStats()),
-        "stacked": ModelHandle(peft, NoTokenizer(), device, frozenset(), lock, EngineStats()),
-        "peft": ModelHandle(peft, NoTokenizer(), device, frozenset(), lock, EngineStats()),
-    }
+    handles = {path: ModelHandle(base_model if path == "base" else peft, NoTokenizer(), device, frozenset(), lock,
+                                 EngineStats())
+               for path in ("base", "stacked", "stacked-dynamic", "peft") if path in wanted}
     stacked = StackedLora.build(peft)
     assert stacked is not None
 
@@ -123,11 +137,14 @@ def main() -> None:
         if path == "peft" and stacked is not None:
             stacked.close()
             stacked = None
-        elif path == "stacked" and stacked is None:
+        elif path.startswith("stacked") and stacked is None:
             stacked = StackedLora.build(peft)
-        handles["stacked"].stacked = stacked
+        for name in ("stacked", "stacked-dynamic"):
+            if name in handles:
+                handles[name].stacked = stacked
 
-    schedulers = {path: BatchScheduler(h, max_batch_size=max(levels), gather_seconds=0.005, decode="dynamic",
+    schedulers = {path: BatchScheduler(h, max_batch_size=max(levels), gather_seconds=0.005,
+                                       decode=args.decode if path in ("base", "stacked") else "dynamic",
                                        max_len=args.prompt_len + args.max_tokens + 8) for path, h in handles.items()}
     for s in schedulers.values():
         s.start()
@@ -152,14 +169,18 @@ def main() -> None:
     weights = "random-weight " if args.random_weights else ""
     print(f"\n{args.adapters} adapters (rank {args.rank}), {weights}Gemma-3-270M, "
           f"{args.dtype} on {args.device}, {args.prompt_len}-token prompts, {args.max_tokens} tokens, "
-          f"median of {args.rounds} rounds; request i to adapter i mod {args.adapters} ({BASE} for base)")
-    print(f"{'C':>4} {'base tok/s':>11} {'stacked':>9} {'peft':>9} {'stacked/peft':>13} {'stacked/base':>13}")
+          f"median of {args.rounds} rounds; request i to adapter i mod {args.adapters} ({BASE} for base); "
+          f"base and stacked decode {args.decode!r}")
+    paths = list(results)
+    others = [p for p in ("stacked-dynamic", "peft") if p in results]
+    print(f"{'C':>4} " + " ".join(f"{p + (' tok/s' if p == 'base' else ''):>16}" for p in paths)
+          + " " + " ".join(f"{'stacked/' + p:>22}" for p in ["base", *others]))
     summary = {}
     for c in levels:
         m = {p: statistics.median(results[p][c]) for p in results}
-        summary[c] = {**m, "stacked_vs_peft": m["stacked"] / m["peft"], "stacked_vs_base": m["stacked"] / m["base"]}
-        print(f"{c:>4} {m['base']:>11.1f} {m['stacked']:>9.1f} {m['peft']:>9.1f} "
-              f"{m['stacked'] / m['peft']:>12.2f}x {m['stacked'] / m['base']:>12.2f}x")
+        summary[c] = {**m, **{f"stacked_vs_{p}": m["stacked"] / m[p] for p in ["base", *others]}}
+        print(f"{c:>4} " + " ".join(f"{m[p]:>16.1f}" for p in paths)
+              + " " + " ".join(f"{m['stacked'] / m[p]:>21.2f}x" for p in ["base", *others]))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "hf_multi_lora.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": results,
