@@ -89,7 +89,7 @@ def test_a_final_assistant_turn_is_continued(client):
 
 def test_a_forced_tool_call_validates_and_its_result_continues_the_turn(client):
     message = client.messages.create(model=MODEL, max_tokens=60, messages=QUESTION, tools=TOOLS,
-                                     tool_choice={"type": "tool", "name": "get_weather"})
+                                     tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
     assert message.stop_reason == "tool_use"
     (use,) = [b for b in message.content if b.type == "tool_use"]
     assert use.name == "get_weather" and use.id.startswith("toolu_")
@@ -102,14 +102,16 @@ def test_a_forced_tool_call_validates_and_its_result_continues_the_turn(client):
 
 
 def test_a_streamed_tool_call_arrives_as_input_json_deltas(client):
-    with client.messages.stream(model=MODEL, max_tokens=60, messages=QUESTION, tools=TOOLS,
-                                tool_choice={"type": "any"}) as stream:
+    """One call (`disable_parallel_tool_use`): greedy, the small model would repeat the same call until
+    max_tokens."""
+    with client.messages.stream(model=MODEL, max_tokens=60, messages=QUESTION, tools=TOOLS, extra_body=GREEDY,
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True}) as stream:
         kinds = [event.type for event in stream]
         final = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "input_json" in kinds
     assert final.stop_reason == "tool_use"
-    for use in (b for b in final.content if b.type == "tool_use"):
-        jsonschema.validate(use.input, WEATHER)
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, WEATHER)
 
 
 def test_errors_arrive_as_the_sdks_typed_exceptions(client, server):

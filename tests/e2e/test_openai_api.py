@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from conftest import assert_same_until_a_near_tie, free_port
 
 from jarvis.plugins.chat_formats.families import GEMMA
 
@@ -160,16 +160,6 @@ def test_concurrent_requests_get_their_own_answers(client):
                                               prompts)))
     for prompt in prompts:
         assert_same_until_a_near_tie(alone[prompt].logprobs, together[prompt].logprobs)
-
-
-def assert_same_until_a_near_tie(expected, actual, gap: float = 0.3) -> None:
-    """`actual` has `expected`'s tokens, or parts from them once, where `expected`'s two likeliest were close
-    and `actual` took the second."""
-    for i, (want, got) in enumerate(zip(expected.tokens, actual.tokens, strict=True)):
-        if want != got:
-            (first, p1), (second, p2) = sorted(expected.top_logprobs[i].items(), key=lambda kv: -kv[1])[:2]
-            assert got == second and p1 - p2 < gap, (i, expected.tokens, actual.tokens, expected.top_logprobs[i])
-            return
 
 
 def test_chat_logprobs(client):
