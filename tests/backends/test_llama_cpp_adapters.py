@@ -43,7 +43,6 @@ def test_peft_adapter_served_by_llama_cpp_matches_peft(server, trained_lora):
     r = httpx.post(f"{server.v1}/load_lora_adapter", timeout=120,
                    json={"lora_name": "pirate", "lora_path": str(trained_lora["path"])})
     assert r.status_code == 200, r.text
-    assert greedy(client, MODEL, prompt) == base
     alone = {MODEL: scored(client, MODEL, prompt), "pirate": scored(client, "pirate", prompt)}
     assert alone["pirate"].text == trained_lora["adapter_text"] != base == alone[MODEL].text
     # base and adapter requests at once: the adapter takes turns on the context with the base, each request
@@ -54,7 +53,7 @@ def test_peft_adapter_served_by_llama_cpp_matches_peft(server, trained_lora):
     for model, answer in zip(jobs, answers):
         assert_same_until_a_near_tie(alone[model].logprobs, answer.logprobs)
         other = alone["pirate" if model == MODEL else MODEL].text
-        assert answer.text != other and answer.text[:12] != other[:12], (model, answer.text)
+        assert answer.text[:12] != other[:12], (model, answer.text)
     assert httpx.post(f"{server.v1}/unload_lora_adapter", json={"lora_name": "pirate"}).status_code == 200
     assert greedy(client, MODEL, prompt) == base
     with pytest.raises(openai.NotFoundError):
