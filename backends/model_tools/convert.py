@@ -78,11 +78,24 @@ def is_converted(folder: Path, source_sha256: str | None = None) -> bool:
 
 def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
     """`add_bos_token` / `add_eos_token` as the GGUF's tokenizer metadata states them (llama.cpp's defaults
-    for a SentencePiece vocabulary when absent: bos yes, eos no)."""
+    for a SentencePiece vocabulary when absent: bos yes, eos no). Read by llama.cpp where it is installed:
+    gguf-py parses every field, the vocabulary's hundreds of thousands of strings included (seconds)."""
+    flags = {"add_bos_token": True, "add_eos_token": False}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama
+
+        vocab = Llama(str(gguf), vocab_only=True, verbose=False)
+        try:
+            metadata = dict(vocab.metadata)
+        finally:
+            vocab.close()
+        for key in flags:
+            if (value := metadata.get(f"tokenizer.ggml.{key}")) is not None:
+                flags[key] = value.strip().lower() in ("true", "1")
+        return flags
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf))
-    flags = {"add_bos_token": True, "add_eos_token": False}
     for key in flags:
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         if field is not None and field.data:
