@@ -11,35 +11,20 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import assert_same_until_a_near_tie, free_port
+from conftest import ENGINE_IDS, assert_same_until_a_near_tie, free_port
 
 from jarvis.plugins.chat_formats.families import GEMMA
 
 pytestmark = pytest.mark.slow
 
 MODEL = "gemma-3-270m"
-CONTEXT = 512
 
 
-ENGINES = {
-    "llama_cpp": {"JARVIS_LLAMA_N_PARALLEL": "2", "JARVIS_LLAMA_N_THREADS": "1"},
-    "hf": {"JARVIS_HF_MAX_BATCH_SIZE": "8", "JARVIS_HF_BATCH_WAIT_MS": "20"},
-    "vllm": {},  # the session's vLLM server (conftest.vllm_server)
-    "openai": {},  # upstream engine: this Jarvis forwards to a llama.cpp Jarvis
-}
-
-
-@pytest.fixture(scope="module", params=list(ENGINES), ids=lambda name: "upstream" if name == "openai" else name)
-def server(request, jarvis_server):
-    """The same API suite runs against every engine that serves the embedded model."""
-    if request.param == "vllm":
-        return request.getfixturevalue("vllm_server")
-    if request.param == "openai":
-        upstream = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN=str(CONTEXT),
-                                 **ENGINES["llama_cpp"])
-        return jarvis_server(JARVIS_INFERENCE_ENGINE="openai", JARVIS_UPSTREAM_URL=upstream.v1)
-    return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN=str(CONTEXT),
-                         **ENGINES[request.param])
+@pytest.fixture(scope="module", params=["llama_cpp", "hf", "vllm", "openai"], ids=ENGINE_IDS)
+def server(request, shared_engine_server):
+    """The same API suite runs against every engine that serves the embedded model: the session's server of
+    each (conftest.shared_engine_server; the upstream engine is a Jarvis in front of a llama.cpp Jarvis)."""
+    return shared_engine_server(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +227,13 @@ def test_unknown_model_is_404(client):
 
 
 def test_prompt_longer_than_the_context_is_400(client):
+    context = client.models.retrieve(MODEL).max_model_len  # vLLM's field; the upstream engine's is its upstream's
     with pytest.raises(openai.BadRequestError) as info:
-        complete(client, "word " * CONTEXT)
+        complete(client, "word " * context)
     assert info.value.body["code"] == "context_length_exceeded"
-    assert str(CONTEXT) in info.value.body["message"]
+    assert str(context) in info.value.body["message"]
     with pytest.raises(openai.BadRequestError):
-        complete(client, "Hello", max_tokens=CONTEXT)
+        complete(client, "Hello", max_tokens=context)
     assert_still_serving(client)
 
 

@@ -17,7 +17,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import ENGINE_IDS, serve_engine
+from conftest import ENGINE_IDS
 from pydantic import BaseModel, ConfigDict, Field
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module", params=ENGINES, ids=ENGINE_IDS)
-def server(request, jarvis_server):
-    return serve_engine(request, jarvis_server, request.param)
+def server(request, shared_engine_server):
+    return shared_engine_server(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import ENGINE_IDS, serve_engine
+from conftest import ENGINE_IDS
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ WEATHER_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module", params=ENGINES, ids=ENGINE_IDS)
-def server(request, jarvis_server):
-    return serve_engine(request, jarvis_server, request.param)
+def server(request, shared_engine_server):
+    return shared_engine_server(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +211,8 @@ def test_an_openai_agent_calls_its_tool(server, api):
 
 
 @pytest.fixture(scope="module")
-def http(jarvis_server):
-    server = jarvis_server(JARVIS_INFERENCE_ENGINE="llama_cpp", JARVIS_MAX_MODEL_LEN="1024")
+def http(shared_engine_server):
+    server = shared_engine_server("llama_cpp")
     with httpx.Client(base_url=server.v1, timeout=120) as client:
         yield client
 
