@@ -38,9 +38,13 @@ llama_cmake_args() {
   fi
 }
 
+# Jarvis does not serve images: llama-cpp-python's multimodal library (mtmd, its LLAVA_BUILD) is left out of
+# every build, a quarter of the compile time.
+LLAMA_PACKAGE_ARGS="-DLLAVA_BUILD=OFF"
+
 ensure_llama_cpp() {
   local args key stamp wheels
-  args="$(llama_cmake_args)"
+  args="$(llama_cmake_args) $LLAMA_PACKAGE_ARGS"
   key="$(printf '%s|%s|%s' "$LLAMA_VERSION" "$args" "$("$PY" -c 'import sys;print(sys.version_info[:2])')" | sha256sum | cut -c1-16)"
   stamp="$VENV/.llama-cpp-$key"
   [ -f "$stamp" ] && return 0
