@@ -76,6 +76,7 @@ class ContinuousBatcher:
         self.kv_cache_blocks = kv_cache_blocks
         self.cuda_graphs = cuda_graphs
         self._manager: Any = None
+        self._hooks: list[Any] = []  # the model's forward hooks that hold the handle's lock (start)
         self._vocab = handle.model.config.get_text_config().vocab_size
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
@@ -107,15 +108,31 @@ class ContinuousBatcher:
         if "page_size" not in known:  # transformers before 5.19 calls it block_size (and has no auto_switch_to_flash)
             wanted["block_size"] = wanted.pop("page_size")
         config = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in known})
-        self._manager = h.model.init_continuous_batching(generation_config=generation,
-                                                         continuous_batching_config=config)
+        # The manager's thread runs its forward passes on the model the waves use. Two passes at once on one model
+        # leave later passes wrong (on CPU: after a stream cancelled while the manager was mid-step, a wave
+        # scored ' capital' after 'The' at -1.7 nats where the model's own forward gives -9.7, and kept doing
+        # so). So each of the manager's passes holds the handle's lock, as each wave's does; the lock is
+        # reentrant, as these hooks fire inside a wave's pass too.
+        model = h.model
+        self._hooks = [model.register_forward_pre_hook(self._hold),
+                       model.register_forward_hook(self._release, always_call=True)]
+        self._manager = model.init_continuous_batching(generation_config=generation,
+                                                       continuous_batching_config=config)
         self._manager.start()
         self._reader.start()
+
+    def _hold(self, *_: Any) -> None:
+        self.handle.lock.acquire()
+
+    def _release(self, *_: Any) -> None:
+        self.handle.lock.release()
 
     def stop(self) -> None:
         self._stopping.set()
         if self._manager is not None:
             self._manager.stop(block=True, timeout=60, hard_stop=True)
+        for hook in self._hooks:
+            hook.remove()
         if self._reader.is_alive():
             self._reader.join(timeout=10)
         self._fail_all(RuntimeError("the transformers engine stopped"))

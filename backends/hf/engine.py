@@ -196,7 +196,7 @@ class HfEngine(Engine):
         eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                    *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
         self._handle = ModelHandle(model, tokenizer, torch.device(self.device), frozenset(eos_ids),
-                                   threading.Lock(), self.stats)
+                                   threading.RLock(), self.stats)
         self._scheduler = BatchScheduler(self._handle, self.options.max_batch_size,
                                          self.options.batch_wait_ms / 1000, decode=self.decode,
                                          max_len=self.settings.max_model_len)

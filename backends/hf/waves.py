@@ -100,7 +100,9 @@ class ModelHandle:
     tokenizer: Any
     device: torch.device
     eos_ids: frozenset[int]
-    lock: threading.Lock
+    #: Held by every forward pass. Reentrant (an RLock) where transformers' continuous batching shares the model:
+    #: its passes take it through forward hooks, inside a wave's pass as well (continuous.ContinuousBatcher).
+    lock: Any
     stats: EngineStats
     #: The loaded adapters stacked per layer (stacked_lora.StackedLora), or None: PEFT's own per-row routing.
     stacked: Any = None
