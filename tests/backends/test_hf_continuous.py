@@ -163,3 +163,42 @@ def test_adapters_pause_it_and_unloading_resumes_it(continuous, trained_lora):
     assert complete(continuous, prompt, max_tokens=12).choices[0].text == trained_lora["base_text"]
     info = batching(continuous)
     assert info["recent"][-1]["path"] == "continuous" and info["continuous"]["paused_for_adapters"] is False
+
+
+@pytest.mark.slow
+def test_the_managers_passes_wait_for_the_models_lock(hf_folder):
+    """The manager runs forward passes on its own thread over the model the waves use. Two passes at once on
+    one model left later passes wrong, so each of the manager's holds the handle's lock, as each wave's does:
+    while a wave holds it, the manager's request gets no token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jarvis.backends.hf.continuous import ContinuousBatcher
+    from jarvis.backends.hf.waves import ModelHandle
+    from jarvis.engine import EngineStats
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    handle = ModelHandle(model, tokenizer, torch.device("cpu"), frozenset({tokenizer.eos_token_id}),
+                         threading.RLock(), EngineStats())
+    batcher = ContinuousBatcher(handle, 2, 256, page_size=64, kv_cache_memory=0.9, kv_cache_blocks=None,
+                                cuda_graphs=None)
+    batcher.start()
+    chunks: list = []
+    finished = threading.Event()
+
+    def emit(chunk) -> None:
+        chunks.append(chunk)
+        if isinstance(chunk, BaseException) or chunk.finish_reason:
+            finished.set()
+
+    try:
+        with handle.lock:  # as a wave's forward pass does
+            assert batcher.submit(request(temperature=0.0, max_tokens=4),
+                                  tokenizer("The capital of France is").input_ids, emit, threading.Event())
+            assert not finished.wait(1.0) and not chunks
+        assert finished.wait(120)
+        assert [c.finish_reason for c in chunks if c.finish_reason] == ["length"]
+        assert sum(c.token_count for c in chunks) == 4
+    finally:
+        batcher.stop()
