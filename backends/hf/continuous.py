@@ -3,7 +3,8 @@
 A request joins the running batch at the next step instead of waiting for a wave to end; the KV cache is
 paged (blocks of `page_size` tokens), and requests whose prompts share a prefix share its blocks (block
 sharing: a prefix cache). The manager runs its own generation thread over the same model as the wave
-scheduler, with `sdpa` attention, which reads both the paged cache and the waves' caches.
+scheduler, with `sdpa` attention, which reads both the paged cache and the waves' caches; the two take turns
+on the model, one forward pass at a time (the handle's lock).
 
 What the manager covers, per request: temperature, top_k and top_p (its per-request logits processors; a
 greedy request is top_k=1), max_tokens, EOS or ignore_eos. Stop sequences are matched here, on the text,
