@@ -16,12 +16,15 @@ looks done because the folder is renamed into place only at the end.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from jarvis.embedded_model import MODEL_ID, embedded_model_path, sha256_of
 
@@ -82,13 +85,8 @@ def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
     gguf-py parses every field, the vocabulary's hundreds of thousands of strings included (seconds)."""
     flags = {"add_bos_token": True, "add_eos_token": False}
     if importlib.util.find_spec("llama_cpp") is not None:
-        from llama_cpp import Llama
-
-        vocab = Llama(str(gguf), vocab_only=True, verbose=False)
-        try:
+        with llama_vocab(gguf) as vocab:
             metadata = dict(vocab.metadata)
-        finally:
-            vocab.close()
         for key in flags:
             if (value := metadata.get(f"tokenizer.ggml.{key}")) is not None:
                 flags[key] = value.strip().lower() in ("true", "1")
@@ -103,15 +101,22 @@ def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
     return flags
 
 
-def llama_cpp_token_ids(gguf: Path, texts: tuple[str, ...]) -> list[list[int]]:
-    """How llama.cpp tokenizes `texts` as the engines do (bos per the GGUF, special tokens parsed)."""
+@contextlib.contextmanager
+def llama_vocab(gguf: Path) -> Iterator[Any]:
+    """The GGUF's vocabulary and metadata as llama.cpp reads them (no weights loaded), closed afterwards."""
     from llama_cpp import Llama
 
     vocab = Llama(str(gguf), vocab_only=True, verbose=False)
     try:
-        return [vocab.tokenize(text.encode(), add_bos=True, special=True) for text in texts]
+        yield vocab
     finally:
         vocab.close()
+
+
+def llama_cpp_token_ids(gguf: Path, texts: tuple[str, ...]) -> list[list[int]]:
+    """How llama.cpp tokenizes `texts` as the engines do (bos per the GGUF, special tokens parsed)."""
+    with llama_vocab(gguf) as vocab:
+        return [vocab.tokenize(text.encode(), add_bos=True, special=True) for text in texts]
 
 
 def tokenizer_mismatches(folder: Path, gguf: Path, texts: tuple[str, ...] = PROBE_TEXTS,
