@@ -199,6 +199,7 @@ def measure_path(data_dir: Path, threads: int, short: int, long: int, repeats: i
     """In this process: per endpoint, the least CPU seconds of a short and of a long request, their chunks,
     and with `profile` cProfile's top functions of the long requests."""
     from jarvis.app import create_app
+    from jarvis.bootstrap import bootstrap
     from jarvis.plugin_manager import create_plugin_manager
 
     results: dict[str, dict] = {}
@@ -206,9 +207,9 @@ def measure_path(data_dir: Path, threads: int, short: int, long: int, repeats: i
     async def run() -> None:
         pm = create_plugin_manager()
         pm.register(replay_plugin(), name="replayed-llama-cpp")
-        app = create_app(plugin_manager=pm)
+        app = create_app(bootstrap(plugins=pm))
         async with AsgiClient(app).running() as client:
-            while not app.state.runtime.ready:
+            while not app.state.jarvis.runtime.ready:
                 await asyncio.sleep(0.05)
             for endpoint in ENDPOINTS:
                 for n in (short, long):  # llama.cpp decodes each once; later requests replay it
