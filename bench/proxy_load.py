@@ -14,7 +14,7 @@ thousands of requests per second on one core), one server process each:
 The load comes from a separate process (raw HTTP/1.1 on keep-alive connections; latency counted from each
 request's scheduled time, so a client that falls behind shows as latency, not as a lower rate):
 
-  latency    an open loop at --rate req/s for --duration s, non-streamed and streamed: p50/p99 latency; the
+  latency    an open loop at each of --rates req/s for --duration s, non-streamed and streamed: p50/p99 latency; the
              target's CPU seconds per request (its process's utime+stime); "added" = target p50 - direct p50
   ceiling    a closed loop of --concurrency clients: the requests/s the target sustains
   overload   an open loop at 2x the ceiling: the rate of 200s delivered (goal: >= 95% of the ceiling), how the
@@ -22,7 +22,7 @@ request's scheduled time, so a client that falls behind shows as latency, not as
 
 Rounds alternate the order of the targets. The table prints medians over rounds; --out writes every figure.
 
-    python bench/proxy_load.py [--rounds R] [--duration S] [--rate N] [--concurrency C] [--no-litellm]
+    python bench/proxy_load.py [--rounds R] [--duration S] [--rates N,M] [--concurrency C] [--no-litellm]
                                [--telemetry] [--venvs DIR] [--before DIR] [--out DIR]
 """
 
@@ -246,16 +246,18 @@ general_settings: {{disable_spend_logs: true}}
 
 def measure(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     path = "/v1/chat/completions"
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"rates": {}}
     load("closed", port, path, 4, 2)  # warm up
-    for stream in (False, True):
-        before = cpu_seconds(pid)
-        runs = load("open", port, path, "stream" if stream else "whole", args.rate, args.duration)
-        ok = [s for status, s, _ in runs if status == 200]
-        out["stream" if stream else "whole"] = {
-            "p50_ms": 1000 * statistics.median(ok) if ok else None,
-            "p99_ms": 1000 * statistics.quantiles(ok, n=100)[98] if len(ok) > 1 else None,
-            "cpu_ms": 1000 * (cpu_seconds(pid) - before) / max(1, len(ok)), "failed": len(runs) - len(ok)}
+    for rate in rates_of(args):
+        at_rate = out["rates"][f"{rate:g}"] = {}
+        for stream in (False, True):
+            before = cpu_seconds(pid)
+            runs = load("open", port, path, "stream" if stream else "whole", rate, args.duration)
+            ok = [s for status, s, _ in runs if status == 200]
+            at_rate["stream" if stream else "whole"] = {
+                "p50_ms": 1000 * statistics.median(ok) if ok else None,
+                "p99_ms": 1000 * statistics.quantiles(ok, n=100)[98] if len(ok) > 1 else None,
+                "cpu_ms": 1000 * (cpu_seconds(pid) - before) / max(1, len(ok)), "failed": len(runs) - len(ok)}
     runs = load("closed", port, path, args.concurrency, args.duration)
     ceiling = sum(1 for status, _, _ in runs if status == 200) / args.duration
     out["ceiling_rps"] = ceiling
@@ -274,6 +276,10 @@ def measure(port: int, pid: int, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def rates_of(args: argparse.Namespace) -> list[float]:
+    return [float(rate) for rate in args.rates.split(",") if rate]
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--generate"]:
         generate(sys.argv[2:])
@@ -281,7 +287,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=8)
-    parser.add_argument("--rate", type=float, default=50)
+    parser.add_argument("--rates", default="50,400",
+                        help="open-loop rates (req/s) of the latency step, comma-separated: at a low rate every "
+                             "request finds the server's code and data out of the CPU caches, so it costs more")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-offered", type=float, default=3000, help="the most req/s the overload step offers")
     parser.add_argument("--no-litellm", action="store_true")
@@ -332,23 +340,29 @@ def main() -> None:
     def fmt(value: float | None, spec: str = ".2f") -> str:
         return "-" if value is None else format(value, spec)
 
-    table = Table(title=f"proxy load, medians of {args.rounds} rounds ({args.rate:g} req/s for latency, "
+    table = Table(title=f"proxy load, medians of {args.rounds} rounds (open loop at {args.rates} req/s for latency, "
                         f"c={args.concurrency} for the ceiling, 2x the ceiling for overload)")
-    for column in ("target", "p50 ms", "added p50", "p99 ms", "CPU ms/req", "stream p50", "stream added",
+    for column in ("target", "req/s", "p50 ms", "added p50", "p99 ms", "CPU ms/req", "stream p50", "stream added",
                    "stream CPU", "ceiling req/s", "overload: delivered", "vs ceiling", "429s", "429 p99 ms",
                    "200 p99 ms"):
         table.add_column(column)
-    base, base_stream = med("direct", "whole", "p50_ms"), med("direct", "stream", "p50_ms")
     for name in results:
-        p50, s50 = med(name, "whole", "p50_ms"), med(name, "stream", "p50_ms")
-        table.add_row(name, fmt(p50), fmt(p50 - base if p50 is not None and base is not None else None),
-                      fmt(med(name, "whole", "p99_ms")), fmt(med(name, "whole", "cpu_ms")), fmt(s50),
-                      fmt(s50 - base_stream if s50 is not None and base_stream is not None else None),
-                      fmt(med(name, "stream", "cpu_ms")), fmt(med(name, "ceiling_rps"), ".0f"),
-                      fmt(med(name, "overload", "delivered_rps"), ".0f"),
-                      fmt(med(name, "overload", "delivered_vs_ceiling"), ".2f"),
-                      fmt(med(name, "overload", "shed"), ".0f"),
-                      fmt(med(name, "overload", "shed_p99_ms"), ".1f"), fmt(med(name, "overload", "ok_p99_ms"), ".0f"))
+        for i, rate in enumerate(f"{rate:g}" for rate in rates_of(args)):
+            base, base_stream = med("direct", "rates", rate, "whole", "p50_ms"), med("direct", "rates", rate, "stream",
+                                                                                      "p50_ms")
+            p50, s50 = med(name, "rates", rate, "whole", "p50_ms"), med(name, "rates", rate, "stream", "p50_ms")
+            once = i == 0  # the ceiling and overload columns: on a target's first row
+            table.add_row(name if once else "", rate, fmt(p50),
+                          fmt(p50 - base if p50 is not None and base is not None else None),
+                          fmt(med(name, "rates", rate, "whole", "p99_ms")),
+                          fmt(med(name, "rates", rate, "whole", "cpu_ms")), fmt(s50),
+                          fmt(s50 - base_stream if s50 is not None and base_stream is not None else None),
+                          fmt(med(name, "rates", rate, "stream", "cpu_ms")),
+                          *(fmt(v, spec) if once else "" for v, spec in (
+                              (med(name, "ceiling_rps"), ".0f"), (med(name, "overload", "delivered_rps"), ".0f"),
+                              (med(name, "overload", "delivered_vs_ceiling"), ".2f"),
+                              (med(name, "overload", "shed"), ".0f"), (med(name, "overload", "shed_p99_ms"), ".1f"),
+                              (med(name, "overload", "ok_p99_ms"), ".0f"))))
     console.print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
