@@ -160,6 +160,12 @@ class VllmEngine(Engine):
             await embedder.shutdown()
         if self._engine is not None:
             engine, self._engine = self._engine, None
+            # vLLM's output task reads the engine process: cancelled here, on the loop, before that process
+            # stops in a worker thread (otherwise it can see the process die first and log EngineDeadError)
+            handler = getattr(engine, "output_handler", None)
+            if isinstance(handler, asyncio.Task):
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
             await asyncio.to_thread(engine.shutdown)
 
     def health_problem(self) -> str | None:
