@@ -163,7 +163,7 @@ class VllmEngine(Engine):
             # vLLM's output task reads the engine process: cancelled here, on the loop, before that process
             # stops in a worker thread (otherwise it can see the process die first and log EngineDeadError)
             handler = getattr(engine, "output_handler", None)
-            if isinstance(handler, asyncio.Task):
+            if isinstance(handler, asyncio.Task) and handler.get_loop() is asyncio.get_running_loop():
                 handler.cancel()
                 await asyncio.gather(handler, return_exceptions=True)
             await asyncio.to_thread(engine.shutdown)
