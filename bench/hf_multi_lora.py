@@ -128,25 +128,31 @@ def main() -> None:
     handles = {path: ModelHandle(base_model if path == "base" else peft, NoTokenizer(), device, frozenset(), lock,
                                  EngineStats())
                for path in ("base", "stacked", "stacked-dynamic", "peft") if path in wanted}
+    if args.decode == "graphs":
+        # one scheduler thread replays the CUDA graphs of both, as in the engine, whose model and stack change at
+        # an adapter load (torch before 2.13 runs CUDA graph trees in one thread only: pytorch#123177)
+        handles["stacked"] = handles["base"]
     stacked = StackedLora.build(peft)
     assert stacked is not None
+    for path, h in handles.items():
+        if path.startswith("stacked") and h.model is peft:
+            h.stacked = stacked
 
     def use(path: str) -> None:
-        """peft and stacked share one PeftModel: switch its PEFT layers and hooks for the path about to run."""
-        nonlocal stacked
-        if path == "peft" and stacked is not None:
-            stacked.close()
-            stacked = None
-        elif path.startswith("stacked") and stacked is None:
-            stacked = StackedLora.build(peft)
-        for name in ("stacked", "stacked-dynamic"):
-            if name in handles:
-                handles[name].stacked = stacked
+        """peft and stacked share one PeftModel: PEFT's layers on for the peft path, off for the stacks (whose
+        hooks add nothing outside `StackedLora.use`; the stack stays, as a compiled step needs it to)."""
+        if path == "peft":
+            peft.base_model.enable_adapter_layers()
+        else:
+            peft.base_model.disable_adapter_layers()
+        if args.decode == "graphs":
+            handles["base"].model, handles["base"].stacked = (base_model, None) if path == "base" else (peft, stacked)
 
-    schedulers = {path: BatchScheduler(h, max_batch_size=max(levels), gather_seconds=0.005,
-                                       decode=args.decode if path in ("base", "stacked") else "dynamic",
-                                       max_len=args.prompt_len + args.max_tokens + 8) for path, h in handles.items()}
-    for s in schedulers.values():
+    shared = {id(h): BatchScheduler(h, max_batch_size=max(levels), gather_seconds=0.005,
+                                    decode=args.decode if path in ("base", "stacked") else "dynamic",
+                                    max_len=args.prompt_len + args.max_tokens + 8) for path, h in handles.items()}
+    schedulers = {path: shared[id(h)] for path, h in handles.items()}
+    for s in shared.values():
         s.start()
     results: dict[str, dict[int, list[float]]] = {p: {c: [] for c in levels} for p in schedulers}
     for c in levels:  # warm-up
@@ -163,7 +169,7 @@ def main() -> None:
                 assert tokens == c * args.max_tokens, (path, tokens)
                 results[path][c].append(tokens / seconds)
                 print(f"round {r} C={c} {path}: {tokens / seconds:.1f} tok/s", flush=True)
-    for s in schedulers.values():
+    for s in shared.values():
         s.stop()
 
     weights = "random-weight " if args.random_weights else ""

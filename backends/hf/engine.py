@@ -82,6 +82,10 @@ class HfSettings(BaseSettings):
                              json_schema_extra={"fix": "set JARVIS_HF_CUDA_GRAPHS to auto, on or off"})
 
 
+#: Adapter slots a stack keeps with CUDA graphs (`JARVIS_HF_DECODE=graphs`): a load beyond them compiles the decode
+#: step again. Each slot holds one adapter's A and B for every LoRA layer, at the stack's rank.
+GRAPH_ADAPTER_SLOTS = 8
+
 #: This engine's own settings (JARVIS_HF_*), for showing them without constructing the engine (`jarvis doctor`).
 OPTIONS = HfSettings
 
@@ -252,8 +256,9 @@ class HfEngine(Engine):
         if self.decode != "dynamic" and self._handle is not None and self._handle.has_adapters:
             waves += ("; dynamic while an adapter that does not stack is loaded (PEFT's per-row adapter routing)"
                       if not self._handle.static_ok else
-                      "; with the loaded adapters stacked per row, the static step runs eager"
-                      + (", not replayed as a CUDA graph" if self.decode == "graphs" else ""))
+                      f"; the loaded adapters stacked per row ({self._stack_room()})"
+                      + (", the step with them replayed as a CUDA graph of its own" if self.decode == "graphs"
+                         else ""))
         if self.continuous:
             return f"continuous (transformers' ContinuousBatchingManager); what it does not cover: {waves}"
         return waves
@@ -269,6 +274,7 @@ class HfEngine(Engine):
                              "waves": self._scheduler.waves if self._scheduler else 0,
                              "joined_running_wave": self._scheduler.joined if self._scheduler else 0,
                              "wave_shifts": self._scheduler.shifts if self._scheduler else 0,
+                             "compiled_steps": self._scheduler.compiles if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,
                              "continuous": self._continuous.describe() if self._continuous else None,
                              "served_by": dict(self._paths), "recent": list(self._recent)},
@@ -363,14 +369,30 @@ class HfEngine(Engine):
         await asyncio.to_thread(unload)
 
     def _stack_adapters(self, drop: bool = False) -> None:
-        """Stack the loaded adapters again (under the handle's lock): mixed batches then run each LoRA layer
-        as two batched matmuls; without a stack (an adapter kind that does not stack) PEFT routes the rows."""
+        """Write a load or an unload into the stacks (under the handle's lock): mixed batches then run each LoRA
+        layer as two batched matmuls. In place where the change fits them, else a new stack; without a stack (an
+        adapter kind that does not stack) PEFT routes the rows. With CUDA graphs every new stack is a new
+        compile of the decode step, so a stack keeps slots for GRAPH_ADAPTER_SLOTS adapters (doubled when more
+        are loaded), as vLLM keeps `max_loras`; its rank is the largest loaded (a higher one builds anew)."""
         from jarvis.backends.hf.stacked_lora import StackedLora
 
         h = self._handle
-        if h.stacked is not None:
-            h.stacked.close()
-        h.stacked = None if drop else StackedLora.build(h.model)
+        old = h.stacked
+        if not drop and old is not None and old.refresh():
+            return
+        if old is not None:
+            old.close()
+        slots = 0
+        if self.decode == "graphs" and not drop:
+            slots = max(GRAPH_ADAPTER_SLOTS, old.capacity if old is not None else 0)
+            while slots < len(h.model.peft_config):
+                slots *= 2
+        h.stacked = None if drop else StackedLora.build(h.model, slots=slots)
+
+    def _stack_room(self) -> str:
+        stacked = self._handle.stacked
+        return (f"{len(stacked.slots) - 1} of {stacked.capacity} slots, rank {stacked.rank}"
+                if stacked is not None else "none")
 
 
 @hookimpl

@@ -5,13 +5,20 @@ over the adapters present: it picks each adapter's rows, runs that adapter's A a
 result back. That is a pair of small matmuls and two index copies per adapter per layer, so a decode step of
 a 4-adapter batch is thousands of small kernels: launch-bound on a GPU, and it grows with every adapter.
 
-`StackedLora` stacks every loaded adapter's matrices per layer once (each adapter's rank padded to the
-largest, its scaling folded into B, slot 0 all zeros for rows of the base model). A forward gathers each
-row's A and B by its slot and applies them with two `torch.bmm`: PEFT's own LoRA layers stay switched off
-while a stack is built (`disable_adapter_layers()`, once, not per forward: PEFT's `disable_adapter()` context
-walks every module twice) and a forward hook on each LoRA layer adds the stacked update to the base layer's
-output. Outside `use` the hooks add nothing, so the model is then the base model. The result is PEFT's up
-to float rounding (the scaling is applied to B, not to the product).
+`StackedLora` stacks every loaded adapter's matrices per layer (each adapter's rank padded to the stack's,
+its scaling folded into B, slot 0 all zeros for rows of the base model). A forward gathers each row's A and B
+by its slot and applies them with two `torch.bmm`: PEFT's own LoRA layers stay switched off while a stack is
+built (`disable_adapter_layers()`, once, not per forward: PEFT's `disable_adapter()` context walks every
+module twice) and a forward hook on each LoRA layer adds the stacked update to the base layer's output.
+Outside `use` the hooks add nothing, so the model is then the base model. The result is PEFT's up to float
+rounding (the scaling is applied to B, not to the product).
+
+The stacks are slots, as vLLM's LoRA has them: `build` may reserve more than the loaded adapters need, and
+after a load or an unload `refresh` writes the change into the same tensors (an unloaded adapter's slot is
+zeroed and freed, a new one takes a free slot; the others keep theirs). The tensors then never move, so a
+step compiled into a CUDA graph with the hooks inside stays valid across loads; `refresh` says False when the
+change does not fit (a rank above the stack's, more adapters than slots, other layers), and the caller
+builds a new stack, which a compiled step must be compiled again for.
 
 Only plain LoRA on linear layers stacks. A model with another kind (DoRA or another LoRA variant, LoRA on
 embeddings or convolutions) gets `None` from `build`, and the caller keeps PEFT's routing.
@@ -28,43 +35,92 @@ import torch
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+def _lora_layers(model: Any) -> list[Any] | None:
+    """The model's LoRA layers, or None if one of them cannot stack (or there are none)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(type(m) is not LoraLinear or m.lora_variant or m.lora_embedding_A for m in layers):
+        return None
+    return layers
+
+
+def _rank(layers: list[Any]) -> int:
+    return max((layer.lora_A[n].weight.shape[0] for layer in layers for n in layer.lora_A), default=1)
+
+
 class StackedLora:
-    def __init__(self, model: Any, names: list[str]) -> None:
+    def __init__(self, model: Any, layers: list[Any], capacity: int, rank: int) -> None:
         self.model = model
         self.device = next(model.parameters()).device
-        self.slots = {BASE: 0, **{name: i + 1 for i, name in enumerate(names)}}
+        self.capacity = capacity  # adapter slots, besides slot 0 (the base model)
+        self.rank = rank
+        self.slots: dict[str, int] = {BASE: 0}
+        #: Counts the changes `refresh` made in place: a holder of rows (`rows_of`) computes them again.
+        self.generation = 0
         self.rows: torch.Tensor | None = None  # each row's slot, set for one forward by `use`
+        self._layers = layers
+        self._stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._hooks: list[Any] = []
 
     @classmethod
-    def build(cls, model: Any) -> StackedLora | None:
-        """The stacks of every LoRA layer of this PEFT model, its hooks registered; None if a layer cannot stack."""
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-
-        names = list(model.peft_config)
-        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        if not layers or any(type(m) is not LoraLinear or m.lora_variant or m.lora_embedding_A for m in layers):
+    def build(cls, model: Any, slots: int = 0) -> StackedLora | None:
+        """The stacks of every LoRA layer of this PEFT model, its hooks registered, with room for at least
+        `slots` adapters (and for every loaded one) at the largest loaded rank; None if a layer cannot stack."""
+        layers = _lora_layers(model)
+        if layers is None:
             return None
-        stacked = cls(model, names)
+        stacked = cls(model, layers, max(slots, len(model.peft_config)), _rank(layers))
+        static = stacked.device.type == "cuda"
         for layer in layers:
-            stacked._hooks.append(layer.register_forward_hook(stacked._hook(*stacked._stack(layer, names))))
-        model.base_model.disable_adapter_layers()
+            weight = layer.base_layer.weight
+            dtype = next((layer.lora_A[n].weight.dtype for n in layer.lora_A), weight.dtype)
+            a = torch.zeros((stacked.capacity + 1, layer.in_features, stacked.rank), dtype=dtype, device=weight.device)
+            b = torch.zeros((stacked.capacity + 1, stacked.rank, layer.out_features), dtype=dtype,
+                            device=weight.device)
+            if static:  # a CUDA graph reads them from their address, their contents changed in place
+                torch._dynamo.mark_static_address(a)
+                torch._dynamo.mark_static_address(b)
+            stacked._stacks.append((a, b))
+            stacked._hooks.append(layer.register_forward_hook(stacked._hook(a, b)))
+        stacked._fill()
         return stacked
 
-    def _stack(self, layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[slots, in, rank] and [slots, rank, out]: each adapter's A and scaled B, transposed for `bmm`."""
-        present = [n for n in names if n in layer.lora_A]
-        rank = max(layer.lora_A[n].weight.shape[0] for n in present) if present else 1
-        weight = layer.lora_A[present[0]].weight if present else layer.base_layer.weight
-        a = weight.new_zeros((len(names) + 1, layer.in_features, rank))
-        b = weight.new_zeros((len(names) + 1, rank, layer.out_features))
+    def refresh(self) -> bool:
+        """After a load or an unload: write the change into the stacks in place. False (nothing changed) if it
+        does not fit them: then build a new stack."""
+        layers = _lora_layers(self.model)
+        if (layers is None or len(layers) != len(self._layers) or any(x is not y for x, y in zip(layers, self._layers))
+                or _rank(layers) > self.rank or len(self.model.peft_config) > self.capacity):
+            return False
+        self._fill()
+        self.generation += 1
+        return True
+
+    def _fill(self) -> None:
+        """Free the slots of adapters no longer loaded, give each new one a free slot and write its matrices:
+        A transposed, B scaled and transposed, for `bmm`, zero beyond its rank."""
+        names = list(self.model.peft_config)
+        gone = [slot for name, slot in self.slots.items() if name != BASE and name not in names]
+        self.slots = {name: slot for name, slot in self.slots.items() if name == BASE or name in names}
+        free = sorted(set(range(1, self.capacity + 1)) - set(self.slots.values()))
+        new = [name for name in names if name not in self.slots]
+        self.slots.update(zip(new, free))
         with torch.no_grad():
-            for name in present:
-                slot, down, up = self.slots[name], layer.lora_A[name].weight, layer.lora_B[name].weight
-                a[slot, :, :down.shape[0]] = down.t()
-                b[slot, :up.shape[1], :] = (up * layer.scaling[name]).t()
-        return a, b
+            for layer, (a, b) in zip(self._layers, self._stacks):
+                for slot in gone:
+                    a[slot].zero_()
+                    b[slot].zero_()
+                for name in new:
+                    slot = self.slots[name]
+                    a[slot].zero_()
+                    b[slot].zero_()
+                    if name in layer.lora_A:
+                        down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+                        a[slot, :, :down.shape[0]] = down.t()
+                        b[slot, :up.shape[1], :] = (up * layer.scaling[name]).t()
+        self.model.base_model.disable_adapter_layers()  # a load may have switched PEFT's layers on again
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor) -> Any:
         def add_update(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:

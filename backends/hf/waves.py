@@ -17,9 +17,8 @@ Two ways to decode a wave (`decode=`):
     compiled and replayed as a CUDA graph
     (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
     dominates a small model's step. Adapters ride along as stacks indexed by each row's slot
-    (stacked_lora.py: one device tensor per wave holds the slots), the step then eager, not a
-    replayed graph; adapters that do not stack (DoRA: PEFT's per-row routing) make the waves
-    decode "dynamic".
+    (stacked_lora.py: one device tensor per wave holds the slots), compiled into a graph of their
+    own; adapters that do not stack (DoRA: PEFT's per-row routing) make the waves decode "dynamic".
 
 A static wave takes requests while it runs: every row writes its next token to the same cache
 slot `at`, so a waiting request is prefilled on its own and its KV copied into a free row just
@@ -132,6 +131,7 @@ class StaticWave:
     #: Each row's adapter slot in `stacked` (stacked_lora.StackedLora), kept on the device; None without adapters.
     rows: torch.Tensor | None = None
     stacked: Any = None
+    generation: int = 0  # `stacked.generation` when `rows` was computed
 
     def adapters(self) -> list[str]:
         return [seq.adapter if seq is not None else BASE for seq in self.slots]
@@ -151,7 +151,8 @@ class BatchScheduler:
         self.decode = decode
         self.max_len = max_len
         self._static: dict[int, Any] = {}  # bucket → whole_context_cache, reused wave after wave
-        self._decode_step: Any = None
+        self._decode_step: Any = None  # "graphs": the base model's step, compiled
+        self._adapter_step: tuple[Any, Any] | None = None  # "graphs": (the stack it was compiled with, the step)
         self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
         #: Taken from the queue, not yet decoding: its head waits for room in the running wave, or starts the next.
@@ -160,6 +161,7 @@ class BatchScheduler:
         self.waves = 0
         self.joined = 0  # requests that joined a static wave already decoding
         self.shifts = 0  # times a static wave moved its rows left to make room
+        self.compiles = 0  # "graphs": decode steps compiled (the base model's, each stack's)
 
     def start(self) -> None:
         self._thread.start()
@@ -310,17 +312,20 @@ class BatchScheduler:
 
     def _row_adapters(self, w: StaticWave) -> Any:
         """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
-        device tensor per wave, rewritten in place only when the rows' adapters change (a request joined or the
-        stack was rebuilt by a load or unload), so a step reads them from the same address every time; a
-        finished row keeps its old slot, its output being dropped."""
+        device tensor per wave, rewritten in place only when the rows' adapters change (a request joined, or a
+        load or unload changed the stack), so a step reads them from the same address every time; a finished
+        row keeps its old slot, its output being dropped. An adapter unloaded while its row decodes fails the
+        wave (KeyError)."""
         h = self.handle
         if not h.has_adapters:
             return contextlib.nullcontext()
         if h.stacked is None:  # an adapter that does not stack was loaded while the wave ran
             raise RuntimeError("an adapter kind that does not stack (e.g. DoRA) was loaded during a static decode")
-        names = w.adapters()
         if w.rows is None or w.stacked is not h.stacked:
-            w.rows, w.stacked = h.stacked.rows_of(names), h.stacked
+            w.rows, w.stacked = h.stacked.rows_of(w.adapters()), h.stacked
+        elif w.generation != h.stacked.generation:
+            w.rows.copy_(h.stacked.rows_of(w.adapters()))
+        w.generation = h.stacked.generation
         return h.stacked.use(w.rows)
 
     def _waiting(self) -> bool:
@@ -419,13 +424,32 @@ class BatchScheduler:
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _step_fn(self) -> Any:
-        """The decode forward: compiled into a replayed CUDA graph in "graphs" mode, else eager. While adapters
-        are loaded the step runs eager: the stacks' forward hooks are not compiled into the graph."""
-        if self.decode != "graphs" or self.handle.has_adapters:
-            return self.handle.model
-        if self._decode_step is None:
-            self._decode_step = torch.compile(self.handle.model.forward, mode="reduce-overhead", fullgraph=True)
-        return self._decode_step
+        """The decode forward: eager, or in "graphs" mode compiled and replayed as a CUDA graph, one for the
+        base model and one for the model with its adapters stacked (their hooks compiled in). A load or an
+        unload that fits the stack changes its slots in place (stacked_lora.py), so that graph stays valid, and
+        it is not compiled again (checked on a GPU: the same tokens as eager after a load and an unload). A
+        new stack needs the step compiled again, and torch's compiler does not guard forward hooks
+        (`skip_nnmodule_hook_guards`): a step compiled for the old stack would run its hooks. So all compiled
+        code is dropped first (`torch._dynamo.reset()`), the base step's too."""
+        h = self.handle
+        if self.decode != "graphs":
+            return h.model
+        if not h.has_adapters:
+            if self._decode_step is None:
+                self._decode_step = torch.compile(h.model.forward, mode="reduce-overhead", fullgraph=True)
+                self.compiles += 1
+            return self._decode_step
+        if self._adapter_step is None or self._adapter_step[0] is not h.stacked:
+            if self._adapter_step is not None:
+                self._adapter_step = self._decode_step = None
+                torch._dynamo.reset()
+            # the model under PEFT's wrapper: PeftModel.forward reads the active adapter, which a load or an
+            # unload may change, and a changed guard is a compile; with PEFT's layers off the rest reads nothing
+            # that a load changes
+            inner = h.model.get_base_model()
+            self._adapter_step = (h.stacked, torch.compile(inner.forward, mode="reduce-overhead", fullgraph=True))
+            self.compiles += 1
+        return self._adapter_step[1]
 
     def _has_budget(self, seq: Sequence) -> bool:
         return (seq.request.max_tokens or 0) > 0

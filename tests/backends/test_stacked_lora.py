@@ -14,8 +14,9 @@ peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
-def two_adapters(hf_folder, tmp_path_factory):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def adapter_folder(hf_folder, tmp_path_factory):
+    """Adapters a (rank 4 on q_proj, v_proj) and b (rank 8 on q_proj, down_proj), random B: each changes the output."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path_factory.mktemp("stacked")
@@ -28,6 +29,15 @@ def two_adapters(hf_folder, tmp_path_factory):
                 if "lora_" in key:
                     weight.normal_(0.0, 0.05)  # B not zero: the adapter changes the output
         model.save_pretrained(str(folder / name))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_adapters(hf_folder, adapter_folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = adapter_folder
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder), str(folder / "a"),
                                       adapter_name="a")
     model.load_adapter(str(folder / "b"), adapter_name="b")
@@ -55,6 +65,87 @@ def test_a_mixed_batch_matches_peft_routing(two_adapters):
     assert torch.allclose(mine, routed, atol=2e-3, rtol=1e-4), (mine - routed).abs().max()  # float rounding
     assert torch.allclose(plain, base, atol=1e-5)
     assert torch.allclose(again, routed, atol=1e-5)
+
+
+def test_loads_and_unloads_change_the_slots_in_place(hf_folder, adapter_folder):
+    """A stack with room for two: an unload frees its slot (zeroed), the next load takes it, the other adapter
+    keeps its slot and every tensor stays where it was (what a CUDA graph replays); a third adapter does not
+    fit, and `refresh` leaves the stack as it was."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from jarvis.backends.hf.stacked_lora import BASE, StackedLora
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folder), str(adapter_folder / "a"),
+                                      adapter_name="a").eval()
+    stacked = StackedLora.build(model, slots=2)
+    assert stacked is not None and stacked.capacity == 2 and stacked.slots == {BASE: 0, "a": 1}
+    model.load_adapter(str(adapter_folder / "b"), adapter_name="b")
+    assert stacked.refresh() is False  # b adds LoRA layers (down_proj) that have no stack
+    stacked.close()
+    stacked = StackedLora.build(model, slots=2)
+    assert stacked is not None and stacked.slots == {BASE: 0, "a": 1, "b": 2} and stacked.rank == 8
+    where = [(a.data_ptr(), b.data_ptr()) for a, b in stacked._stacks]
+    ids = torch.randint(1000, 5000, (3, 7), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode():
+            model.delete_adapter("a")
+            assert stacked.refresh() and stacked.slots == {BASE: 0, "b": 2} and stacked.generation == 1
+            assert all(not a[1].any() and not b[1].any() for a, b in stacked._stacks)
+            model.load_adapter(str(adapter_folder / "a"), adapter_name="c")  # a's weights, another name
+            assert stacked.refresh() and stacked.slots == {BASE: 0, "b": 2, "c": 1}
+            model.load_adapter(str(adapter_folder / "a"), adapter_name="d")
+            assert stacked.refresh() is False and stacked.slots == {BASE: 0, "b": 2, "c": 1}  # no third slot
+            model.delete_adapter("d")
+            assert [(a.data_ptr(), b.data_ptr()) for a, b in stacked._stacks] == where
+            with stacked.use(["c", BASE, "b"]):
+                mine = model(input_ids=ids).logits
+    finally:
+        stacked.close()
+    with torch.inference_mode():
+        routed = model(input_ids=ids, adapter_names=["c", BASE, "b"]).logits
+    assert torch.allclose(mine, routed, atol=2e-3, rtol=1e-4), (mine - routed).abs().max()
+
+
+def test_graphs_compile_a_step_per_stack(monkeypatch):
+    """With CUDA graphs the scheduler compiles one decode step for the base model and one for the adapters'
+    stack; an in-place change keeps it, a new stack drops all compiled code first (torch's compiler does not
+    guard forward hooks) and compiles again. Checked on CPU: torch.compile and the reset are recorded."""
+    import threading
+    from types import SimpleNamespace
+
+    from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
+    from jarvis.engine import EngineStats
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(f"compile {fn.__self__.name}") or fn)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+
+    class Model:
+        def __init__(self, name: str, adapters: bool) -> None:
+            self.name = name
+            if adapters:
+                self.peft_config = {"a": None}
+
+        def forward(self) -> str:
+            return self.name
+
+        def get_base_model(self) -> Model:  # PEFT's: the model under the wrapper
+            return self
+
+    base, peft = Model("base", False), Model("peft", True)
+    handle = ModelHandle(base, None, torch.device("cpu"), frozenset(), threading.Lock(), EngineStats())
+    s = BatchScheduler(handle, max_batch_size=4, gather_seconds=0.0, decode="graphs")
+    steps = [s._step_fn()()]
+    handle.model, handle.stacked = peft, SimpleNamespace()
+    steps += [s._step_fn()(), s._step_fn()()]
+    handle.stacked = SimpleNamespace()  # a load that did not fit: a new stack
+    steps.append(s._step_fn()())
+    handle.model, handle.stacked = base, None
+    steps.append(s._step_fn()())
+    assert steps == ["base", "peft", "peft", "peft", "base"]
+    assert calls == ["compile base", "compile peft", "reset", "compile peft", "compile base"], calls
+    assert s.compiles == 4
 
 
 def test_what_does_not_stack_keeps_peft_routing(hf_folder):
