@@ -66,7 +66,7 @@ SHAPES = ("gemma3-270m", "llama3-8b")
 BANDWIDTH_TB_S = 4.3  # device-to-device copy measured on this workplace's H200 (KINDS.md)
 METRICS = (("out tok/s", "output_throughput", True), ("TTFT p50", "ttft_p50", False),
            ("TTFT p99", "ttft_p99", False), ("TPOT p50", "tpot_p50", False), ("TPOT p99", "tpot_p99", False),
-           ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False))
+           ("ITL p50", "itl_p50", False), ("ITL p99", "itl_p99", False), ("tokens/chunk", "tokens_per_chunk", False))
 # raw `vllm serve`; Jarvis on vllm; Jarvis on transformers
 SIDES = ("raw", "jarvis", "hf", "hf-waves", "hf-continuous", "hf-graphs")
 #: The transformers sides: the engine's defaults, and the two batching paths forced (settings on top of hf_settings).
@@ -429,7 +429,8 @@ def bench_command(side: str, state: dict[str, Any], concurrency: int, prompts: i
             *(["--lora-modules", *state["adapters"]] if state.get("adapters") else []),
             "--max-concurrency", str(concurrency), *(["--request-rate", str(rate)] if rate else []),
             "--temperature", "1.0", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
+            "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", "--save-detailed",
+            "--result-dir", str(result_dir),
             "--result-filename", filename]
 
 
@@ -481,6 +482,12 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     for metric in ("ttft", "tpot", "itl"):
         for p in ("50", "99"):
             row[f"{metric}_p{p}"] = pick(metric, p)
+    # a server whose client reads slower than the engine decodes gets several tokens in one chunk (vLLM merges a
+    # request's waiting deltas): fewer, longer gaps, so ITL's tail grows while TPOT does not
+    itls, lens = result.get("itls"), result.get("output_lens")
+    if itls and lens:
+        chunks = sum(len(gaps) + 1 for gaps, n in zip(itls, lens) if n)
+        row["tokens_per_chunk"] = sum(lens) / chunks if chunks else None
     return row
 
 
