@@ -1,17 +1,20 @@
-"""Per-row LoRA adapters for a mixed batch: two batched matmuls per layer, however many adapters the batch names.
+"""Per-row LoRA adapters for a mixed batch: two matmuls per layer, however many adapters the batch names.
 
 PEFT serves a batch whose rows name different adapters (`adapter_names=`) by looping, in every LoRA layer,
 over the adapters present: it picks each adapter's rows, runs that adapter's A and B on them and adds the
 result back. That is a pair of small matmuls and two index copies per adapter per layer, so a decode step of
 a 4-adapter batch is thousands of small kernels: launch-bound on a GPU, and it grows with every adapter.
 
-`StackedLora` stacks every loaded adapter's matrices per layer (each adapter's rank padded to the stack's,
-its scaling folded into B, slot 0 all zeros for rows of the base model). A forward gathers each row's A and B
-by its slot and applies them with two `torch.bmm`: PEFT's own LoRA layers stay switched off while a stack is
-built (`disable_adapter_layers()`, once, not per forward: PEFT's `disable_adapter()` context walks every
-module twice) and a forward hook on each LoRA layer adds the stacked update to the base layer's output.
-Outside `use` the hooks add nothing, so the model is then the base model. The result is PEFT's up to float
-rounding (the scaling is applied to B, not to the product).
+`StackedLora` stacks every loaded adapter's matrices per layer, side by side: one [in, slots x rank] A and one
+[slots x rank, out] B (each adapter's rank padded to the stack's, its scaling folded into B). A forward runs x
+@ A for every slot at once, zeroes each row's columns of the slots it does not use (a 0/1 mask made once per
+forward from each row's slot; a row of the base model keeps none) and multiplies by B: two matmuls per layer
+whatever the mix, each stack read once per step. (Gathering each row's own A and B and `bmm` over the rows
+reads a stack once per row: 2-3.6x slower per layer on CPU at 8-64 rows.) PEFT's own LoRA layers stay switched
+off while a stack is built (`disable_adapter_layers()`, once, not per forward: PEFT's `disable_adapter()`
+context walks every module twice) and a forward hook on each LoRA layer adds the stacked update to the base
+layer's output. Outside `use` the hooks add nothing, so the model is then the base model. The result is PEFT's
+up to float rounding (the scaling is applied to B, not to the product).
 
 The stacks are slots, as vLLM's LoRA has them: `build` may reserve more than the loaded adapters need, and
 after a load or an unload `refresh` writes the change into the same tensors (an unloaded adapter's slot is
@@ -59,9 +62,11 @@ class StackedLora:
         self.slots: dict[str, int] = {BASE: 0}
         #: Counts the changes `refresh` made in place: a holder of rows (`rows_of`) computes them again.
         self.generation = 0
-        self.rows: torch.Tensor | None = None  # each row's slot, set for one forward by `use`
+        #: [rows, slots x rank]: 1 where a row's adapter has its columns, set for one forward by `use`
+        self.mask: torch.Tensor | None = None
         self._layers = layers
         self._stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._column_slots = torch.zeros(0)
         self._hooks: list[Any] = []
 
     @classmethod
@@ -73,12 +78,14 @@ class StackedLora:
             return None
         stacked = cls(model, layers, max(slots, len(model.peft_config)), _rank(layers))
         static = stacked.device.type == "cuda"
+        width = stacked.capacity * stacked.rank
+        stacked._column_slots = torch.arange(1, stacked.capacity + 1, device=stacked.device).repeat_interleave(
+            stacked.rank)  # the slot each column of A (and row of B) belongs to
         for layer in layers:
             weight = layer.base_layer.weight
             dtype = next((layer.lora_A[n].weight.dtype for n in layer.lora_A), weight.dtype)
-            a = torch.zeros((stacked.capacity + 1, layer.in_features, stacked.rank), dtype=dtype, device=weight.device)
-            b = torch.zeros((stacked.capacity + 1, stacked.rank, layer.out_features), dtype=dtype,
-                            device=weight.device)
+            a = torch.zeros((layer.in_features, width), dtype=dtype, device=weight.device)
+            b = torch.zeros((width, layer.out_features), dtype=dtype, device=weight.device)
             if static:  # a CUDA graph reads them from their address, their contents changed in place
                 torch._dynamo.mark_static_address(a)
                 torch._dynamo.mark_static_address(b)
@@ -100,7 +107,7 @@ class StackedLora:
 
     def _fill(self) -> None:
         """Free the slots of adapters no longer loaded, give each new one a free slot and write its matrices:
-        A transposed, B scaled and transposed, for `bmm`, zero beyond its rank."""
+        A transposed, B scaled and transposed, zero beyond its rank."""
         names = list(self.model.peft_config)
         gone = [slot for name, slot in self.slots.items() if name != BASE and name not in names]
         self.slots = {name: slot for name, slot in self.slots.items() if name == BASE or name in names}
@@ -108,30 +115,34 @@ class StackedLora:
         new = [name for name in names if name not in self.slots]
         self.slots.update(zip(new, free))
         with torch.no_grad():
-            for layer, (a, b) in zip(self._layers, self._stacks):
+            for layer, views in zip(self._layers, self._stacks):
                 for slot in gone:
-                    a[slot].zero_()
-                    b[slot].zero_()
+                    for view in self.columns(views, slot):
+                        view.zero_()
                 for name in new:
-                    slot = self.slots[name]
-                    a[slot].zero_()
-                    b[slot].zero_()
+                    a, b = self.columns(views, self.slots[name])
+                    a.zero_()
+                    b.zero_()
                     if name in layer.lora_A:
                         down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
-                        a[slot, :, :down.shape[0]] = down.t()
-                        b[slot, :up.shape[1], :] = (up * layer.scaling[name]).t()
+                        a[:, :down.shape[0]] = down.t()
+                        b[:up.shape[1], :] = (up * layer.scaling[name]).t()
         self.model.base_model.disable_adapter_layers()  # a load may have switched PEFT's layers on again
+
+    def columns(self, stack: tuple[torch.Tensor, torch.Tensor], slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's part of a layer's stack (views): its columns of A, its rows of B."""
+        a, b = stack
+        at = (slot - 1) * self.rank  # slot 0, the base model, has none
+        return a[:, at:at + self.rank], b[at:at + self.rank]
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor) -> Any:
         def add_update(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            rows = self.rows
-            if rows is None:
+            mask = self.mask
+            if mask is None:
                 return output
             x = args[0]
-            flat = x.dim() == 2  # [batch, in] rather than [batch, tokens, in]
-            x = (x.unsqueeze(1) if flat else x).to(a.dtype)
-            update = torch.bmm(torch.bmm(x, a[rows]), b[rows])
-            return output + (update.squeeze(1) if flat else update).to(output.dtype)
+            keep = mask if x.dim() == 2 else mask.unsqueeze(1)  # [batch, in] or [batch, tokens, in]
+            return output + (((x.to(a.dtype) @ a) * keep) @ b).to(output.dtype)
         return add_update
 
     def rows_of(self, adapters: Sequence[str]) -> torch.Tensor:
@@ -143,11 +154,13 @@ class StackedLora:
         """One forward of the model with row i through adapter `adapters[i]` (BASE: none), or through the slot
         `adapters[i]` when given as a tensor (a static decode keeps one, changed in place as rows change, so a
         replayed CUDA graph reads each row's adapter from the same address)."""
-        self.rows = adapters if isinstance(adapters, torch.Tensor) else self.rows_of(adapters)
+        rows = adapters if isinstance(adapters, torch.Tensor) else self.rows_of(adapters)
+        # a comparison, not one_hot: on CUDA one_hot checks its input's range on the host, a sync per step
+        self.mask = (rows.unsqueeze(1) == self._column_slots).to(self._stacks[0][0].dtype)
         try:
             yield
         finally:
-            self.rows = None
+            self.mask = None
 
     def close(self) -> None:
         """Remove the hooks and give the rows back to PEFT's own LoRA layers."""

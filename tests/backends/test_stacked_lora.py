@@ -91,7 +91,7 @@ def test_loads_and_unloads_change_the_slots_in_place(hf_folder, adapter_folder):
         with torch.inference_mode():
             model.delete_adapter("a")
             assert stacked.refresh() and stacked.slots == {BASE: 0, "b": 2} and stacked.generation == 1
-            assert all(not a[1].any() and not b[1].any() for a, b in stacked._stacks)
+            assert all(not view.any() for stack in stacked._stacks for view in stacked.columns(stack, 1))
             model.load_adapter(str(adapter_folder / "a"), adapter_name="c")  # a's weights, another name
             assert stacked.refresh() and stacked.slots == {BASE: 0, "b": 2, "c": 1}
             model.load_adapter(str(adapter_folder / "a"), adapter_name="d")
