@@ -370,7 +370,7 @@ class HfEngine(Engine):
 
     def _stack_adapters(self, drop: bool = False) -> None:
         """Write a load or an unload into the stacks (under the handle's lock): mixed batches then run each LoRA
-        layer as two batched matmuls. In place where the change fits them, else a new stack; without a stack (an
+        layer as two matmuls. In place where the change fits them, else a new stack; without a stack (an
         adapter kind that does not stack) PEFT routes the rows. With CUDA graphs every new stack is a new
         compile of the decode step, so a stack keeps slots for GRAPH_ADAPTER_SLOTS adapters (doubled when more
         are loaded), as vLLM keeps `max_loras`; its rank is the largest loaded (a higher one builds anew)."""

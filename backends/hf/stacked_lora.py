@@ -66,7 +66,8 @@ class StackedLora:
         self.mask: torch.Tensor | None = None
         self._layers = layers
         self._stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._column_slots = torch.zeros(0)
+        #: The slot each column of A (and row of B) belongs to.
+        self._column_slots = torch.arange(1, capacity + 1, device=self.device).repeat_interleave(rank)
         self._hooks: list[Any] = []
 
     @classmethod
@@ -79,8 +80,6 @@ class StackedLora:
         stacked = cls(model, layers, max(slots, len(model.peft_config)), _rank(layers))
         static = stacked.device.type == "cuda"
         width = stacked.capacity * stacked.rank
-        stacked._column_slots = torch.arange(1, stacked.capacity + 1, device=stacked.device).repeat_interleave(
-            stacked.rank)  # the slot each column of A (and row of B) belongs to
         for layer in layers:
             weight = layer.base_layer.weight
             dtype = next((layer.lora_A[n].weight.dtype for n in layer.lora_A), weight.dtype)
@@ -119,10 +118,8 @@ class StackedLora:
                 for slot in gone:
                     for view in self.columns(views, slot):
                         view.zero_()
-                for name in new:
+                for name in new:  # its slot is zero: never used, or zeroed when freed
                     a, b = self.columns(views, self.slots[name])
-                    a.zero_()
-                    b.zero_()
                     if name in layer.lora_A:
                         down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
                         a[:, :down.shape[0]] = down.t()
