@@ -262,7 +262,6 @@ class LlamaCppEngine(Engine):
 
         def unload() -> bool:
             with slots.lock:
-                slots.retiring.add(name)
                 if slots.uses(name):
                     return False
                 if slots.applied == name:
@@ -272,6 +271,9 @@ class LlamaCppEngine(Engine):
                     llama_cpp.llama_adapter_lora_free(handle)
                 return True
 
+        # Marked before the worker's lock is taken: the worker holds it through each step, and a request that
+        # waits now must not be admitted while this call queues for the lock (a set's add is atomic).
+        slots.retiring.add(name)
         try:
             while not await asyncio.to_thread(unload):
                 await asyncio.sleep(0.02)

@@ -162,13 +162,14 @@ def test_an_adapter_unloads_after_its_running_requests_and_refuses_the_waiting_o
         engine = await started(monkeypatch, 1)
         try:
             await engine.load_adapter(inspect_adapter("pirate", trained_lora["path"], adapter_root, 64))
-            running = asyncio.create_task(generate(engine, request(PROMPTS[0], 48, adapter="pirate")))
+            running = asyncio.create_task(generate(engine, request(PROMPTS[0], 96, adapter="pirate")))
             while engine._slots is not None and engine._slots.running == 0:
                 await asyncio.sleep(0.005)
             waiting = asyncio.create_task(generate(engine, request(PROMPTS[1], 8, adapter="pirate")))
-            await asyncio.sleep(0.05)
+            while engine._slots.waiting == 0:  # queued behind the running one, not yet refused or admitted
+                await asyncio.sleep(0.001)
             await engine.unload_adapter("pirate")
-            assert running.done() and running.result()[1] == 48  # it finished before the adapter went
+            assert running.done() and running.result()[1] == 96  # it finished before the adapter went
             with pytest.raises(NotFound):
                 await waiting
             assert engine._slots.applied is None and "pirate" not in engine._slots.adapters
