@@ -7,7 +7,11 @@ ceiling (a proxy in front of a fast upstream) that is too late: the refusals the
 work and the 200s delivered fall. This ASGI layer, the outermost of every route's middleware (it runs after
 Litestar's route lookup, before the key check, the handler and the body read), answers such a request from
 its method and path alone, in the shape of its API, so refusing costs a fraction of serving. It is not
-enough at twice the ceiling: there the loop cannot even parse every request in time, and refusals queue too.
+enough at twice the CPU ceiling (bench/proxy_load.py). A refusal still costs uvicorn's parse, two socket
+writes and an access-log line: ~125 us against ~470 us for a served request, from a door outside the whole
+app that shed by the event loop's lag. Served S and refused R share one core, S*c_served + R*c_refused = 1 s,
+which at 2x the ceiling leaves 0.64 of it served (measured 0.64; this door with JARVIS_MAX_CONCURRENT=32 and
+no queue: 0.55), below the 0.87-0.96 that queueing every request delivers. So nothing is shed by CPU load.
 """
 
 from __future__ import annotations
