@@ -60,7 +60,22 @@ def test_choice_skips_down_tried_and_adapterless_upstreams():
     assert all(u.url in message for u in pool.upstreams)
 
 
-def test_circuit_opens_half_opens_for_one_probe_and_closes():
+class Clock:
+    """The pool's `time`, moved by hand: a circuit's cool-down passes when the test says, not when a busy
+    machine happens to let it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_circuit_opens_half_opens_for_one_probe_and_closes(monkeypatch):
+    from jarvis.backends.upstream import pool as pool_module
+
+    clock = Clock()
+    monkeypatch.setattr(pool_module, "time", clock)
     pool = pool_of(2, failure_threshold=2, cooldown=0.2)
     a, b = pool.upstreams
     pool.record_failure(a, "boom")
@@ -68,7 +83,7 @@ def test_circuit_opens_half_opens_for_one_probe_and_closes():
     pool.record_failure(a, "boom")
     assert a.circuit() == "open"
     assert {pool.choose() for _ in range(3)} == {b}
-    time.sleep(0.25)
+    clock.now += 0.25
     assert a.circuit() == "half_open"
     probe = pool.attempt(exclude=[b])
     assert probe.upstream is a and probe.probe
@@ -78,7 +93,7 @@ def test_circuit_opens_half_opens_for_one_probe_and_closes():
     probe.failed("still broken")
     probe.close()
     assert a.circuit() == "open"  # a failed probe opens it again, for a whole cool-down
-    time.sleep(0.25)
+    clock.now += 0.25
     probe = pool.attempt(exclude=[b])
     probe.close()  # the client went away: the probe decided nothing
     assert a.circuit() == "half_open"
