@@ -43,7 +43,7 @@ def anthropic_error(_: Request, exc: Exception) -> Response:
 def anthropic_body(model: type[BaseModel]) -> type[Operation]:
     """An `operation_class` documenting `model` as the JSON body and the errors in Anthropic's shape."""
     error = JsonSchema(inline_definitions(awire.ErrorResponse.model_json_schema()))
-    return own_errors_body(model, error, ERROR_STATUSES, f"{model.__name__}Operation")
+    return own_errors_body(model.model_json_schema(), error, ERROR_STATUSES, f"{model.__name__}Operation")
 
 
 class MessagesController(Controller):

@@ -41,8 +41,9 @@ class JsonSchema(Schema):
 
 
 def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema with every `#/$defs/...` reference replaced by its definition (the models are not recursive)."""
-    definitions = schema.pop("$defs", {})
+    """The schema with every `#/$defs/...` reference replaced by its definition (the models are not recursive);
+    `schema` itself is left as it is."""
+    definitions = schema.get("$defs", {})
 
     def resolve(node: Any) -> Any:
         if isinstance(node, dict):
@@ -54,7 +55,7 @@ def inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
             return [resolve(item) for item in node]
         return node
 
-    return resolve(schema)
+    return resolve({key: value for key, value in schema.items() if key != "$defs"})
 
 
 def json_body(model: type[BaseModel]) -> type[Operation]:
@@ -71,12 +72,13 @@ def json_body(model: type[BaseModel]) -> type[Operation]:
     return JsonBodyOperation
 
 
-def own_errors_body(body: type[BaseModel] | None, error: Schema, statuses: dict[int, str],
+def own_errors_body(body: dict[str, Any] | None, error: Schema, statuses: dict[int, str],
                     name: str) -> type[Operation]:
-    """An `operation_class` for a route of another API (Tinker's, Anthropic's): its JSON body, if any, and its
-    errors in that API's own shape `error`, which `document_errors` then leaves as they are."""
+    """An `operation_class` for a route of another API (Tinker's, Anthropic's): its JSON body's schema, if any
+    (a pydantic model's `model_json_schema()`), and its errors in that API's own shape `error`, which
+    `document_errors` then leaves as they are."""
     request_body = None if body is None else RequestBody(content={"application/json": OpenAPIMediaType(
-        schema=JsonSchema(inline_definitions(body.model_json_schema())))}, required=True)
+        schema=JsonSchema(inline_definitions(body)))}, required=True)
 
     @dataclass
     class OwnErrorsOperation(Operation):

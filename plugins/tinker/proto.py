@@ -7,15 +7,29 @@ pydantic types). Tensors travel as little-endian bytes: float32 and int64 (dense
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from tinker.proto import tinker_public_pb2 as pb
 
 from jarvis.plugins.tinker.futures import RequestFailed
 from jarvis.plugins.tinker.trainer import Datum
 
-_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+
+@functools.cache
+def sdk_proto() -> Any:
+    """The SDK's generated module, imported at the first request that needs it: importing `tinker` imports
+    torch (`jarvis.plugins.tinker.wire_types` says why that waits)."""
+    from tinker.proto import tinker_public_pb2
+
+    return tinker_public_pb2
+
+
+@functools.cache
+def _dtypes() -> dict[int, Any]:
+    pb = sdk_proto()
+    return {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 
 
 @dataclass
@@ -28,10 +42,12 @@ class ForwardBackward:
     data: list[Datum]
 
 
-def _tensor(t: pb.Tensor, where: str) -> np.ndarray:
-    dtype = _DTYPES.get(t.dtype)
+def _tensor(t: Any, where: str) -> np.ndarray:
+    """`t`: a `tinker_public_pb2.Tensor`."""
+    dtype = _dtypes().get(t.dtype)
     if dtype is None:
-        raise RequestFailed(f"{where}: dtype {pb.DType.Name(t.dtype)} is not supported; send float32 or int64.")
+        name = sdk_proto().DType.Name(t.dtype)
+        raise RequestFailed(f"{where}: dtype {name} is not supported; send float32 or int64.")
     shape = list(t.shape)
     if t.WhichOneof("encoding") == "sparse_csr":
         csr = t.sparse_csr
@@ -52,7 +68,7 @@ def _tensor(t: pb.Tensor, where: str) -> np.ndarray:
 
 
 def decode_forward_backward(body: bytes) -> ForwardBackward:
-    request = pb.ForwardBackwardRequest()
+    request = sdk_proto().ForwardBackwardRequest()
     try:
         request.ParseFromString(body)
     except Exception:
@@ -76,6 +92,7 @@ def decode_forward_backward(body: bytes) -> ForwardBackward:
 
 
 def encode_forward_backward_output(per_datum: list[dict[str, np.ndarray]], metrics: dict[str, float]) -> bytes:
+    pb = sdk_proto()
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(per_datum))
     for name in per_datum[0] if per_datum else ():
@@ -97,6 +114,7 @@ class Sequence:
 
 
 def encode_sample_response(sequences: list[Sequence], prompt_logprobs: list[float] | None) -> bytes:
+    pb = sdk_proto()
     out = pb.SampleResponse()
     for seq in sequences:
         s = out.sequences.add()

@@ -16,13 +16,13 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi.spec import Operation
 from pydantic import BaseModel, ConfigDict, ValidationError
-from tinker import types
 
 from jarvis.auth import Principal, principal_of
 from jarvis.errors import APIError
 from jarvis.plugins.tinker.futures import RequestFailed
 from jarvis.plugins.tinker.service import TinkerService
 from jarvis.plugins.tinker.trainer import LoraSpec
+from jarvis.plugins.tinker.wire_types import sdk_type, stored_schemas
 from jarvis.routes.openai import client_of
 from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, own_errors_body
 from jarvis.server import server_of
@@ -38,10 +38,13 @@ DETAIL = JsonSchema({"type": "object", "properties": {"detail": {"type": "string
 ERRORS = {**ERROR_STATUSES, 410: "The session is finished."}
 
 
-def operation(body: type[BaseModel] | None = None) -> type[Operation]:
-    """An `operation_class` documenting a Tinker route: its JSON body (the SDK's own request type) and its
-    errors in Tinker's shape, `{"detail": "..."}`."""
-    return own_errors_body(body, DETAIL, ERRORS, f"Tinker{body.__name__ if body else ''}Operation")
+def operation(body: str | type[BaseModel] | None = None) -> type[Operation]:
+    """An `operation_class` documenting a Tinker route: its JSON body (the SDK's own request type, by name: its
+    schema as stored, `wire_types`) and its errors in Tinker's shape, `{"detail": "..."}`."""
+    if isinstance(body, str):
+        return own_errors_body(stored_schemas()[body], DETAIL, ERRORS, f"Tinker{body}Operation")
+    return own_errors_body(body.model_json_schema() if body else None, DETAIL, ERRORS,
+                           f"Tinker{body.__name__ if body else ''}Operation")
 
 
 def detail(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -68,7 +71,10 @@ def service_of(request: Request) -> TinkerService:
     return service
 
 
-async def parse(request: Request, model: type[M]) -> M:
+async def parse(request: Request, model: str | type[M]) -> Any:
+    """The body as `model`: one of ours, or the SDK's type of that name (imported at its first use)."""
+    if isinstance(model, str):
+        model = sdk_type(model)
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:  # an unknown field is named first, as OpenAI does
@@ -112,15 +118,15 @@ class TinkerController(Controller):
     async def capabilities(self, request: Request) -> dict[str, Any]:
         return service_of(request).capabilities()
 
-    @post("/create_session", status_code=200, operation_class=operation(types.CreateSessionRequest))
+    @post("/create_session", status_code=200, operation_class=operation("CreateSessionRequest"))
     async def create_session(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.CreateSessionRequest)
+        body = await parse(request, "CreateSessionRequest")
         session_id = await service_of(request).create_session(principal_of(request).owner, list(body.tags))
         return {"session_id": session_id, "type": "create_session"}
 
-    @post("/session_heartbeat", status_code=200, operation_class=operation(types.SessionHeartbeatRequest))
+    @post("/session_heartbeat", status_code=200, operation_class=operation("SessionHeartbeatRequest"))
     async def heartbeat(self, request: Request) -> Response:
-        body = await parse(request, types.SessionHeartbeatRequest)
+        body = await parse(request, "SessionHeartbeatRequest")
         session = await service_of(request).session(body.session_id, principal_of(request))
         if session["finished_at"] is not None:
             return detail(f"Session {body.session_id} is finished.", 410)
@@ -137,9 +143,9 @@ class TinkerController(Controller):
 
     # --- training ------------------------------------------------------------------------------------
 
-    @post("/create_model", status_code=200, operation_class=operation(types.CreateModelRequest))
+    @post("/create_model", status_code=200, operation_class=operation("CreateModelRequest"))
     async def create_model(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.CreateModelRequest)
+        body = await parse(request, "CreateModelRequest")
         if body.optimizer_config.type not in ("adam", "adamw"):
             raise RequestFailed(f"optimizer_config {body.optimizer_config.type!r} is not supported; Jarvis trains "
                                 "with AdamW.")
@@ -152,9 +158,9 @@ class TinkerController(Controller):
                                                             body.user_metadata)
         return future(request_id, model_id=f"{body.session_id}:train:{body.model_seq_id}")
 
-    @post("/get_info", status_code=200, operation_class=operation(types.GetInfoRequest))
+    @post("/get_info", status_code=200, operation_class=operation("GetInfoRequest"))
     async def get_info(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.GetInfoRequest)
+        body = await parse(request, "GetInfoRequest")
         return await service_of(request).info(body.model_id, principal_of(request))
 
     @post("/forward_backward", status_code=200, request_max_body_size=256 * 2**20, operation_class=operation())
@@ -164,36 +170,36 @@ class TinkerController(Controller):
                                 "false).")
         return future(await service_of(request).forward_backward(principal_of(request), await request.body()))
 
-    @post("/optim_step", status_code=200, operation_class=operation(types.OptimStepRequest))
+    @post("/optim_step", status_code=200, operation_class=operation("OptimStepRequest"))
     async def optim_step(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.OptimStepRequest)
+        body = await parse(request, "OptimStepRequest")
         return future(await service_of(request).optim_step(principal_of(request), body.model_id, body.optim_params,
                                                            body.seq_id))
 
-    @post("/save_weights", status_code=200, operation_class=operation(types.SaveWeightsRequest))
+    @post("/save_weights", status_code=200, operation_class=operation("SaveWeightsRequest"))
     async def save_weights(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.SaveWeightsRequest)
+        body = await parse(request, "SaveWeightsRequest")
         return future(await service_of(request).save_weights(principal_of(request), body.model_id, body.path,
                                                              body.overwrite, body.user_metadata, body.seq_id))
 
     @post("/save_weights_for_sampler", status_code=200,
-          operation_class=operation(types.SaveWeightsForSamplerRequest))
+          operation_class=operation("SaveWeightsForSamplerRequest"))
     async def save_weights_for_sampler(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.SaveWeightsForSamplerRequest)
+        body = await parse(request, "SaveWeightsForSamplerRequest")
         return future(await service_of(request).save_for_sampler(principal_of(request), body.model_id, body.path,
                                                                  body.sampling_session_seq_id, body.seq_id))
 
-    @post("/load_weights", status_code=200, operation_class=operation(types.LoadWeightsRequest))
+    @post("/load_weights", status_code=200, operation_class=operation("LoadWeightsRequest"))
     async def load_weights(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.LoadWeightsRequest)
+        body = await parse(request, "LoadWeightsRequest")
         return future(await service_of(request).load_weights(principal_of(request), body))
 
     # --- sampling ------------------------------------------------------------------------------------
 
     @post("/create_sampling_session", status_code=200,
-          operation_class=operation(types.CreateSamplingSessionRequest))
+          operation_class=operation("CreateSamplingSessionRequest"))
     async def create_sampling_session(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.CreateSamplingSessionRequest)
+        body = await parse(request, "CreateSamplingSessionRequest")
         sampler_id = await service_of(request).create_sampler(principal_of(request), body.session_id,
                                                               body.sampling_session_seq_id, body.base_model,
                                                               body.model_path)
@@ -204,17 +210,17 @@ class TinkerController(Controller):
         found = await service_of(request).sampler(sampler_id, principal_of(request))
         return {"sampler_id": found["id"], "base_model": found["base_model"], "model_path": found["model_path"]}
 
-    @post("/asample", status_code=200, operation_class=operation(types.SampleRequest))
+    @post("/asample", status_code=200, operation_class=operation("SampleRequest"))
     async def asample(self, request: Request) -> dict[str, Any]:
-        body = await parse(request, types.SampleRequest)
+        body = await parse(request, "SampleRequest")
         request_id = await service_of(request).asample(principal_of(request), body, client_of(request))
         return future(request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(body.num_samples)])
 
     # --- futures -------------------------------------------------------------------------------------
 
-    @post("/retrieve_future", status_code=200, operation_class=operation(types.FutureRetrieveRequest))
+    @post("/retrieve_future", status_code=200, operation_class=operation("FutureRetrieveRequest"))
     async def retrieve_future(self, request: Request) -> Response:
-        body = await parse(request, types.FutureRetrieveRequest)
+        body = await parse(request, "FutureRetrieveRequest")
         service = service_of(request)
         viewer: Principal = principal_of(request)
         row = await service.futures.wait(body.request_id, viewer, service.settings.poll_wait_s)

@@ -26,7 +26,6 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from jarvis.plugins.tinker.futures import RequestFailed
-from jarvis.plugins.tinker.losses import LossInputError, check_loss, datum_loss
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -176,6 +175,8 @@ class Trainer:
     # --- training ----------------------------------------------------------------------------------
 
     def check_data(self, data: list[Datum], loss_fn: str, config: dict[str, float]) -> None:
+        from jarvis.plugins.tinker import losses  # torch, like every import of it here: at the first request
+
         if not data:
             raise RequestFailed("forward_backward needs at least one datum.")
         for i, datum in enumerate(data):
@@ -189,8 +190,8 @@ class Trainer:
                 raise RequestFailed(f"data[{i}].model_input holds token id {bad[0]}, outside the vocabulary "
                                     f"(0..{self._vocab - 1}).")
             try:
-                check_loss(loss_fn, datum.inputs, config, len(datum.tokens))
-            except LossInputError as exc:
+                losses.check_loss(loss_fn, datum.inputs, config, len(datum.tokens))
+            except losses.LossInputError as exc:
                 raise RequestFailed(f"data[{i}]: {exc}") from None
             targets = datum.inputs["target_tokens"]
             if targets.size and (targets.min() < 0 or targets.max() >= self._vocab):
@@ -202,6 +203,8 @@ class Trainer:
         """Per datum: the target tokens' logprobs and the elementwise loss; metrics `loss:sum`. Adds the
         loss's gradients to the adapter's unless `forward_only`."""
         import torch
+
+        from jarvis.plugins.tinker import losses
 
         model = self.models[model_id]
         self.check_data(data, loss_fn, config)
@@ -223,7 +226,7 @@ class Trainer:
             # log p(target) = logit(target) - logsumexp(logits), and the loss, for the whole batch at once: one
             # backward and one copy to the host, however many data (padding masked out of the loss)
             every_target = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            elementwise = datum_loss(loss_fn, every_target, inputs, config) * mask
+            elementwise = losses.datum_loss(loss_fn, every_target, inputs, config) * mask
             total = elementwise.sum()
             if not forward_only:
                 total.backward()
