@@ -10,7 +10,7 @@ HTTP errors in Tinker's shape, `{"detail": "..."}`. Every route needs an API key
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException
@@ -27,8 +27,6 @@ from jarvis.routes.openai import client_of
 from jarvis.routes.openapi_docs import ERROR_STATUSES, JsonSchema, own_errors_body
 from jarvis.server import server_of
 
-M = TypeVar("M", bound=BaseModel)
-
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
                  "parallel_fwdbwd_chunks": False, "sample_use_retrieve_futures": False,
                  "sample_join_sampling_session": False, "custom_loss_server_side": False}
@@ -41,10 +39,9 @@ ERRORS = {**ERROR_STATUSES, 410: "The session is finished."}
 def operation(body: str | type[BaseModel] | None = None) -> type[Operation]:
     """An `operation_class` documenting a Tinker route: its JSON body (the SDK's own request type, by name: its
     schema as stored, `wire_types`) and its errors in Tinker's shape, `{"detail": "..."}`."""
-    if isinstance(body, str):
-        return own_errors_body(stored_schemas()[body], DETAIL, ERRORS, f"Tinker{body}Operation")
-    return own_errors_body(body.model_json_schema() if body else None, DETAIL, ERRORS,
-                           f"Tinker{body.__name__ if body else ''}Operation")
+    name = body if isinstance(body, str) else body.__name__ if body else ""
+    schema = stored_schemas()[body] if isinstance(body, str) else body.model_json_schema() if body else None
+    return own_errors_body(schema, DETAIL, ERRORS, f"Tinker{name}Operation")
 
 
 def detail(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -71,7 +68,7 @@ def service_of(request: Request) -> TinkerService:
     return service
 
 
-async def parse(request: Request, model: str | type[M]) -> Any:
+async def parse(request: Request, model: str | type[BaseModel]) -> Any:
     """The body as `model`: one of ours, or the SDK's type of that name (imported at its first use)."""
     if isinstance(model, str):
         model = sdk_type(model)
