@@ -80,8 +80,10 @@ def test_sequences_decoded_together_come_out_as_they_do_alone(monkeypatch):
                 moved.append(abs(one[same].logprob - batched[same].logprob))
                 same += 1
             if same < len(one):  # parted at a near-tie: the batched run took the lone run's second choice
+                # both logprobs may move (up to 0.25 each, measured), so a tie up to 0.5 apart can turn over
+                # (seen: 0.38, which rows shared the batch varies with the order the four were admitted in)
                 (_, p1), (second, p2) = one[same].top
-                assert batched[same].token == second and p1 - p2 < 0.3, (one[same], batched[same])
+                assert batched[same].token == second and p1 - p2 < 0.5, (one[same], batched[same])
         assert max(moved) < 0.5 and sum(moved) / len(moved) < 0.1, moved
         # 4 × 24 tokens in about 24 steps (plus the prompts'), not 96: the sequences shared their decodes
         assert steps < 24 + 8, steps
