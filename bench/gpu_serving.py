@@ -482,8 +482,10 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     for metric in ("ttft", "tpot", "itl"):
         for p in ("50", "99"):
             row[f"{metric}_p{p}"] = pick(metric, p)
-    # a server whose client reads slower than the engine decodes gets several tokens in one chunk (vLLM merges a
-    # request's waiting deltas): fewer, longer gaps, so ITL's tail grows while TPOT does not
+    # tokens per event above 1.00 stretch ITL's tail while TPOT stays: a server whose consumer reads slower than
+    # the engine decodes gets several tokens in one event (vLLM merges a request's waiting deltas), and a server
+    # that sends no event for a token whose text is held back (partial UTF-8, a stop string's start) does the
+    # same; vLLM's server sends that event with empty text, and so does Jarvis
     itls, lens = result.get("itls"), result.get("output_lens")
     if itls and lens:
         chunks = sum(len(gaps) + 1 for gaps, n in zip(itls, lens) if n)

@@ -499,8 +499,7 @@ class BatchScheduler:
         piece = seq.detok.push(token)
         text = seq.stops.feed(piece)
         logprobs = [seq_logprob(h.tokenizer, logits, token, piece, r.top_logprobs)] if r.logprobs else []
-        if text or logprobs:
-            seq.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))
+        seq.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))  # held-back text too: one per token
         if seq.stops.stopped:
             return self._finish(seq, "stop")
         if len(seq.generated) >= (r.max_tokens or 0):

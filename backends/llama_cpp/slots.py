@@ -495,8 +495,7 @@ class SlotDecoder:
         logprobs = [logprob_entry(self.logits(row), token, piece.decode(errors="replace"), req.top_logprobs,
                                   self.piece)] if req.logprobs else []
         text = job.stops.feed(job.decoder.feed(piece))
-        if text or logprobs:
-            job.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))
+        job.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))  # held-back text too: one per token
         if job.stops.stopped:
             return self._end(slot, "stop")
         if job.count >= job.limit:

@@ -339,7 +339,7 @@ class OpenAIUpstreamEngine(Engine):
                             chunk = chunk_of(choice, request)
                             if chunk.finish_reason is not None:
                                 held = chunk
-                            elif chunk.text or chunk.logprobs or chunk.tool_calls:
+                            elif chunk.token_count or chunk.tool_calls:
                                 delivered = True
                                 yield chunk
                         if usage and held is not None:
@@ -405,7 +405,12 @@ def chunk_of(choice: dict[str, Any], request: PreparedRequest) -> GenerationChun
     _, logprobs = split_logprobs(choice, request)
     reason = choice.get("finish_reason")
     calls = tool_call_deltas(delta.get("tool_calls")) if request.kind == "chat" else []
-    return GenerationChunk(text=text, token_count=len(logprobs) or (1 if text or calls else 0), logprobs=logprobs,
+    # an upstream streaming one event per token (vLLM, Jarvis) sends empty text while a token's text is held
+    # back: still a token, passed on as one; the chat's opening event (its role) is not
+    carried = (delta.get("content") is not None and not delta.get("role")) if request.kind == "chat" \
+        else choice.get("text") is not None
+    tokens = len(logprobs) or (1 if text or calls or (carried and not reason) else 0)
+    return GenerationChunk(text=text, token_count=tokens, logprobs=logprobs,
                            finish_reason=finish_reason(reason) if reason else None, tool_calls=calls,
                            stop_sequence=stop_sequence(choice, request) if reason else None)
 

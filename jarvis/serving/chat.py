@@ -92,7 +92,10 @@ class ChatRun:
         prompt_tokens, completion_tokens = 0, [0] * len(self.gens)
         async for index, chunk in merged_streams(self.runtime, self.gens):
             logprobs = chunk.logprobs  # they go with the chunk's first piece
-            if chunk.text or (logprobs and not chunk.tool_calls):
+            # generated tokens whose text is held back are an event too (content ""), as vLLM's server streams
+            # one per engine step; the last chunk's tokens go with its finish event
+            tokens_only = chunk.token_count > 0 and not chunk.tool_calls and chunk.finish_reason is None
+            if chunk.text or (logprobs and not chunk.tool_calls) or tokens_only:
                 yield ChoiceEvent(index, content=chunk.text, logprobs=logprobs)
                 logprobs = []
             for d in chunk.tool_calls:
@@ -134,7 +137,7 @@ def _choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
 def _delta(e: ChoiceEvent) -> dict[str, Any]:
     """The event's `ChatDelta` as a plain dict in its field order."""
     if e.call_index is None:
-        return {"role": None, "content": e.content or None, "tool_calls": None}
+        return {"role": None, "content": None if e.finish_reason is not None else e.content, "tool_calls": None}
     call: dict[str, Any] = {"index": e.call_index, "function": {"arguments": e.arguments}}
     if e.call_id is not None:
         call.update(id=e.call_id, type="function")

@@ -75,7 +75,9 @@ def completion_events(runtime: Runtime, gens: list[PreparedRequest], include_usa
                 "stop_reason": chunk.stop_sequence}
 
     def render(index: int, chunk: GenerationChunk) -> str | None:
-        wanted = chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs
+        # a chunk of generated tokens is an event even when its text is held back (a partial UTF-8 character,
+        # a possible stop string's start): one event per engine step, as vLLM's server streams them
+        wanted = chunk.text or chunk.token_count or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs
         return events.event([choice(index, chunk)]) if wanted else None
 
     return stream_events(runtime, gens, [], render, events.usage_event if include_usage else None)

@@ -55,6 +55,7 @@ def logprob(token: str, value: float) -> TokenLogprob:
 CHAT_CHUNKS = [
     GenerationChunk(text=TEXT, token_count=3),
     GenerationChunk(text=" more", token_count=1, logprobs=[logprob(" more", -0.25)]),
+    GenerationChunk(text="", token_count=1),  # a token whose text is held back: an event with content ""
     GenerationChunk(text="", token_count=1, logprobs=[logprob("", float("-inf"))]),
     GenerationChunk(text="", token_count=4, tool_calls=[ToolCallDelta(0, "call_1", "get_weather", '{"city": ')]),
     GenerationChunk(text="", token_count=2, tool_calls=[ToolCallDelta(0, arguments='"Zürich"}'),
@@ -72,7 +73,9 @@ def pydantic_chat_events(chunks: list[GenerationChunk], include_usage: bool, log
 
     out = [event([wire.ChatChunkChoice(index=0, delta=wire.ChatDelta(role="assistant", content=""))])]
     for chunk in chunks:
-        pieces: list[list[Any]] = [[wire.ChatDelta(content=chunk.text), None]] if chunk.text else []
+        tokens_only = chunk.token_count > 0 and not chunk.tool_calls and chunk.finish_reason is None
+        content = chunk.text or tokens_only or (chunk.logprobs and not chunk.tool_calls)
+        pieces: list[list[Any]] = [[wire.ChatDelta(content=chunk.text), None]] if content else []
         for d in chunk.tool_calls:
             call: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
             if d.id is not None:
@@ -105,7 +108,8 @@ def test_chat_events_keep_every_piece_of_a_chunk() -> None:
     run = ChatRun(ScriptedRuntime(CHAT_CHUNKS), body, [PreparedRequest(prompt="p", model=MODEL, kind="chat")])
     pieces = collect(run.events())
     assert [(p.content, p.call_index, p.call_id, p.arguments, p.finish_reason, len(p.logprobs)) for p in pieces] == [
-        (TEXT, None, None, "", None, 0), (" more", None, None, "", None, 1), ("", None, None, "", None, 1),
+        (TEXT, None, None, "", None, 0), (" more", None, None, "", None, 1), ("", None, None, "", None, 0),
+        ("", None, None, "", None, 1),
         ("", 0, "call_1", '{"city": ', None, 0), ("", 0, None, '"Zürich"}', None, 1),
         ("", 1, "call_2", "{}", None, 0), ("!", None, None, "", None, 0), ("", None, None, "", "tool_calls", 0)]
     assert run.usage == usage(7, 12)
@@ -114,7 +118,7 @@ def test_chat_events_keep_every_piece_of_a_chunk() -> None:
 COMPLETION_CHUNKS = [
     GenerationChunk(text=TEXT, token_count=2, logprobs=[logprob("Hé", -0.1), logprob(' "quoted"', -2.0)],
                     prompt_logprobs=[TokenLogprob("<bos>", None), logprob("Say", -3.0)]),
-    GenerationChunk(text="", token_count=1),  # nothing to send (a stop string held back)
+    GenerationChunk(text="", token_count=1),  # a token whose text is held back: an event with text ""
     GenerationChunk(text=" end", token_count=1, logprobs=[logprob(" end", -0.75)]),
     GenerationChunk(text="", finish_reason="length", prompt_tokens=2, completion_tokens=4),
 ]
@@ -128,7 +132,7 @@ def pydantic_completion_events(gen: PreparedRequest, include_usage: bool) -> lis
 
     out, offset, echoed = [], 0, False
     for chunk in COMPLETION_CHUNKS:
-        if not (chunk.text or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs):
+        if not (chunk.text or chunk.token_count or chunk.logprobs or chunk.finish_reason or chunk.prompt_logprobs):
             continue
         text, entries = chunk.text, list(chunk.logprobs)
         if gen.echo and not echoed:

@@ -113,6 +113,24 @@ def test_stop_sequence_cuts_the_text(client):
     assert streamed == cut.choices[0].text
 
 
+def test_every_token_is_an_event_even_while_its_text_is_held_back(client):
+    """One event per generated token, as vLLM's server streams: a token whose text waits (here on a stop
+    string the output begins like, which never completes) is an event with empty text, so a client timing
+    tokens by events (vllm bench's inter-token latency) counts each one."""
+    prompt, n = "1, 2, 3, 4,", 12
+    free = complete(client, prompt, max_tokens=n, extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[:4] + "\u2603\u2603"
+    kw = dict(max_tokens=n, stop=[stop], stream=True, extra_body={"ignore_eos": True})
+    events = [c.choices[0] for c in complete(client, prompt, **kw) if c.choices]
+    assert "".join(e.text for e in events) == free
+    tokens = [e.text for e in events if e.finish_reason is None]
+    assert len(tokens) in (n - 1, n), tokens  # the last token's event may carry the finish_reason
+    assert "" in tokens, "no token's text was held back by the stop string's start"
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                          temperature=0, **kw)
+    deltas = [c.choices[0] for c in chat if c.choices][1:]  # after the opening event, which carries the role
+    assert len([d for d in deltas if d.finish_reason is None]) in (n - 1, n)
+
 
 def test_a_special_token_stops_like_any_stop_string(client):
     """A chat format's stop is a special token (Gemma's <end_of_turn>, id 106): vLLM matches stop strings on
