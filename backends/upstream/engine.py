@@ -339,7 +339,7 @@ class OpenAIUpstreamEngine(Engine):
                             chunk = chunk_of(choice, request)
                             if chunk.finish_reason is not None:
                                 held = chunk
-                            elif chunk.token_count or chunk.tool_calls:
+                            elif chunk.token_count:  # text, held-back text, logprobs or a tool-call piece
                                 delivered = True
                                 yield chunk
                         if usage and held is not None:

@@ -94,8 +94,8 @@ class ChatRun:
             logprobs = chunk.logprobs  # they go with the chunk's first piece
             # generated tokens whose text is held back are an event too (content ""), as vLLM's server streams
             # one per engine step; the last chunk's tokens go with its finish event
-            tokens_only = chunk.token_count > 0 and not chunk.tool_calls and chunk.finish_reason is None
-            if chunk.text or (logprobs and not chunk.tool_calls) or tokens_only:
+            held_back = chunk.token_count > 0 and chunk.finish_reason is None
+            if chunk.text or (not chunk.tool_calls and (logprobs or held_back)):
                 yield ChoiceEvent(index, content=chunk.text, logprobs=logprobs)
                 logprobs = []
             for d in chunk.tool_calls:
