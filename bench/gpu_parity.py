@@ -5,7 +5,7 @@
       from llama_cpp (the Q4_K_M GGUF itself, shown beside it); with --adapter (a `jarvis train` output), the
       hf engine's answers through PEFT with that adapter to ADAPTER_PROMPTS. Writes DIR/reference.json and a
       copy of the adapter under DIR/adapter.
-  check (GPU host)     python bench/gpu_parity.py check --gguf FILE --reference DIR
+  check (GPU host)     python bench/gpu_parity.py check --gguf FILE --reference DIR [--tokenizer DIR]
       Converts the GGUF with `jarvis models convert`, serves it with Jarvis's hf engine (waves decoded from a
       CUDA graph, bf16 and float32; continuous batching, bf16) and vllm engine (bf16, LoRA on), one after
       the other, asks the same prompts greedily, and prints per engine how many answers equal the reference
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from gpu_serving import alive, convert_gguf, free_port
+from gpu_serving import alive, convert_gguf, free_port, tokenizer_folder
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "The three primary colors are", "Once upon a time, in a small village,", "import numpy as np\n",
@@ -176,7 +176,9 @@ def check(args: argparse.Namespace) -> None:
     started = time.monotonic()
     reference = json.loads((args.reference / "reference.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="parity-"))
-    folder = convert_gguf(args.gguf, args.work / "gemma-3-270m" / "gemma-3-270m")  # where gpu_serving looks
+    where = args.work / "gemma-3-270m"  # where gpu_serving looks
+    folder = convert_gguf(args.gguf, where / "gemma-3-270m", tokenizer_folder(args.tokenizer, where) if args.tokenizer
+                          else None)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     want = reference["hf_cpu_fp32"]
     print(f"greedy answers ({len(PROMPTS)} prompts, {MAX_TOKENS} tokens) against the hf engine in float32 on CPU:")
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     chk = sub.add_parser("check", help="the GPU rows")
     chk.add_argument("--gguf", type=Path, required=True)
     chk.add_argument("--reference", type=Path, required=True, help="the folder `record` wrote")
+    chk.add_argument("--tokenizer", type=Path, help="a tokenizer folder (tokenizer.json or .json.gz) to use instead "
+                     "of the GGUF's (needed with transformers before 5.19)")
     chk.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     chk.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gpu_serving",
                      help="the converted model goes to WORK/gemma-3-270m/, where gpu_serving.py --gguf looks")

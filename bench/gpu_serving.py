@@ -157,12 +157,14 @@ def make_adapters(folder: Path, adapters: dict[str, Path], rank: int) -> None:
     del model, base
 
 
-def convert_gguf(gguf: Path, folder: Path) -> Path:
-    """The GGUF's weights as a transformers folder (Jarvis's converter; kept when already there)."""
+def convert_gguf(gguf: Path, folder: Path, tokenizer: Path | None = None) -> Path:
+    """The GGUF's weights as a transformers folder (Jarvis's converter; kept when already there). With
+    `tokenizer` (a folder), its tokenizer replaces the GGUF's: transformers before 5.19 converts Gemma 3's
+    GGUF tokenizer into one that splits words unlike llama.cpp, and the converter refuses it."""
     if not (folder / "config.json").is_file():
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "jarvis", "models", "convert", "--gguf", str(gguf), "--out",
-                        str(folder)], check=True)
+                        str(folder), *(["--tokenizer", str(tokenizer)] if tokenizer else [])], check=True)
         print(f"converted {gguf.name} in {time.monotonic() - started:.0f} s: {folder}")
     return folder
 
@@ -735,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"reusing servers: {pids}")
     else:
         if args.gguf:
-            convert_gguf(args.gguf, folder)
+            convert_gguf(args.gguf, folder, tokenizer_folder(args.tokenizer, work) if args.tokenizer else None)
         else:
             source = args.tokenizer or Path.home() / ".cache" / "jarvis" / "models" / "gemma-3-270m-hf"
             make_model(args.shape, tokenizer_folder(source, work), folder)
