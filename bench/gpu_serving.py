@@ -646,7 +646,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "each at most the highest --concurrency at once")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--waves", type=int, default=4, help="prompts per level = max(min-prompts, waves × C)")
+    parser.add_argument("--waves", type=int, default=16, help="prompts per level = max(min-prompts, waves × C); 4 "
+                        "waves of Gemma-270M at C=16 last 1.3 s on an H100 and vary ±10 %% between rounds")
     parser.add_argument("--min-prompts", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="sweeps over the levels (median of rounds)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="each server's share")
