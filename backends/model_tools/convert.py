@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,27 +102,32 @@ def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
     return flags
 
 
+_ONE_PARSE = threading.Lock()
+
+
 @contextlib.contextmanager
 def one_gguf_parse() -> Iterator[None]:
     """While the block runs, every `gguf.GGUFReader` of one file is the same reader. transformers parses the
     GGUF anew for the config, the tokenizer and the weights, and gguf-py reads the header field by field:
-    Gemma 3's 262,144-entry vocabulary costs about 15 s a parse on two cores, three times a conversion."""
+    Gemma 3's 262,144-entry vocabulary costs about 15 s a parse on two cores, three times a conversion. One block
+    runs at a time in a process, so the swap is never nested."""
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
+    with _ONE_PARSE:
+        original = gguf.GGUFReader
+        readers: dict[tuple[str, str], Any] = {}
 
-    def shared(path: Any, mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        def shared(path: Any, mode: str = "r") -> Any:
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 @contextlib.contextmanager
