@@ -25,20 +25,17 @@ SAME_FIRST_TOKENS = 3
 
 
 @pytest.fixture(scope="module")
-def answers(request, jarvis_server, embedded_gguf, hf_folder):
-    """Each engine's answers to PROMPTS. The llama.cpp and hf servers start side by side, beside the session's
-    vLLM server (started here if no module started it yet); then each engine answers in its own thread."""
+def answers(shared_engine_server):
+    """Each engine's answers to PROMPTS, from the session's shared server of each engine (this module only
+    reads from them); each engine answers in its own thread."""
+    servers = {engine: shared_engine_server(engine) for engine in ("llama_cpp", "hf", "vllm")}
+
+    def ask(server):
+        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+        return [client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                          logprobs=1) for prompt in PROMPTS]
+
     with ThreadPoolExecutor(3) as pool:
-        starting = {engine: pool.submit(jarvis_server, JARVIS_INFERENCE_ENGINE=engine, JARVIS_MAX_MODEL_LEN="512")
-                    for engine in ("llama_cpp", "hf")}
-        vllm = request.getfixturevalue("vllm_server")
-        servers = {"llama_cpp": starting["llama_cpp"].result(), "hf": starting["hf"].result(), "vllm": vllm}
-
-        def ask(server):
-            client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
-            return [client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                              logprobs=1) for prompt in PROMPTS]
-
         asked = {engine: pool.submit(ask, server) for engine, server in servers.items()}
         result = {engine: future.result() for engine, future in asked.items()}
     for i, prompt in enumerate(PROMPTS):
