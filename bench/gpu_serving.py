@@ -17,8 +17,9 @@ JARVIS_VLLM_GPU_MEMORY_UTILIZATION each, default 0.4; the hf one starts after th
 Jarvis refuses the field; random prompts, 256 in / 128 out by default, temperature 1) drives one server at a
 time, alternating which goes first at each level: concurrency levels (--concurrency) and request rates
 (--rates, Poisson arrivals). The tables give raw, the side and side/raw for output tokens/s, TTFT, TPOT and ITL
-(p50, p99), the goals each side is held to, and single-stream TPOT against the memory-bandwidth floor (weight
-bytes / 4.3 TB/s).
+(p50, p99), the goals each side is held to (with each side's spread of tokens/s over the rounds, and whether
+the ratio is inside it, so a ratio the rounds cannot resolve is not read as a miss or a pass), and
+single-stream TPOT against the memory-bandwidth floor (weight bytes / 4.3 TB/s).
 
 Multi-LoRA (--adapters N): N random LoRA adapters (rank --lora-rank on the attention and MLP projections, B
 not zero, so each changes the output) are made on the host; `vllm serve` gets `--enable-lora --max-loras N
@@ -544,6 +545,12 @@ def ratio_table(results: dict[Level, dict[str, list[dict[str, float]]]], side: s
     return "\n".join(rows)
 
 
+def spread(rounds: list[dict[str, float]], key: str = "output_throughput") -> float | None:
+    """Half the range of `key` over the rounds, as a fraction of their median: how far one round is from another."""
+    values = [r[key] for r in rounds if r.get(key)]
+    return (max(values) - min(values)) / 2 / statistics.median(values) if len(values) > 1 else None
+
+
 def check(value: float | None, limit: float, at_least: bool) -> str:
     if value is None:
         return "-"
@@ -570,6 +577,11 @@ def goals(results: dict[Level, dict[str, list[dict[str, float]]]], weights: int 
                     f"TTFT p50 ratio {check(ttft, 1.05 if side == 'jarvis' else 2.0, False)}")
             if side == "jarvis" and level == ("c", 1.0):
                 line += f"   TPOT p50 ratio {check(ratio(sides, side, 'tpot_p50'), 1.05, False)}"
+            raw_noise, side_noise = spread(sides["raw"]), spread(sides[side])
+            if raw_noise is not None and side_noise is not None:
+                line += f"   rounds' tok/s spread ±{raw_noise:.1%} raw, ±{side_noise:.1%} {side}"
+                if tps is not None and abs(tps - 1) < max(raw_noise, side_noise):  # not resolved by these rounds
+                    line += " (the ratio is inside it)"
             short = [s for s in ("raw", side) for r in sides[s] if r.get("completed") and r.get("total_output_tokens")
                      and r["total_output_tokens"] < r["completed"] * output_len]
             if short:
