@@ -29,12 +29,19 @@ head of the line and nobody overtakes it, so the wave drains until it fits or th
 starts with it. Every layer of the static cache keeps the whole context, sliding-window ones too
 (the mask keeps their window): transformers' sliding layers count the position in a Python int,
 and a replayed CUDA graph would be captured again for each value of it.
+
+A static step attends only a window of the cache: the smallest power of two (from MIN_WINDOW, at
+most max_len) that holds the slots in use, not all max_len of them, so a step's attention costs
+what the wave holds rather than what it could hold (a CUDA graph per window). When `at` would
+cross into a larger window, the rows first shift left as far as the longest one allows, so a wave
+that keeps taking requests keeps a small window instead of walking to the cache's end.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import queue
 import random
 import threading
@@ -49,6 +56,9 @@ from jarvis.backends.hf.stacked_lora import BASE
 from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
+
+#: The smallest context window a static step attends (slots); windows double from here up to max_len.
+MIN_WINDOW = 256
 
 
 class IncrementalDetokenizer:
@@ -144,8 +154,9 @@ class StaticWave:
 
 class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
-                 decode: str = "dynamic", max_len: int = 4096) -> None:
+                 decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW) -> None:
         self.handle = handle
+        self.min_window = min_window  # max_len: every static step attends the whole cache
         self.max_batch_size = max_batch_size
         self.gather_seconds = gather_seconds
         self.decode = decode
@@ -284,6 +295,7 @@ class BatchScheduler:
             cache = self._static[bucket] = whole_context_cache(h.model.config, self.max_len)
         else:
             cache.reset()
+        set_window(cache, self._window(width))
         out = self._forward(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
                             past_key_values=cache, logits_to_keep=1, adapters=[s.adapter for s in rows])
         w = StaticWave(wave, [*live, *[None] * (bucket - len(live))], [int(ids[0, -1])] * bucket, cache, mask,
@@ -300,15 +312,19 @@ class BatchScheduler:
             self._join(w)
             if all(seq is None for seq in w.slots):
                 return
+            if self._window(w.at + 1) > self._window(w.at):  # the step would attend a larger window
+                self._shift(w, max(w.history(s) for s in w.slots if s is not None))
             mask[:, w.at] = 1
             w.positions += 1
             w.at += 1
+            window = self._window(w.at)
+            set_window(cache, window)
             with h.lock:
                 h.stats.forward_passes += 1
                 with self._row_adapters(w):
                     out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
-                                          attention_mask=mask, position_ids=w.positions, past_key_values=cache,
-                                          use_cache=True, logits_to_keep=1)
+                                          attention_mask=mask[:, :window], position_ids=w.positions,
+                                          past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     def _row_adapters(self, w: StaticWave) -> Any:
         """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
@@ -344,14 +360,26 @@ class BatchScheduler:
         return ((seq.adapter == BASE or (h.stacked is not None and seq.adapter in h.stacked.slots))
                 and h.static_ok and len(seq.prompt_ids) <= at and at + (seq.request.max_tokens or 0) <= self.max_len)
 
-    def _make_room(self, seq: Sequence, w: StaticWave) -> bool:
-        """Shift every row of `w` left, as far as its longest row and `seq`'s prompt allow, if `seq` then fits.
+    def _window(self, slots: int) -> int:
+        """The context a static step attends to see `slots` slots: the smallest power of two from `min_window`
+        that holds them, at most max_len."""
+        return min(self.max_len, max(self.min_window, 1 << (slots - 1).bit_length()))
 
-        The positions stay, and the rows keep their order in the cache, so no row's attention changes."""
+    def _make_room(self, seq: Sequence, w: StaticWave) -> bool:
+        """Shift every row of `w` left, as far as its longest row and `seq`'s prompt allow, if `seq` then fits."""
         target = max([len(seq.prompt_ids)] + [w.history(s) for s in w.slots if s is not None])
         if not (target < w.at and self._fits(seq, target)):
             return False
-        k, kept = w.at - target, target
+        self._shift(w, target)
+        return True
+
+    def _shift(self, w: StaticWave, kept: int) -> None:
+        """Move every row of `w` left so that its last `kept` slots become its first (no-op if none would move).
+
+        The positions stay, and the rows keep their order in the cache, so no row's attention changes."""
+        k = w.at - kept
+        if k <= 0:
+            return
         for layer in w.cache.layers:
             layer.keys[:, :, :kept] = layer.keys[:, :, k:w.at].clone()
             layer.values[:, :, :kept] = layer.values[:, :, k:w.at].clone()
@@ -361,7 +389,6 @@ class BatchScheduler:
         w.mask[:, kept - 1] = 1  # a free row sees at least one slot: an all-masked row would turn its garbage NaN
         w.at = kept
         self.shifts += 1
-        return True
 
     def _join(self, w: StaticWave) -> None:
         """Waiting requests take the free rows of the running static wave, oldest first, their first token sampled.
@@ -531,7 +558,37 @@ class BatchScheduler:
 
 
 def whole_context_cache(config: Any, max_len: int) -> Any:
-    """A static cache of `max_len` slots in every layer, the model's sliding-window layers included."""
-    from transformers.cache_utils import Cache, StaticLayer
+    """A static cache of `max_len` slots in every layer, the model's sliding-window layers included, each layer
+    showing the attention only its first `window` slots (set_window)."""
+    from transformers.cache_utils import Cache
 
-    return Cache(layers=[StaticLayer(max_cache_len=max_len) for _ in range(config.get_text_config().num_hidden_layers)])
+    layer = _windowed_layer()
+    return Cache(layers=[layer(max_cache_len=max_len) for _ in range(config.get_text_config().num_hidden_layers)])
+
+
+def set_window(cache: Any, window: int) -> None:
+    """Make every layer of a whole_context_cache give the attention (and the mask) its first `window` slots."""
+    for layer in cache.layers:
+        layer.window = window
+
+
+@functools.cache
+def _windowed_layer() -> type:
+    """transformers' StaticLayer whose keys and values (and mask size) stop at `window` slots. A compiled step
+    is specialised to the window it saw (a CUDA graph per window; torch's compiler makes it a dynamic size at
+    the second), and every update still writes into the whole preallocated cache."""
+    from transformers.cache_utils import StaticLayer
+
+    class WindowedLayer(StaticLayer):  # type: ignore[misc]
+        def __init__(self, max_cache_len: int, **kwargs: Any) -> None:
+            super().__init__(max_cache_len=max_cache_len, **kwargs)
+            self.window = max_cache_len
+
+        def update(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = super().update(*args, **kwargs)
+            return keys[:, :, :self.window], values[:, :, :self.window]
+
+        def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+            return self.window, 0
+
+    return WindowedLayer

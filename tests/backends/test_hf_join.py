@@ -62,7 +62,7 @@ def scheduler(handle):
 
     def make(**kw) -> BatchScheduler:
         s = BatchScheduler(handle, max_batch_size=kw.pop("max_batch_size", 4), gather_seconds=0.0,
-                           decode="static", max_len=kw.pop("max_len", 1024))
+                           decode="static", max_len=kw.pop("max_len", 1024), **kw)
         s.start()
         made.append(s)
         return s
@@ -133,6 +133,23 @@ def test_rows_shift_left_to_make_room_and_answer_the_same(handle, scheduler):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert (s.waves, s.joined) == (1, 1) and s.shifts >= 1, (s.waves, s.joined, s.shifts)
     assert [running.text, joiner.text] == [alone(s, short, 30), alone(s, late, 30)]
+
+
+def test_a_step_attends_a_small_window_and_rows_shift_to_keep_it_small(handle, scheduler):
+    """A static step attends the smallest power-of-two window that holds the slots in use (from 16 here): a long
+    prompt that finished early leaves `at` far right, so before the running row's step would cross into a larger
+    window the rows shift left; the answers are those of steps that attend the whole cache."""
+    s = scheduler(max_len=256, min_window=16)
+    long_prompt = ids(handle, "Write down every colour of the rainbow, one by one, in order, and then " * 3)[:40]
+    short = ids(handle, "Fact: the moon is")
+    quick, running = submit(s, long_prompt, 4), submit(s, short, 40)
+    for answer in (quick, running):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert s.waves == 1 and s.shifts >= 1, (s.waves, s.shifts)
+    (cache,) = s._static.values()
+    assert {layer.window for layer in cache.layers} == {64}  # the last step's 45 slots, not the cache's 256
+    whole = scheduler(max_len=256, min_window=256)
+    assert [quick.text, running.text] == [alone(whole, long_prompt, 4), alone(whole, short, 40)]
 
 
 def test_joining_past_the_sliding_window(handle, scheduler):

@@ -1,0 +1,297 @@
+"""Where the transformers engine's wave scheduler spends its time: the decode step by rows × context, the joins.
+
+In one process, on one model (the embedded model's converted folder, or --random-weights: Gemma-3-270M's shape),
+with Jarvis's `BatchScheduler` itself (no HTTP), it measures
+
+  steps    for each --windows mode (whole: every step attends all LEN slots of the static cache; windowed:
+           the engine's default, the smallest power-of-two window that holds the slots in use) and each
+           ROWSxLEN of --grid, a scheduler with max_batch_size=ROWS and max_len=LEN decodes one
+           request, then ROWS requests at once (--prompt-len tokens in, --max-tokens out, end-of-sequence
+           ignored): ms per step in the forward pass (synchronized) and in the rest (sampling, each row's
+           bookkeeping, the wave's prefill spread over its steps), and tokens/s;
+  loop     a closed loop of C clients (--loop-concurrency, each sends its next request 0-5 ms after its last
+           one ended) on the first grid entry's scheduler of each mode: tokens/s, TTFT p50, how many requests
+           joined a running wave, ms per join (its prefill and the copy into the wave's rows), and the wall's
+           share spent in joins;
+  kernels  torch.profiler over one join-sized prefill (batch 1, eager, what a join runs) and one decode step:
+           kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
+           inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
+
+A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load, so the
+step's cost at one request shows how much of it is the preallocated shape rather than the work.
+
+    python bench/hf_step_cost.py --random-weights --grid 64x2048,64x512,16x2048 --loop-concurrency 16
+    python bench/hf_step_cost.py --device cpu --grid 4x256 --prompt-len 32 --max-tokens 16   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hf_batching import HERE, NoTokenizer, load_model, prompts, run_scheduler
+
+from jarvis.backends.hf.waves import MIN_WINDOW, BatchScheduler, ModelHandle, whole_context_cache
+from jarvis.engine import EngineStats, PreparedRequest
+
+
+class TimedScheduler(BatchScheduler):
+    """The engine's scheduler with its forward steps and joins timed (each synchronized, so the times are the
+    device's too)."""
+
+    def __init__(self, *args: Any, sync: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync = sync
+        self.t: collections.Counter[str] = collections.Counter()
+
+    def _step_fn(self) -> Any:
+        fn = super()._step_fn()
+
+        def timed(**inputs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            out = fn(**inputs)
+            self.sync()
+            self.t["step_s"] += time.perf_counter() - start
+            self.t["steps"] += 1
+            return out
+        return timed
+
+    def _join(self, w: Any) -> None:
+        before = self.joined
+        self.sync()
+        start = time.perf_counter()
+        super()._join(w)
+        self.sync()
+        if self.joined > before:
+            self.t["join_s"] += time.perf_counter() - start
+            self.t["joins"] += 1
+            self.t["joined"] += self.joined - before
+
+
+def scheduler_for(model: Any, rows: int, length: int, window: str, args: argparse.Namespace,
+                  sync: Any) -> TimedScheduler:
+    handle = ModelHandle(model, NoTokenizer(), torch.device(args.device), frozenset(), threading.RLock(), EngineStats())
+    s = TimedScheduler(handle, max_batch_size=rows, gather_seconds=0.005, decode=args.decode, max_len=length,
+                       min_window=length if window == "whole" else MIN_WINDOW, sync=sync)
+    s.start()
+    return s
+
+
+def per_step(s: TimedScheduler, batch: list[list[int]], max_tokens: int) -> dict[str, float]:
+    s.t.clear()
+    start = time.perf_counter()
+    tokens = run_scheduler(s, batch, max_tokens)
+    wall = time.perf_counter() - start
+    steps = max(1, s.t["steps"])
+    return {"requests": len(batch), "tokens": tokens, "tok_s": tokens / wall, "steps": s.t["steps"],
+            "forward_ms": 1e3 * s.t["step_s"] / steps, "rest_ms": 1e3 * (wall - s.t["step_s"]) / steps}
+
+
+def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: int, max_tokens: int,
+                jitter: float) -> dict[str, Any]:
+    """`clients` threads, each sending its next request a random 0-`jitter` s after its last one finished (what
+    an HTTP round trip spreads), `total` in all."""
+    rng = random.Random(0)
+    ttfts: list[float] = []
+    tokens = [0]
+    lock, left = threading.Lock(), [total]
+
+    def client(k: int) -> None:
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+                n = left[0]
+            done, first = threading.Event(), []
+            time.sleep(rng.uniform(0, jitter))
+            sent = time.perf_counter()
+
+            def emit(chunk: Any, done: threading.Event = done, first: list[float] = first, sent: float = sent) -> None:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if chunk.token_count and not first:
+                    first.append(time.perf_counter() - sent)
+                if chunk.finish_reason:
+                    with lock:
+                        tokens[0] += chunk.completion_tokens
+                        ttfts.extend(first)
+                    done.set()
+            req = PreparedRequest(prompt=None, model="bench", max_tokens=max_tokens, temperature=0.0,
+                                  ignore_eos=True)
+            s.submit(req, data[n % len(data)], emit, threading.Event())
+            done.wait()
+
+    s.t.clear()
+    joined, start = s.joined, time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"clients": clients, "requests": total, "tok_s": tokens[0] / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+            "joined": s.joined - joined, "joins": s.t["joins"], "join_ms": 1e3 * s.t["join_s"] / max(1, s.t["joins"]),
+            "join_share": s.t["join_s"] / wall, "forward_ms": 1e3 * s.t["step_s"] / max(1, s.t["steps"]),
+            "forward_share": s.t["step_s"] / wall}
+
+
+def kernels(model: Any, s: TimedScheduler, prompt: list[int], args: argparse.Namespace, sync: Any) -> dict[str, Any]:
+    """Kernels (ops on CPU), device-busy ms and host ms of one eager batch-1 prefill and of one decode step."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def measured(fn: Any) -> dict[str, float]:
+        for _ in range(3):
+            fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        sync()
+        host_ms = 1e3 * (time.perf_counter() - start) / 5
+        with profile(activities=activities) as prof:
+            fn()
+            sync()
+        events = prof.events()
+        if cuda:
+            device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.device_time for e in device) / 1e3
+        else:
+            device = [e for e in events if e.name.startswith("aten::") and not e.cpu_parent]
+            busy = 0.0
+        return {"kernels": len(device), "device_busy_ms": busy, "wall_ms": host_ms}
+
+    ids = torch.tensor([prompt], device=args.device)
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+
+    out = {"prefill_batch1": measured(prefill)}
+    # what a join's prefill could cost instead: compiled by inductor (kernels fused, no CUDA graph, one dynamic
+    # length), and replayed as a CUDA graph into a static cache of the prompt's length
+    fused = torch.compile(model.forward, dynamic=True)
+    for n in (len(prompt), len(prompt) * 3 // 4):
+        part = ids[:, :n]
+
+        def prefill_fused(part: torch.Tensor = part) -> None:
+            with torch.inference_mode():
+                fused(input_ids=part, past_key_values=DynamicCache(config=model.config), use_cache=True,
+                      logits_to_keep=1)
+        try:
+            started = time.perf_counter()
+            prefill_fused()
+            out[f"prefill_batch1_inductor_len{n}"] = {"first_call_s": time.perf_counter() - started,
+                                                      **measured(prefill_fused)}
+        except Exception as exc:  # a measurement, not a requirement: say why it did not run
+            out[f"prefill_batch1_inductor_len{n}"] = {"error": repr(exc)[:300]}
+    if cuda:
+        graph = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        cache = whole_context_cache(model.config, len(prompt))
+        positions = torch.arange(len(prompt), device=args.device)[None]
+        mask = torch.ones_like(ids)
+
+        def prefill_graph() -> None:
+            with torch.inference_mode():
+                cache.reset()
+                graph(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        try:
+            started = time.perf_counter()
+            prefill_graph()
+            out["prefill_batch1_graph"] = {"first_call_s": time.perf_counter() - started, **measured(prefill_graph)}
+        except Exception as exc:
+            out["prefill_batch1_graph"] = {"error": repr(exc)[:300]}
+    # a decode step: the difference between a wave of 10 tokens and one of 2, per step
+    short, long = (measured(lambda n=n: run_scheduler(s, [prompt], n)) for n in (2, 10))
+    out["decode_step"] = {k: (long[k] - short[k]) / 8 for k in long}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--decode", default=None, help="static | graphs (default: graphs on CUDA, static elsewhere)")
+    parser.add_argument("--grid", default="64x2048,64x512,16x2048,16x512", help="ROWSxLEN,... (max_batch_size × "
+                        "max_len of the static cache)")
+    parser.add_argument("--windows", default="whole,windowed", help="whole: every step attends all LEN slots "
+                        "(min_window=LEN); windowed: the engine's default windows")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--loop-concurrency", type=int, default=16, help="0: skip the closed loop")
+    parser.add_argument("--loop-jitter-ms", type=float, default=5.0)
+    parser.add_argument("--loop-requests", type=int, default=0, help="default: 8 × the concurrency")
+    parser.add_argument("--out", default=str(HERE / "results" / "hf_step_cost.json"))
+    args = parser.parse_args()
+    args.decode = args.decode or ("graphs" if args.device.startswith("cuda") else "static")
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
+
+    torch._dynamo.config.cache_size_limit = 64  # a scheduler per grid entry: each compiles the step again
+    model = load_model(args)
+    data = prompts(max(64, max(r for r, _ in grid)), args.prompt_len, model.config.vocab_size)
+    results: dict[str, Any] = {"args": vars(args), "steps": [], "loop": [], "kernels": None}
+    print(f"{'window':>8} {'rows x len':>12} {'requests':>8} {'tok/s':>9} {'forward ms':>10} {'rest ms':>8} "
+          f"{'warm-up s':>9}")
+    loops: list[tuple[str, TimedScheduler]] = []
+    for window in args.windows.split(","):
+        for rows, length in grid:
+            s = scheduler_for(model, rows, length, window, args, sync)
+            started = time.perf_counter()
+            run_scheduler(s, data[:1], 4)  # warm-up: in "graphs" mode the step compiles here
+            run_scheduler(s, data[:rows], 4)
+            warm = time.perf_counter() - started
+            for batch in (data[:1], data[:rows]):
+                r = {"window": window, "rows": rows, "len": length, "warmup_s": warm,
+                     **per_step(s, batch, args.max_tokens)}
+                results["steps"].append(r)
+                print(f"{window:>8} {rows:>5} x {length:<5} {r['requests']:>8} {r['tok_s']:>9.1f} "
+                      f"{r['forward_ms']:>10.2f} {r['rest_ms']:>8.2f} {warm:>9.1f}")
+            if (rows, length) == grid[0]:
+                loops.append((window, s))
+            else:
+                s.stop()
+    for window, s in loops:
+        if args.loop_concurrency:
+            total = args.loop_requests or 8 * args.loop_concurrency
+            r = {"window": window, **closed_loop(s, data, args.loop_concurrency, total, args.max_tokens,
+                                                 args.loop_jitter_ms / 1e3)}
+            results["loop"].append(r)
+            print(f"\n{window}: closed loop, {r['clients']} clients, {r['requests']} requests on "
+                  f"{grid[0][0]}x{grid[0][1]}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; "
+                  f"{r['joined']} joined in {r['joins']} joins of {r['join_ms']:.2f} ms each "
+                  f"({100 * r['join_share']:.0f} % of the wall); forward {r['forward_ms']:.2f} ms per step "
+                  f"({100 * r['forward_share']:.0f} %)")
+    k = kernels(model, loops[-1][1], data[0], args, sync)
+    results["kernels"] = k
+    for name, v in k.items():
+        if "error" in v:
+            print(f"{name}: {v['error']}")
+            continue
+        print(f"{name}: {v['kernels']} kernels, device busy {v['device_busy_ms']:.2f} ms, wall {v['wall_ms']:.2f} ms"
+              + (f" (first call {v['first_call_s']:.1f} s)" if "first_call_s" in v else ""))
+    for _, s in loops:
+        s.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
