@@ -163,6 +163,7 @@ class BatchScheduler:
         self.max_len = max_len
         self._static: dict[int, Any] = {}  # bucket → whole_context_cache, reused wave after wave
         self._decode_step: Any = None  # "graphs": the base model's step, compiled
+        self._prefill_step: Any = None  # "graphs": the base model's prefill, compiled (no CUDA graph)
         self._adapter_step: tuple[Any, Any] | None = None  # "graphs": (the stack it was compiled with, the step)
         self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
@@ -286,29 +287,20 @@ class BatchScheduler:
         # rounds up to a power of two to waste less compute on CPU.
         bucket = self.max_batch_size if self.decode == "graphs" else \
             min(self.max_batch_size, 1 << (len(live) - 1).bit_length())
-        rows = live + [live[0]] * (bucket - len(live))  # padding rows repeat a real prompt; their output is dropped
-        ids, prompt_mask, prefill_positions = self._left_padded(rows, width)
-        mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
-        mask[:, :width] = prompt_mask
         cache = self._static.get(bucket)
         if cache is None:
             cache = self._static[bucket] = whole_context_cache(h.model.config, self.max_len)
-        else:
-            cache.reset()
-        set_window(cache, self._window(width))
-        out = self._forward(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
-                            past_key_values=cache, logits_to_keep=1, adapters=[s.adapter for s in rows])
-        w = StaticWave(wave, [*live, *[None] * (bucket - len(live))], [int(ids[0, -1])] * bucket, cache, mask,
-                       prefill_positions[:, -1:].clone(), at=width)
+        # every row starts free, seeing one slot (an all-masked row would turn its garbage NaN); the wave's
+        # requests are admitted as joiners are, ending at slot `width`: only their own rows are prefilled
+        mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
+        mask[:, width - 1] = 1
+        w = StaticWave(wave, [None] * bucket, [0] * bucket, cache, mask,
+                       torch.zeros((bucket, 1), dtype=torch.long, device=h.device), at=width)
+        for layer in cache.layers:  # a reused cache keeps its rows (the masks hide them); the next slot is `width`
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(width)
+        self._admit(w, live)
         while True:
-            logits = out.logits[:, -1, :].float()
-            busy = [j for j, seq in enumerate(w.slots) if seq is not None]
-            rows = logits if len(busy) == bucket else logits[busy]
-            for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
-                if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
-                    w.slots[j] = None
-                else:
-                    w.feed[j] = token
             self._join(w)
             if all(seq is None for seq in w.slots):
                 return
@@ -325,6 +317,14 @@ class BatchScheduler:
                     out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
                                           attention_mask=mask[:, :window], position_ids=w.positions,
                                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1, :].float()
+            busy = [j for j, seq in enumerate(w.slots) if seq is not None]
+            rows = logits if len(busy) == bucket else logits[busy]
+            for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
+                if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
+                    w.slots[j] = None
+                else:
+                    w.feed[j] = token
 
     def _row_adapters(self, w: StaticWave) -> Any:
         """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
@@ -391,21 +391,14 @@ class BatchScheduler:
         self.shifts += 1
 
     def _join(self, w: StaticWave) -> None:
-        """Waiting requests take the free rows of the running static wave, oldest first, their first token sampled.
-
-        The arrivals are prefilled together on a small dynamic cache; each one's keys and values are copied
-        into its row, ending just before `at`, its row's mask shows only its prompt, and its positions
-        restart from its own (a dynamic sliding-window layer keeps only the window's last tokens: the ones
-        before them are out of every later query's window, so the row's older slots there go unread). A
-        request that does not fit stays at the head of the line: nobody overtakes it, so the wave drains
-        until it fits or the next wave starts with it."""
-        from transformers import DynamicCache
-
+        """Waiting requests take the free rows of the running static wave, oldest first (_admit). A request that
+        does not fit stays at the head of the line: nobody overtakes it, so the wave drains until it fits or the
+        next wave starts with it."""
         if not self._waiting():  # the common step: nobody waits
             return
-        free = [j for j, seq in enumerate(w.slots) if seq is None]
+        free = sum(seq is None for seq in w.slots)
         arrivals: list[Sequence] = []
-        while len(arrivals) < len(free) and self._waiting():
+        while len(arrivals) < free and self._waiting():
             seq = self._pending[0]
             if seq is None or not (self._fits(seq, w.at) or (not arrivals and self._make_room(seq, w))):
                 break  # stopping, or the head waits for room
@@ -414,31 +407,58 @@ class BatchScheduler:
             return
         w.requests.extend(arrivals)
         live = self._starting(arrivals)
-        if not live:
-            return
-        self.joined += len(live)
+        if live:
+            self.joined += len(live)
+            self._admit(w, live)
+
+    def _admit(self, w: StaticWave, live: list[Sequence]) -> None:
+        """Put `live` into free rows of `w`, their first token sampled: the wave's own requests and joiners alike.
+
+        They are prefilled together on a small dynamic cache (_prefill), and each one's keys and values are
+        copied into its row, ending just before `at`: one copy per layer for all of them, left padding included
+        (the row's mask shows only its prompt, and its positions restart from its own). A dynamic sliding-window
+        layer keeps only the window's last tokens: the ones before them are out of every later query's window,
+        so the row's older slots there go unread."""
         h, width, at = self.handle, max(len(s.prompt_ids) for s in live), w.at
-        ids, prompt_mask, prompt_positions = self._left_padded(live, width)
-        small = DynamicCache(config=h.model.config)
-        out = self._forward(input_ids=ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                            past_key_values=small, logits_to_keep=1, adapters=[s.adapter for s in live])
-        rows = free[: len(live)]
+        out, small = self._prefill(live, width)
+        rows = [j for j, seq in enumerate(w.slots) if seq is None][: len(live)]
+        index = torch.tensor(rows, device=h.device)
         for layer, part in zip(w.cache.layers, small.layers):
+            if not layer.is_initialized:
+                allocate(layer, len(w.slots), part.keys, part.values, at)
             kept = part.keys.shape[-2]
-            for r, (seq, j) in enumerate(zip(live, rows)):
-                n = min(len(seq.prompt_ids), kept)
-                layer.keys[j, :, at - n:at] = part.keys[r, :, kept - n:]
-                layer.values[j, :, at - n:at] = part.values[r, :, kept - n:]
-        for seq, j in zip(live, rows):
-            w.mask[j] = 0
-            w.mask[j, at - len(seq.prompt_ids):at] = 1
-            w.positions[j] = len(seq.prompt_ids) - 1
+            layer.keys[index, :, at - kept:at] = part.keys
+            layer.values[index, :, at - kept:at] = part.values
+        lengths = torch.tensor([len(s.prompt_ids) for s in live], device=h.device)
+        slots = torch.arange(self.max_len, device=h.device)
+        w.mask[index] = ((slots >= at - lengths[:, None]) & (slots < at)).long()
+        w.positions[index] = (lengths - 1)[:, None]
         logits = out.logits[:, -1, :].float()
         for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
             if not self._advance(seq, token, logits[r]):
                 w.slots[j], w.feed[j] = seq, token
                 if w.rows is not None and w.stacked is self.handle.stacked:
                     w.rows[j] = w.stacked.slots[seq.adapter]
+
+    def _prefill(self, live: list[Sequence], width: int) -> tuple[Any, Any]:
+        """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own: eager,
+        or in "graphs" mode without adapters compiled by inductor for any batch and length (its fused kernels:
+        eager, a small model's prefill is bound by launching some 80 kernels per layer)."""
+        from transformers import DynamicCache
+
+        h = self.handle
+        ids, mask, positions = self._left_padded(live, width)
+        cache = DynamicCache(config=h.model.config)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
+                  "logits_to_keep": 1}
+        if self.decode != "graphs" or h.has_adapters:
+            return self._forward(adapters=[s.adapter for s in live], **inputs), cache
+        if self._prefill_step is None:
+            self._prefill_step = torch.compile(h.model.forward, dynamic=True)
+            self.compiles += 1
+        with h.lock:
+            h.stats.forward_passes += 1
+            return self._prefill_step(**inputs, use_cache=True), cache
 
     def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids left-padded to `width`, the attention mask that hides the padding, and each row's positions
@@ -564,6 +584,17 @@ def whole_context_cache(config: Any, max_len: int) -> Any:
 
     layer = _windowed_layer()
     return Cache(layers=[layer(max_cache_len=max_len) for _ in range(config.get_text_config().num_hidden_layers)])
+
+
+def allocate(layer: Any, batch: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    """Allocate a static layer's cache for `batch` rows like `keys` and `values` (heads, head size, dtype,
+    device), holding `length` slots."""
+    like_k, like_v = keys[:1].expand(batch, *keys.shape[1:]), values[:1].expand(batch, *values.shape[1:])
+    try:
+        layer.lazy_initialization(like_k, like_v)
+    except TypeError:  # transformers versions whose layers take the keys alone
+        layer.lazy_initialization(like_k)
+    layer.cumulative_length.fill_(length)
 
 
 def set_window(cache: Any, window: int) -> None:
