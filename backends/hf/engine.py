@@ -205,6 +205,8 @@ class HfEngine(Engine):
                                          self.options.batch_wait_ms / 1000, decode=self.decode,
                                          max_len=self.settings.max_model_len)
         self._scheduler.start()
+        if self.decode == "graphs":  # compiled here, not on the first requests' time
+            log.info("compiled the waves' prefill and decode step in %.1f s", self._scheduler.warm_up())
         if self.continuous:
             from jarvis.backends.hf.continuous import ContinuousBatcher
 

@@ -182,6 +182,33 @@ class BatchScheduler:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
+    def warm_up(self) -> float:
+        """Run what a static wave runs once before any request waits for it, and return the seconds it took: in
+        "graphs" mode that compiles the prefill (for one row, then for several: a batch of one is compiled
+        apart) and the decode step at the first two windows (at the second the window becomes a dynamic size,
+        so later windows only capture their CUDA graph). Call it after start()."""
+        started = time.monotonic()
+        bos = self.handle.tokenizer.bos_token_id or 0
+        short = min(8, self.max_len - 2)
+        long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
+        for prompts in ([short], [long, long - 1]):
+            done = [threading.Event() for _ in prompts]
+            failed: list[BaseException] = []
+            for length, finished in zip(prompts, done):
+                def emit(chunk: GenerationChunk | BaseException, finished: threading.Event = finished) -> None:
+                    if isinstance(chunk, BaseException):
+                        failed.append(chunk)
+                    if isinstance(chunk, BaseException) or chunk.finish_reason:
+                        finished.set()
+                request = PreparedRequest(prompt=None, model="warm-up", max_tokens=2, temperature=0.0,
+                                          ignore_eos=True)
+                self.submit(request, [bos] * length, emit, threading.Event())
+            for finished in done:
+                finished.wait()
+            if failed:
+                raise failed[0]
+        return time.monotonic() - started
+
     def submit(self, request: PreparedRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> None:
         generator = None  # a seeded row's own draws; unseeded rows share the scheduler's generator

@@ -167,3 +167,14 @@ def test_joining_past_the_sliding_window(handle, scheduler):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert s.joined == 2, s.joined
     assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
+
+
+def test_warm_up_decodes_at_two_windows_and_the_scheduler_serves_after_it(handle, scheduler):
+    """The warm-up a CUDA-graph engine runs at start (what compiles there): a one-row wave in the first window,
+    a wave of two rows past it; the next request answers what it answers on a fresh scheduler."""
+    s = scheduler(max_len=64, min_window=16)
+    assert s.warm_up() > 0
+    assert s.waves >= 2, s.waves  # the two longer prompts start one wave, or the second joins the first
+    assert max(layer.window for cache in s._static.values() for layer in cache.layers) == 32
+    prompt = ids(handle, "Fact: the moon is")
+    assert alone(s, prompt, 8) == alone(scheduler(max_len=64), prompt, 8)
