@@ -191,9 +191,9 @@ class BatchScheduler:
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
         long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
+        failed: list[BaseException] = []
         for prompts in ([short], [long, long - 1]):
             done = [threading.Event() for _ in prompts]
-            failed: list[BaseException] = []
             for length, finished in zip(prompts, done):
                 def emit(chunk: GenerationChunk | BaseException, finished: threading.Event = finished) -> None:
                     if isinstance(chunk, BaseException):
