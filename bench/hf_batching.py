@@ -26,25 +26,28 @@ from pathlib import Path
 
 import torch
 
+from jarvis.backends.hf.attention import grouped_sdpa
 from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
 from jarvis.engine import EngineStats, PreparedRequest
 
 HERE = Path(__file__).parent
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, attention: str | None = None):
+    """The model, with the engine's attention (grouped decode sdpa) unless `attention` names another."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.random_weights:
         config = AutoConfig.from_pretrained(HERE / "gemma3_270m_config.json")
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention or grouped_sdpa())
     else:
         from jarvis.backends.model_tools.convert import embedded_hf_model
         from jarvis.settings import load_settings
 
-        model = AutoModelForCausalLM.from_pretrained(embedded_hf_model(load_settings().data_dir), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(embedded_hf_model(load_settings().data_dir), dtype=dtype,
+                                                     attn_implementation=attention or grouped_sdpa())
     return model.to(args.device).eval()
 
 

@@ -31,6 +31,8 @@ import collections
 import json
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -185,7 +187,7 @@ def kernels(model: Any, s: TimedScheduler, prompt: list[int], args: argparse.Nam
     # what a join's prefill could cost instead: compiled by inductor (kernels fused, no CUDA graph, one dynamic
     # length), and replayed as a CUDA graph into a static cache of the prompt's length
     fused = torch.compile(model.forward, dynamic=True)
-    for n in (len(prompt), len(prompt) * 3 // 4):
+    for n in (len(prompt), len(prompt) * 3 // 4) if args.prefill_variants else ():
         part = ids[:, :n]
 
         def prefill_fused(part: torch.Tensor = part) -> None:
@@ -199,7 +201,7 @@ def kernels(model: Any, s: TimedScheduler, prompt: list[int], args: argparse.Nam
                                                       **measured(prefill_fused)}
         except Exception as exc:  # a measurement, not a requirement: say why it did not run
             out[f"prefill_batch1_inductor_len{n}"] = {"error": repr(exc)[:300]}
-    if cuda:
+    if cuda and args.prefill_variants:
         graph = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         cache = whole_context_cache(model.config, len(prompt))
         positions = torch.arange(len(prompt), device=args.device)[None]
@@ -222,6 +224,31 @@ def kernels(model: Any, s: TimedScheduler, prompt: list[int], args: argparse.Nam
     return out
 
 
+def spawn_each(args: argparse.Namespace, combos: list[tuple[str, str, tuple[int, ...]]],
+               grid: list[tuple[int, ...]]) -> None:
+    """Measure each (attention, window, grid entry) in a process of its own and merge the results: torch's CUDA
+    graph trees keep their state per thread, so a second scheduler thread in one process cannot replay them."""
+    merged: dict[str, Any] = {"args": vars(args), "steps": [], "loop": [], "kernels": None}
+    for i, (attention, window, (rows, length)) in enumerate(combos):
+        out = Path(args.out).with_suffix(f".{i}.json")
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", "--attention", attention, "--windows", window,
+                   "--grid", f"{rows}x{length}", "--out", str(out)]
+        if (rows, length) != grid[0]:
+            command += ["--loop-concurrency", "0"]
+        if i != len(combos) - 1:
+            command += ["--no-kernels"]
+        subprocess.run(command, check=False)
+        if out.is_file():
+            part = json.loads(out.read_text())
+            merged["steps"] += part["steps"]
+            merged["loop"] += part["loop"]
+            merged["kernels"] = part["kernels"] or merged["kernels"]
+            out.unlink()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(merged, indent=2))
+    print(f"\nwrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,6 +259,13 @@ def main() -> None:
                         "max_len of the static cache)")
     parser.add_argument("--windows", default="whole,windowed", help="whole: every step attends all LEN slots "
                         "(min_window=LEN); windowed: the engine's default windows")
+    parser.add_argument("--prefill-variants", action="store_true", help="also time the prefill compiled by inductor "
+                        "(dynamic length; its compile took minutes on an H100 host) and as a CUDA graph")
+    parser.add_argument("--attention", default="grouped,sdpa", help="grouped: the engine's grouped decode attention "
+                        "(backends/hf/attention.py); sdpa: transformers' own")
+    parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="profile the prefill and one decode step at the end")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--loop-concurrency", type=int, default=16, help="0: skip the closed loop")
@@ -243,51 +277,55 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
 
+    attentions, windows = args.attention.split(","), args.windows.split(",")
+    combos = [(a, w, g) for a in attentions for w in windows for g in grid]
+    if args.decode == "graphs" and len(combos) > 1 and not args.child:
+        return spawn_each(args, combos, grid)
+
     torch._dynamo.config.cache_size_limit = 64  # a scheduler per grid entry: each compiles the step again
-    model = load_model(args)
-    data = prompts(max(64, max(r for r, _ in grid)), args.prompt_len, model.config.vocab_size)
     results: dict[str, Any] = {"args": vars(args), "steps": [], "loop": [], "kernels": None}
-    print(f"{'window':>8} {'rows x len':>12} {'requests':>8} {'tok/s':>9} {'forward ms':>10} {'rest ms':>8} "
-          f"{'warm-up s':>9}")
-    loops: list[tuple[str, TimedScheduler]] = []
-    for window in args.windows.split(","):
-        for rows, length in grid:
-            s = scheduler_for(model, rows, length, window, args, sync)
-            started = time.perf_counter()
-            run_scheduler(s, data[:1], 4)  # warm-up: in "graphs" mode the step compiles here
-            run_scheduler(s, data[:rows], 4)
-            warm = time.perf_counter() - started
-            for batch in (data[:1], data[:rows]):
-                r = {"window": window, "rows": rows, "len": length, "warmup_s": warm,
-                     **per_step(s, batch, args.max_tokens)}
-                results["steps"].append(r)
-                print(f"{window:>8} {rows:>5} x {length:<5} {r['requests']:>8} {r['tok_s']:>9.1f} "
-                      f"{r['forward_ms']:>10.2f} {r['rest_ms']:>8.2f} {warm:>9.1f}")
-            if (rows, length) == grid[0]:
-                loops.append((window, s))
-            else:
-                s.stop()
-    for window, s in loops:
-        if args.loop_concurrency:
-            total = args.loop_requests or 8 * args.loop_concurrency
-            r = {"window": window, **closed_loop(s, data, args.loop_concurrency, total, args.max_tokens,
-                                                 args.loop_jitter_ms / 1e3)}
-            results["loop"].append(r)
-            print(f"\n{window}: closed loop, {r['clients']} clients, {r['requests']} requests on "
-                  f"{grid[0][0]}x{grid[0][1]}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; "
-                  f"{r['joined']} joined in {r['joins']} joins of {r['join_ms']:.2f} ms each "
-                  f"({100 * r['join_share']:.0f} % of the wall); forward {r['forward_ms']:.2f} ms per step "
-                  f"({100 * r['forward_share']:.0f} %)")
-    k = kernels(model, loops[-1][1], data[0], args, sync)
-    results["kernels"] = k
-    for name, v in k.items():
-        if "error" in v:
-            print(f"{name}: {v['error']}")
-            continue
-        print(f"{name}: {v['kernels']} kernels, device busy {v['device_busy_ms']:.2f} ms, wall {v['wall_ms']:.2f} ms"
-              + (f" (first call {v['first_call_s']:.1f} s)" if "first_call_s" in v else ""))
-    for _, s in loops:
-        s.stop()
+    print(f"{'attention':>9} {'window':>8} {'rows x len':>12} {'requests':>8} {'tok/s':>9} {'forward ms':>10} "
+          f"{'rest ms':>8} {'warm-up s':>9}")
+    for attention in attentions:
+        model = load_model(args, attention=None if attention == "grouped" else attention)
+        data = prompts(max(64, max(r for r, _ in grid)), args.prompt_len, model.config.vocab_size)
+        made: list[TimedScheduler] = []
+        for window in windows:
+            for rows, length in grid:
+                s = scheduler_for(model, rows, length, window, args, sync)
+                made.append(s)
+                started = time.perf_counter()
+                run_scheduler(s, data[:1], 4)  # warm-up: in "graphs" mode the step compiles here
+                run_scheduler(s, data[:rows], 4)
+                warm = time.perf_counter() - started
+                for batch in (data[:1], data[:rows]):
+                    r = {"attention": attention, "window": window, "rows": rows, "len": length, "warmup_s": warm,
+                         **per_step(s, batch, args.max_tokens)}
+                    results["steps"].append(r)
+                    print(f"{attention:>9} {window:>8} {rows:>5} x {length:<5} {r['requests']:>8} "
+                          f"{r['tok_s']:>9.1f} {r['forward_ms']:>10.2f} {r['rest_ms']:>8.2f} {warm:>9.1f}")
+                if (rows, length) == grid[0] and args.loop_concurrency:
+                    total = args.loop_requests or 8 * args.loop_concurrency
+                    r = {"attention": attention, "window": window,
+                         **closed_loop(s, data, args.loop_concurrency, total, args.max_tokens,
+                                       args.loop_jitter_ms / 1e3)}
+                    results["loop"].append(r)
+                    print(f"  closed loop, {r['clients']} clients, {r['requests']} requests: {r['tok_s']:.1f} "
+                          f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} joins "
+                          f"of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall); forward "
+                          f"{r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
+        if args.kernels and attention == attentions[-1]:
+            k = kernels(model, made[-1], data[0], args, sync)
+            results["kernels"] = k
+            for name, v in k.items():
+                if "error" in v:
+                    print(f"{name}: {v['error']}")
+                    continue
+                first = f" (first call {v['first_call_s']:.1f} s)" if "first_call_s" in v else ""
+                print(f"{name}: {v['kernels']} kernels, device busy {v['device_busy_ms']:.2f} ms, wall "
+                      f"{v['wall_ms']:.2f} ms{first}")
+        for s in made:
+            s.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")

@@ -180,6 +180,7 @@ class HfEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from jarvis.backends.hf.attention import grouped_sdpa
         from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
         from jarvis.backends.model_tools.convert import embedded_hf_model
 
@@ -187,8 +188,9 @@ class HfEngine(Engine):
             torch.set_num_threads(self.options.threads)
         folder = self.folder or embedded_hf_model(self.settings.data_dir)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        # sdpa reads both the paged cache of continuous batching and the waves' caches, so one model serves both
-        attention = {"attn_implementation": "sdpa"} if self.continuous else {}
+        # sdpa reads both the paged cache of continuous batching and the waves' caches, so one model serves both;
+        # waves alone take the grouped decode attention (attention.py: sdpa that reads each key head once)
+        attention = {"attn_implementation": "sdpa" if self.continuous else grouped_sdpa()}
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=self.dtype, quantization_config=self.quantization,
             device_map=self.device if self.quantization else None, **attention)
@@ -206,7 +208,7 @@ class HfEngine(Engine):
                                          max_len=self.settings.max_model_len)
         self._scheduler.start()
         if self.decode == "graphs":  # compiled here, not on the first requests' time
-            log.info("compiled the waves' prefill and decode step in %.1f s", self._scheduler.warm_up())
+            log.info("compiled the waves' decode step in %.1f s", self._scheduler.warm_up())
         if self.continuous:
             from jarvis.backends.hf.continuous import ContinuousBatcher
 

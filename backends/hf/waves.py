@@ -163,7 +163,6 @@ class BatchScheduler:
         self.max_len = max_len
         self._static: dict[int, Any] = {}  # bucket → whole_context_cache, reused wave after wave
         self._decode_step: Any = None  # "graphs": the base model's step, compiled
-        self._prefill_step: Any = None  # "graphs": the base model's prefill, compiled (no CUDA graph)
         self._adapter_step: tuple[Any, Any] | None = None  # "graphs": (the stack it was compiled with, the step)
         self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
@@ -184,9 +183,8 @@ class BatchScheduler:
 
     def warm_up(self) -> float:
         """Run what a static wave runs once before any request waits for it, and return the seconds it took: in
-        "graphs" mode that compiles the prefill (for one row, then for several: a batch of one is compiled
-        apart) and the decode step at the first two windows (at the second the window becomes a dynamic size,
-        so later windows only capture their CUDA graph). Call it after start()."""
+        "graphs" mode that compiles the decode step at the first two windows (at the second the window becomes
+        a dynamic size, so later windows only capture their CUDA graph). Call it after start()."""
         started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
@@ -468,24 +466,14 @@ class BatchScheduler:
                     w.rows[j] = w.stacked.slots[seq.adapter]
 
     def _prefill(self, live: list[Sequence], width: int) -> tuple[Any, Any]:
-        """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own: eager,
-        or in "graphs" mode without adapters compiled by inductor for any batch and length (its fused kernels:
-        eager, a small model's prefill is bound by launching some 80 kernels per layer)."""
+        """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own."""
         from transformers import DynamicCache
 
-        h = self.handle
         ids, mask, positions = self._left_padded(live, width)
-        cache = DynamicCache(config=h.model.config)
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
-                  "logits_to_keep": 1}
-        if self.decode != "graphs" or h.has_adapters:
-            return self._forward(adapters=[s.adapter for s in live], **inputs), cache
-        if self._prefill_step is None:
-            self._prefill_step = torch.compile(h.model.forward, dynamic=True)
-            self.compiles += 1
-        with h.lock:
-            h.stats.forward_passes += 1
-            return self._prefill_step(**inputs, use_cache=True), cache
+        cache = DynamicCache(config=self.handle.model.config)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            logits_to_keep=1, adapters=[s.adapter for s in live])
+        return out, cache
 
     def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids left-padded to `width`, the attention mask that hides the padding, and each row's positions

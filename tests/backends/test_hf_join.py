@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from jarvis.backends.hf.attention import grouped_sdpa
 from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
 from jarvis.engine import EngineStats, GenerationChunk, PreparedRequest
 
@@ -24,7 +25,8 @@ def handle(hf_folder) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_folder)
-    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32,  # the engine's attention
+                                                 attn_implementation=grouped_sdpa()).eval()
     return ModelHandle(model, tokenizer, torch.device("cpu"), frozenset({tokenizer.eos_token_id}),
                        threading.Lock(), EngineStats())
 
