@@ -26,7 +26,8 @@ left of `at` (the rows before it masked off, its positions its own), and it deco
 next step on. It joins when its prompt fits left of `at` and its answer in the cache; else the
 rows all shift left as far as the longest one allows; if it still does not fit, it waits at the
 head of the line and nobody overtakes it, so the wave drains until it fits or the next wave
-starts with it. Every layer of the static cache keeps the whole context, sliding-window ones too
+starts with it. A wave's own first requests enter the same way, at `at` = their longest prompt,
+so only their rows are prefilled, never the bucket's padding rows. Every layer of the static cache keeps the whole context, sliding-window ones too
 (the mask keeps their window): transformers' sliding layers count the position in a Python int,
 and a replayed CUDA graph would be captured again for each value of it.
 
@@ -603,7 +604,7 @@ def whole_context_cache(config: Any, max_len: int) -> Any:
 
 def allocate(layer: Any, batch: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
     """Allocate a static layer's cache for `batch` rows like `keys` and `values` (heads, head size, dtype,
-    device), holding `length` slots."""
+    device), its next slot `length` (the slots before it are about to be filled by a copy)."""
     like_k, like_v = keys[:1].expand(batch, *keys.shape[1:]), values[:1].expand(batch, *values.shape[1:])
     try:
         layer.lazy_initialization(like_k, like_v)
