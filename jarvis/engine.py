@@ -11,10 +11,11 @@ path and may override `generate` where it has a faster one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -385,6 +386,30 @@ class EngineStats:
 
 Emit = Callable[[GenerationChunk | BaseException], None]
 
+_held = threading.local()  # this thread's emits held by batched_emits(): {loop: [(queue, item), ...]}
+
+
+@contextlib.contextmanager
+def batched_emits() -> Iterator[None]:
+    """Hold the chunks this thread emits through WorkerRelays inside the block, and hand them to each event loop
+    in one call at its end, in order: a worker that answers many requests per step (a batch's rows) then wakes
+    the loop once a step, not once a row. Nested blocks join the outer one."""
+    if getattr(_held, "calls", None) is not None:
+        yield
+        return
+    _held.calls = {}
+    try:
+        yield
+    finally:
+        calls, _held.calls = _held.calls, None
+        for loop, items in calls.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
 
 class WorkerRelay:
     """Carries chunks from an engine's worker thread to the request's async generator.
@@ -400,6 +425,10 @@ class WorkerRelay:
         self.cancelled = threading.Event()
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
+        held = getattr(_held, "calls", None)
+        if held is not None:  # inside batched_emits(): delivered with the rest at the block's end
+            held.setdefault(self._loop, []).append((self._queue, item))
+            return
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def chunks(self) -> AsyncIterator[GenerationChunk]:

@@ -27,9 +27,10 @@ next step on. It joins when its prompt fits left of `at` and its answer in the c
 rows all shift left as far as the longest one allows; if it still does not fit, it waits at the
 head of the line and nobody overtakes it, so the wave drains until it fits or the next wave
 starts with it. A wave's own first requests enter the same way, at `at` = their longest prompt,
-so only their rows are prefilled, never the bucket's padding rows. Every layer of the static cache keeps the whole context, sliding-window ones too
-(the mask keeps their window): transformers' sliding layers count the position in a Python int,
-and a replayed CUDA graph would be captured again for each value of it.
+so only their rows are prefilled, never the bucket's padding rows. Every layer of the static cache
+keeps the whole context, sliding-window ones too (the mask keeps their window): transformers'
+sliding layers count the position in a Python int, and a replayed CUDA graph would be captured
+again for each value of it.
 
 A static step attends only a window of the cache: the smallest power of two (from MIN_WINDOW, at
 most max_len) that holds the slots in use, not all max_len of them, so a step's attention costs
@@ -54,7 +55,7 @@ import torch
 
 from jarvis.backends.hf.sampling import adjusted_logits, sample_rows, samples, seq_logprob
 from jarvis.backends.hf.stacked_lora import BASE
-from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob
+from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob, batched_emits
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
 
@@ -292,8 +293,9 @@ class BatchScheduler:
         while True:
             logits = out.logits[:, -1, :].float()
             tokens = self._sample(logits, live)
-            keep = [i for i, (seq, token) in enumerate(zip(live, tokens))
-                    if not self._advance(seq, token, logits[i])]
+            with batched_emits():
+                keep = [i for i, (seq, token) in enumerate(zip(live, tokens))
+                        if not self._advance(seq, token, logits[i])]
             if not keep:
                 return
             if len(keep) < len(live):
@@ -346,11 +348,12 @@ class BatchScheduler:
             logits = out.logits[:, -1, :].float()
             busy = [j for j, seq in enumerate(w.slots) if seq is not None]
             rows = logits if len(busy) == bucket else logits[busy]
-            for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
-                if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
-                    w.slots[j] = None
-                else:
-                    w.feed[j] = token
+            with batched_emits():  # the rows' chunks reach the event loop in one call
+                for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
+                    if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
+                        w.slots[j] = None
+                    else:
+                        w.feed[j] = token
 
     def _row_adapters(self, w: StaticWave) -> Any:
         """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
@@ -460,11 +463,12 @@ class BatchScheduler:
         w.mask[index] = ((slots >= at - lengths[:, None]) & (slots < at)).long()
         w.positions[index] = (lengths - 1)[:, None]
         logits = out.logits[:, -1, :].float()
-        for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
-            if not self._advance(seq, token, logits[r]):
-                w.slots[j], w.feed[j] = seq, token
-                if w.rows is not None and w.stacked is self.handle.stacked:
-                    w.rows[j] = w.stacked.slots[seq.adapter]
+        with batched_emits():
+            for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
+                if not self._advance(seq, token, logits[r]):
+                    w.slots[j], w.feed[j] = seq, token
+                    if w.rows is not None and w.stacked is self.handle.stacked:
+                        w.rows[j] = w.stacked.slots[seq.adapter]
 
     def _prefill(self, live: list[Sequence], width: int) -> tuple[Any, Any]:
         """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own."""
