@@ -9,10 +9,11 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
            request, then ROWS requests at once (--prompt-len tokens in, --max-tokens out, end-of-sequence
            ignored): ms per step in the forward pass (synchronized) and in the rest (sampling, each row's
            bookkeeping, the wave's prefill spread over its steps), and tokens/s;
-  loop     a closed loop of C clients (--loop-concurrency, each sends its next request 0-5 ms after its last
+  loop     closed loops of C clients (--loop-concurrency, each sends its next request 0-5 ms after its last
            one ended) on the first grid entry's scheduler of each mode: tokens/s, TTFT p50, how many requests
            joined a running wave, ms per join (its prefill and the copy into the wave's rows), and the wall's
-           share spent in joins;
+           share spent in joins; with --join-wait-ms, also with joins held until the oldest waiting request
+           has waited that long (an experiment beside the engine's rule of admitting at once);
   kernels  torch.profiler over one join-sized prefill (batch 1, eager, what a join runs) and one decode step:
            kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
            inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
@@ -20,8 +21,9 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
 A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load, so the
 step's cost at one request shows how much of it is the preallocated shape rather than the work.
 
-    python bench/hf_step_cost.py --random-weights --grid 64x2048,64x512,16x2048 --loop-concurrency 16
-    python bench/hf_step_cost.py --device cpu --grid 4x256 --prompt-len 32 --max-tokens 16   # a smoke run
+    python bench/hf_step_cost.py --random-weights --grid 64x2048 --loop-concurrency 16,64 --join-wait-ms 0,10
+    python bench/hf_step_cost.py --device cpu --random-weights --grid 4x256 --attention grouped --prompt-len 32 \
+        --max-tokens 16 --loop-concurrency 3 --join-wait-ms 0,50   # a smoke run
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ class TimedScheduler(BatchScheduler):
         super().__init__(*args, **kwargs)
         self.sync = sync
         self.t: collections.Counter[str] = collections.Counter()
+        #: An experiment, not the engine's rule: while rows decode, a waiting request joins only once the oldest
+        #: has waited this long (0: at once, as the engine does), so one prefill admits several.
+        self.join_wait = 0.0
+        self.arrived: dict[int, float] = {}
+
+    def submit(self, request: Any, prompt_ids: list[int], emit: Any, cancel: threading.Event) -> None:
+        self.arrived[id(emit)] = time.monotonic()
+        super().submit(request, prompt_ids, emit, cancel)
+
+    def _held(self, w: Any) -> bool:
+        """Whether the join_wait experiment holds the waiting requests back this step."""
+        if not (self.join_wait and self._waiting() and self._pending[0] is not None):
+            return False
+        if all(seq is None for seq in w.slots):
+            return False
+        return time.monotonic() - self.arrived.get(id(self._pending[0].emit), 0.0) < self.join_wait
 
     def _step_fn(self) -> Any:
         fn = super()._step_fn()
@@ -68,6 +86,8 @@ class TimedScheduler(BatchScheduler):
         return timed
 
     def _join(self, w: Any) -> None:
+        if self._held(w):
+            return
         before = self.joined
         self.sync()
         start = time.perf_counter()
@@ -268,7 +288,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--loop-concurrency", type=int, default=16, help="0: skip the closed loop")
+    parser.add_argument("--loop-concurrency", default="16,64", help="clients of each closed loop; 0: none")
+    parser.add_argument("--join-wait-ms", default="0", help="closed loops with these join waits (an experiment: "
+                        "a waiting request joins once the oldest has waited this long, so one prefill admits several)")
     parser.add_argument("--loop-jitter-ms", type=float, default=5.0)
     parser.add_argument("--loop-requests", type=int, default=0, help="default: 8 × the concurrency")
     parser.add_argument("--out", default=str(HERE / "results" / "hf_step_cost.json"))
@@ -304,16 +326,19 @@ def main() -> None:
                     results["steps"].append(r)
                     print(f"{attention:>9} {window:>8} {rows:>5} x {length:<5} {r['requests']:>8} "
                           f"{r['tok_s']:>9.1f} {r['forward_ms']:>10.2f} {r['rest_ms']:>8.2f} {warm:>9.1f}")
-                if (rows, length) == grid[0] and args.loop_concurrency:
-                    total = args.loop_requests or 8 * args.loop_concurrency
-                    r = {"attention": attention, "window": window,
-                         **closed_loop(s, data, args.loop_concurrency, total, args.max_tokens,
-                                       args.loop_jitter_ms / 1e3)}
-                    results["loop"].append(r)
-                    print(f"  closed loop, {r['clients']} clients, {r['requests']} requests: {r['tok_s']:.1f} "
-                          f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} joins "
-                          f"of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall); forward "
-                          f"{r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
+                levels = [int(c) for c in args.loop_concurrency.split(",") if c.strip() not in ("", "0")]
+                for clients in (levels if (rows, length) == grid[0] else []):
+                    for wait in [float(v) for v in args.join_wait_ms.split(",")]:
+                        s.join_wait = wait / 1e3
+                        total = args.loop_requests or 8 * int(clients)
+                        r = {"attention": attention, "window": window, "join_wait_ms": wait,
+                             **closed_loop(s, data, int(clients), total, args.max_tokens, args.loop_jitter_ms / 1e3)}
+                        results["loop"].append(r)
+                        print(f"  closed loop, {r['clients']} clients, join wait {wait:g} ms: {r['tok_s']:.1f} "
+                              f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} "
+                              f"joins of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall); "
+                              f"forward {r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
+                    s.join_wait = 0.0
         if args.kernels and attention == attentions[-1]:
             k = kernels(model, made[-1], data[0], args, sync)
             results["kernels"] = k
