@@ -338,7 +338,8 @@ class BatchScheduler:
             w.positions += 1
             w.at += 1
             window = self._window(w.at)
-            set_window(cache, window)
+            if window != cache.layers[0].window:
+                set_window(cache, window)
             with h.lock:
                 h.stats.forward_passes += 1
                 with self._row_adapters(w):
@@ -609,11 +610,7 @@ def whole_context_cache(config: Any, max_len: int) -> Any:
 def allocate(layer: Any, batch: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
     """Allocate a static layer's cache for `batch` rows like `keys` and `values` (heads, head size, dtype,
     device), its next slot `length` (the slots before it are about to be filled by a copy)."""
-    like_k, like_v = keys[:1].expand(batch, *keys.shape[1:]), values[:1].expand(batch, *values.shape[1:])
-    try:
-        layer.lazy_initialization(like_k, like_v)
-    except TypeError:  # transformers versions whose layers take the keys alone
-        layer.lazy_initialization(like_k)
+    layer.lazy_initialization(keys[:1].expand(batch, *keys.shape[1:]), values[:1].expand(batch, *values.shape[1:]))
     layer.cumulative_length.fill_(length)
 
 
