@@ -49,3 +49,16 @@ def test_the_build_has_no_avx512_or_amx_kernels():
     assert "AVX2 = 1" in info, info
     for feature in ("AVX512 = 1", "AMX_INT8 = 1"):
         assert feature not in info, f"{feature} in a build meant to be portable: {FIX}\n{info}"
+
+
+def test_the_build_leaves_out_what_the_bindings_never_load():
+    """run.sh builds without llama.cpp's multimodal library (LLAVA_BUILD=OFF) and its common library
+    (cmake/llama-cpp-no-common.cmake): the bindings load libllama and libggml only, and neither of the two is
+    compiled or shipped."""
+    from pathlib import Path
+
+    import llama_cpp
+
+    libs = sorted(p.name for p in (Path(llama_cpp.__file__).parent / "lib").iterdir())
+    assert any(name.startswith("libllama.") for name in libs), libs
+    assert not [name for name in libs if "common" in name or "mtmd" in name or "llava" in name], libs
