@@ -330,9 +330,9 @@ def main() -> None:
                 for clients in (levels if (rows, length) == grid[0] else []):
                     for wait in [float(v) for v in args.join_wait_ms.split(",")]:
                         s.join_wait = wait / 1e3
-                        total = args.loop_requests or 8 * int(clients)
+                        total = args.loop_requests or 8 * clients
                         r = {"attention": attention, "window": window, "join_wait_ms": wait,
-                             **closed_loop(s, data, int(clients), total, args.max_tokens, args.loop_jitter_ms / 1e3)}
+                             **closed_loop(s, data, clients, total, args.max_tokens, args.loop_jitter_ms / 1e3)}
                         results["loop"].append(r)
                         print(f"  closed loop, {r['clients']} clients, join wait {wait:g} ms: {r['tok_s']:.1f} "
                               f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} "
