@@ -44,31 +44,61 @@ llama_cmake_args() {
 NO_COMMON="cmake/llama-cpp-no-common.cmake"
 LLAMA_PACKAGE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$NO_COMMON"
 
-ensure_llama_cpp() {
-  local args key stamp wheels
+# The wheel is compiled in the background while pip installs everything else (compiling keeps both cores
+# busy; pip mostly waits on downloads and unpacks on one), and installed before the first extra that needs it.
+LLAMA_BUILD_PID=""
+LLAMA_STAMP=""
+LLAMA_WHEELS=""
+
+begin_llama_cpp() {
+  local args key
   args="$(llama_cmake_args) $LLAMA_PACKAGE_ARGS"
   key="$(printf '%s|%s|%s|%s' "$LLAMA_VERSION" "$args" "$(sha256sum < "$NO_COMMON")" \
     "$("$PY" -c 'import sys;print(sys.version_info[:2])')" | sha256sum | cut -c1-16)"
-  stamp="$VENV/.llama-cpp-$key"
-  [ -f "$stamp" ] && return 0
-  wheels="$WHEEL_CACHE/llama-cpp-python-$key"
-  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    say "building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS='$args' (several minutes, once per machine)"
-    mkdir -p "$wheels"
-    CMAKE_ARGS="${args//$NO_COMMON/$PWD/$NO_COMMON}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-      "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
-      -w "$wheels" "llama-cpp-python==$LLAMA_VERSION"
+  LLAMA_STAMP="$VENV/.llama-cpp-$key"
+  LLAMA_WHEELS="$WHEEL_CACHE/llama-cpp-python-$key"
+  [ -f "$LLAMA_STAMP" ] && return 0
+  ls "$LLAMA_WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1 && return 0
+  say "building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS='$args' in the background (several minutes," \
+    "once per machine; log: $LLAMA_WHEELS.log)"
+  mkdir -p "$LLAMA_WHEELS"
+  CMAKE_ARGS="${args//$NO_COMMON/$PWD/$NO_COMMON}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$PY" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+    -w "$LLAMA_WHEELS" "llama-cpp-python==$LLAMA_VERSION" > "$LLAMA_WHEELS.log" 2>&1 &
+  LLAMA_BUILD_PID=$!
+  trap '[ -z "$LLAMA_BUILD_PID" ] || kill "$LLAMA_BUILD_PID" 2>/dev/null || true' EXIT
+}
+
+finish_llama_cpp() {
+  [ -f "$LLAMA_STAMP" ] && return 0
+  if [ -n "$LLAMA_BUILD_PID" ]; then
+    say "waiting for the llama-cpp-python build"
+    if ! wait "$LLAMA_BUILD_PID"; then
+      LLAMA_BUILD_PID=""
+      tail -40 "$LLAMA_WHEELS.log" >&2
+      say "the llama-cpp-python build failed (whole log: $LLAMA_WHEELS.log)"
+      exit 1
+    fi
+    LLAMA_BUILD_PID=""
+    say "built $(ls "$LLAMA_WHEELS"/llama_cpp_python-*.whl)"
   fi
-  "$PY" -m pip install --quiet --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  "$PY" -m pip install --quiet --force-reinstall --no-deps "$LLAMA_WHEELS"/llama_cpp_python-*.whl
   rm -f "$VENV"/.llama-cpp-*
-  touch "$stamp"
+  touch "$LLAMA_STAMP"
 }
 
 ensure_project() {  # $1: extras, e.g. "llama" or "llama,dev"
   local key stamp
   key="$(cat pyproject.toml | sha256sum | cut -c1-16)"
   stamp="$VENV/.project-$key-$1"
-  [ -f "$stamp" ] && return 0
+  if [ -f "$stamp" ]; then finish_llama_cpp; return 0; fi  # the wheel's own stamp may be older (new flags)
+  local others="${1#llama}"
+  others="${others#,}"
+  if [ -n "$LLAMA_BUILD_PID" ] && [ -n "$others" ]; then  # the rest first, while llama.cpp compiles
+    say "installing jarvis[$others]"
+    "$PY" -m pip install --quiet -e ".[$others]"
+  fi
+  finish_llama_cpp  # every extra set starts with llama (extras_for)
   say "installing jarvis[$1]"
   "$PY" -m pip install --quiet -e ".[$1]"
   # stamps of an older pyproject go; other extras installed from this one stay valid
@@ -170,7 +200,7 @@ if [ "${1:-}" = "--needs" ]; then  # a dry run: what would be installed, nothing
 fi
 
 ensure_venv
-ensure_llama_cpp
+begin_llama_cpp
 case "${1:-}" in
   "")
     ensure_command
@@ -178,8 +208,8 @@ case "${1:-}" in
     ;;
   test)
     shift
+    ensure_vllm  # first: its install overlaps the llama-cpp-python build too
     ensure_project "llama,hf,train,otel,eval,tinker,dev"
-    ensure_vllm
     say "ruff check (lint), mypy (the core's types), then pytest"
     "$VENV/bin/ruff" check --quiet .
     "$VENV/bin/mypy"
