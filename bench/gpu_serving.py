@@ -201,11 +201,44 @@ def adapter_settings(folder: Path, args: argparse.Namespace) -> dict[str, str]:
             "JARVIS_LORA_MODULES": ",".join(f"{name}={path}" for name, path in adapters.items())}
 
 
+def hf_batch(args: argparse.Namespace) -> int:
+    """The hf sides' rows: --hf-max-batch-size, else the highest level and at least 64, so a server kept for a
+    later --reuse run at higher levels is not one that decodes a request at a time (a static wave's step costs
+    the same for 1 row and for 64 on an H100)."""
+    return args.hf_max_batch_size or min(256, max(64, *levels_of(args.concurrency)))
+
+
+def find_key(tree: Any, key: str) -> Any:
+    """The first value of `key` anywhere in a JSON tree (None if absent)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            if (found := find_key(item, key)) is not None:
+                return found
+    return None
+
+
+def check_reused_batch(state: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse to measure a level above the rows a reused hf server was started with."""
+    highest = max(levels_of(args.concurrency))
+    for side, server in state["servers"].items():
+        if side not in HF_SIDES:
+            continue
+        engine = httpx.get(f"http://127.0.0.1:{server['port']}/v1/engine", timeout=30).json()
+        rows = find_key(engine, "max_batch_size")
+        if isinstance(rows, int) and rows < highest:
+            sys.exit(f"{side} was started with JARVIS_HF_MAX_BATCH_SIZE={rows}, below the level {highest}: it would "
+                     f"decode {rows} request(s) at a time. Start it again (--stop, then without --reuse).")
+
+
 def hf_settings(folder: Path, name: str, args: argparse.Namespace) -> dict[str, str]:
-    """The transformers side: bf16 on the GPU, continuous batching with rows for the highest level."""
+    """The transformers side: bf16 on the GPU, its default batching, hf_batch(args) rows."""
     return {"JARVIS_INFERENCE_ENGINE": "hf", "JARVIS_MODEL_NAME": str(folder), "JARVIS_SERVED_MODEL_NAME": name,
             "JARVIS_DEVICE": "cuda", "JARVIS_DTYPE": "bf16", "JARVIS_MAX_MODEL_LEN": str(args.max_model_len),
-            "JARVIS_HF_MAX_BATCH_SIZE": str(min(256, max(levels_of(args.concurrency)))),
+            "JARVIS_HF_MAX_BATCH_SIZE": str(hf_batch(args)),
             "JARVIS_HF_KV_CACHE_MEMORY": str(args.hf_kv_cache_memory),
             **adapter_settings(folder, args), **dict(kv.split("=", 1) for kv in args.set_hf)}
 
@@ -673,6 +706,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="another Jarvis setting, for both servers (it changes the planned engine arguments)")
     parser.add_argument("--set-hf", action="append", default=[], metavar="JARVIS_HF_X=V",
                         help="another setting of the hf side")
+    parser.add_argument("--hf-max-batch-size", type=int, default=None,
+                        help="the hf sides' JARVIS_HF_MAX_BATCH_SIZE (default: the highest level, at least 64)")
     parser.add_argument("--hf-kv-cache-memory", type=float, default=0.5,
                         help="the hf side's share of the GPU memory the vLLM servers leave (default %(default)s)")
     parser.add_argument("--ready-timeout", type=float, default=420)
@@ -748,6 +783,7 @@ def main(argv: list[str] | None = None) -> None:
         wait_ready(state, 30)
         pids = ", ".join(f"{side} pid {server['pid']}" for side, server in state["servers"].items())
         print(f"reusing servers: {pids}")
+        check_reused_batch(state, args)
     else:
         if args.gguf:
             convert_gguf(args.gguf, folder, tokenizer_folder(args.tokenizer, work) if args.tokenizer else None)
