@@ -14,10 +14,9 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 @pytest.fixture(scope="module", params=["llama_cpp", "hf", "vllm"])
-def server(request, jarvis_server):
-    if request.param == "vllm":
-        return request.getfixturevalue("vllm_server")
-    return jarvis_server(JARVIS_INFERENCE_ENGINE=request.param, JARVIS_MAX_MODEL_LEN="512")
+def server(request, shared_engine_server):
+    """The session's server of the engine: these tests only read."""
+    return shared_engine_server(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,8 @@ def post(server, path, body):
 
 def test_tokenizer_routes_speak_vllms_shapes(server, tokenizer_ids):
     info = httpx.get(server.base_url + "/tokenizer_info", timeout=30).json()
-    assert info["bos_token"] == "<bos>" and info["eos_token"] == "<eos>" and info["model_max_length"] == 512
+    context = httpx.get(f"{server.v1}/models", timeout=30).json()["data"][0]["max_model_len"]
+    assert info["bos_token"] == "<bos>" and info["eos_token"] == "<eos>" and info["model_max_length"] == context
     status, tokens = post(server, "/tokenize", {"prompt": TEXT})
     assert status == 200 and tokens["tokens"] == tokenizer_ids(TEXT) and tokens["count"] == len(tokens["tokens"])
     status, bare = post(server, "/tokenize", {"prompt": TEXT, "add_special_tokens": False})
