@@ -642,6 +642,12 @@ def benchmark(state: dict[str, Any], args: argparse.Namespace, result_dir: Path,
     logs = result_dir / "logs"
     logs.mkdir(exist_ok=True)
     sides = tuple(state["sides"])
+    names = [f"{side}-{kind}{value:g}-r{r}" for r in range(args.rounds) for kind, value in run_levels(args)
+             for side in sides]
+    if all((result_dir / f"{name}.json").is_file() for name in names):  # a --reuse call with nothing left to do
+        print(f"every run of rounds 0-{args.rounds - 1} is already in {result_dir}: nothing measured "
+              f"(--rounds {args.rounds + 1} adds a round)")
+        return
     for side in sides:  # warm-up, not counted: first requests, tokenizer caches, lazily built paths
         run_bench(bench_command(side, state, 8, 16, args, logs, f"warmup-{side}.json"), logs / f"warmup-{side}.log")
     rate_concurrency = max(levels_of(args.concurrency))
