@@ -12,19 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """tests/core first (in process, no model): the embedded model's conversion and the vLLM server's start
-    (`prestart`) run beside them instead of before the first engine test. The order is otherwise pytest's."""
-    core = Path(__file__).parent / "core"
-    items.sort(key=lambda item: not item.path.is_relative_to(core))  # a stable sort: the rest keep their order
 
 
 def free_port() -> int:
@@ -72,12 +64,10 @@ def assert_same_until_a_near_tie(expected, actual, gap: float = 0.3) -> None:
 
 
 def start_server(tmp_dir: Path, wait_ready: bool = True, extra_pythonpath: str | None = None,
-                 ready_within: float = 120, port: int | None = None, base_env: dict[str, str] | None = None,
-                 **env: str) -> RunningServer:
-    """`port`: None = a free one; a given port serves a restart at the same address. `base_env`: the environment
-    to start from (default: this process's now)."""
+                 ready_within: float = 120, port: int | None = None, **env: str) -> RunningServer:
+    """`port`: None = a free one; a given port serves a restart at the same address."""
     port = port or free_port()
-    environ = {**(os.environ if base_env is None else base_env), "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
+    environ = {**os.environ, "JARVIS_HOST": "127.0.0.1", "JARVIS_PORT": str(port),
                "JARVIS_LOG_LEVEL": "warning", "JARVIS_STATE_DIR": str(tmp_dir / "state"), **env}
     if extra_pythonpath:
         environ["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_pythonpath, environ.get("PYTHONPATH")]))
@@ -186,17 +176,12 @@ def start_jarvis() -> Callable[..., RunningServer]:
 LORA_PROMPT = "The best thing about Jarvis is"
 
 
-def convert_embedded(data_dir: Path | None = None) -> Path:
+@pytest.fixture(scope="session")
+def hf_folder():
     from jarvis.backends.model_tools.convert import embedded_hf_model
     from jarvis.settings import load_settings
 
-    return embedded_hf_model(data_dir or load_settings().data_dir)
-
-
-@pytest.fixture(scope="session")
-def hf_folder(prestart) -> Path:
-    """The embedded model converted to a transformers folder (once per data dir; the prestart's, when it runs)."""
-    return prestart["hf_folder"].result() if prestart else convert_embedded()
+    return embedded_hf_model(load_settings().data_dir)
 
 
 @pytest.fixture(scope="session")
@@ -259,52 +244,12 @@ def vllm_installed() -> None:
     require_vllm()
 
 
-def start_vllm_server(tmp_dir: Path, adapter_root: Path, base_env: dict[str, str] | None = None) -> RunningServer:
-    server = start_server(tmp_dir, ready_within=600, base_env=base_env, JARVIS_ADAPTER_ROOT=str(adapter_root),
-                          **VLLM_ENV)
-    assert server.health()["status"] == "ready", server.log()[-3000:]
-    return server
-
-
 @pytest.fixture(scope="session")
-def prestart(request, tmp_path_factory, adapter_root) -> Iterator[dict[str, Future] | None]:
-    """Where the session runs slow vLLM tests, the GGUF's conversion and then the session's vLLM server start in
-    a background thread as the session begins. The hf modules, which come first, wait for the same conversion
-    (hf_folder); the server's start (a minute and a half on two cores, mostly one core importing and spawning
-    processes) then overlaps the hf and llama.cpp modules instead of opening the first vLLM test. None where
-    no slow vLLM test is collected (the fast subset, one module) or vLLM is not installed."""
-    import importlib.util
-
-    wanted = any(item.get_closest_marker("slow") and "vllm" in item.nodeid for item in request.session.items)
-    if not wanted or importlib.util.find_spec("vllm") is None:
-        yield None
-        return
-    from jarvis.settings import load_settings
-
-    # read here, at the session's start: a test's monkeypatched environment must not reach the thread
-    data_dir, environ = load_settings().data_dir, dict(os.environ)
-    with ThreadPoolExecutor(1, thread_name_prefix="prestart") as pool:
-        converted = pool.submit(convert_embedded, data_dir)
-        server = pool.submit(start_vllm_server, tmp_path_factory.mktemp("vllm"), adapter_root, environ)
-        yield {"hf_folder": converted, "vllm_server": server}
-        try:
-            server.result().stop()
-        except Exception:  # its start failed: the vllm_server fixture reported it
-            pass
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _prestarted(prestart) -> None:
-    """Ask for `prestart` at the session's start, so its thread starts then."""
-
-
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory, hf_folder, adapter_root, prestart) -> Iterator[RunningServer]:
+def vllm_server(tmp_path_factory, hf_folder, adapter_root) -> Iterator[RunningServer]:
     """The embedded model served by the real vLLM engine (CPU build in CI), LoRA enabled."""
     require_vllm()
-    if prestart:
-        yield prestart["vllm_server"].result()  # stopped by prestart
-        return
-    server = start_vllm_server(tmp_path_factory.mktemp("vllm"), adapter_root)
+    server = start_server(tmp_path_factory.mktemp("vllm"), ready_within=600, JARVIS_ADAPTER_ROOT=str(adapter_root),
+                          **VLLM_ENV)
+    assert server.health()["status"] == "ready", server.log()[-3000:]
     yield server
     server.stop()
