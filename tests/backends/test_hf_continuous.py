@@ -56,8 +56,12 @@ def continuous(jarvis_server, hf_folder, adapter_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def waves(jarvis_server, hf_folder, adapter_root, tmp_path_factory):
-    return jarvis_server(**env(adapter_root, tmp_path_factory.mktemp("state"), "waves"))
+def waves(shared_engine_server):
+    """The waves side: the session's shared hf server (its default batching is waves), which these tests only
+    read from; greedy text does not depend on its batch size or context."""
+    server = shared_engine_server("hf")
+    assert batching(server)["continuous"] is None  # waves only
+    return server
 
 
 def client(server) -> openai.OpenAI:

@@ -106,13 +106,14 @@ def test_requests_join_a_running_wave_and_answer_as_they_would_alone(handle, sch
 
 @pytest.mark.parametrize("case", ["prompt longer than the wave's", "answer past the cache's end"])
 def test_a_request_that_does_not_fit_waits_for_room_and_nobody_overtakes_it(handle, scheduler, case):
-    s = scheduler(max_len=96)
+    if case == "prompt longer than the wave's":
+        s = scheduler(max_len=96)
+        misfit, n = ids(handle, "The causes of the industrial revolution, in a few words, are " * 3), 8
+    else:  # alone it fits the cache (3 + 42 of 48 slots); beside the first's 8 or more it runs past the end
+        s = scheduler(max_len=48)
+        misfit, n = ids(handle, "Tell me"), 42
     first = submit(s, ids(handle, "Once upon a time"), 30)
     assert first.started.wait(120)
-    if case == "prompt longer than the wave's":
-        misfit, n = ids(handle, "The causes of the industrial revolution, in a few words, are " * 3), 8
-    else:
-        misfit, n = ids(handle, "Tell me"), 90
     held = submit(s, misfit, n)
     behind = submit(s, ids(handle, "Fact: the moon is"), 4)  # it would fit, but it must not pass `held`
     for answer in (first, held, behind):
