@@ -457,6 +457,9 @@ class Engine:
     handles_tools: bool = False
     #: False when the engine cannot tokenize locally (a remote server): the context check is then its job.
     counts_tokens: bool = True
+    #: True when `tokenize` spends its time outside the GIL (a Hugging Face fast tokenizer, whose batch encode
+    #: is Rust with the GIL released): a long prompt is then prepared on a worker thread (`Runtime.off_loop`).
+    tokenizer_releases_gil: bool = False
     #: The optional features it honours: names from SAMPLING_FEATURES and CONSTRAINT_FEATURES. A request
     #: that asks for another is refused with a 400 naming the field and the engine, never run without it.
     supports: frozenset[str] = frozenset()

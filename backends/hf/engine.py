@@ -129,6 +129,7 @@ class HfEngine(Engine):
     supports = frozenset({"top_k", "min_p", "repetition_penalty", "logit_bias",
                           "json_object", "json_schema", "regex", "choice"})
     name = "hf"
+    tokenizer_releases_gil = True  # a Hugging Face fast tokenizer (Rust, batch encode)
 
     def __init__(self, settings: JarvisSettings) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ OPTIONS = VllmSettings
 
 class VllmEngine(Engine):
     name = "vllm"
+    tokenizer_releases_gil = True  # a Hugging Face fast tokenizer (Rust, batch encode)
     supports = frozenset({"top_k", "min_p", "repetition_penalty", "logit_bias",
                           "json_object", "json_schema", "regex", "choice"})
 

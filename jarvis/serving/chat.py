@@ -168,7 +168,7 @@ async def chat_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str, Any
     429 and 503 before anything runs); the `chat.completion` body, or its SSE events when it streams."""
     body = parse_body(raw, wire.ChatCompletionRequest)
     runtime.admit(client)
-    run = start_chat(runtime, body, client)
+    run = await runtime.off_loop(len(raw), start_chat, runtime, body, client)
     if body.stream:
         return run.sse(bool(body.stream_options and body.stream_options.include_usage))
     return await run.result()

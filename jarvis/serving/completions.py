@@ -37,7 +37,12 @@ def completion_generations(runtime: Runtime, body: wire.CompletionRequest,
 async def create_completion(runtime: Runtime, body: wire.CompletionRequest,
                             client: str | None = None) -> dict[str, Any]:
     """Run a text completion (every prompt and choice, concurrently) and return the OpenAI response body."""
-    gens = completion_generations(runtime, body, client)
+    return await run_completion(runtime, body, completion_generations(runtime, body, client))
+
+
+async def run_completion(runtime: Runtime, body: wire.CompletionRequest, gens: list[PreparedRequest]
+                         ) -> dict[str, Any]:
+    """The OpenAI response body of `body`'s prepared generations, run concurrently."""
     results = await asyncio.gather(*(runtime.generate(gen) for gen in gens))  # a batching engine batches them
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for index, (gen, result) in enumerate(zip(gens, results)):
@@ -90,7 +95,8 @@ async def completion_reply(runtime: Runtime, raw: bytes, client: str) -> dict[st
     if body.stream and len(body.prompts) > 1:
         raise InvalidRequest("Streaming supports one prompt per request.", param="prompt")
     runtime.admit(client)
+    gens = await runtime.off_loop(len(raw), completion_generations, runtime, body, client)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return completion_events(runtime, completion_generations(runtime, body, client), include_usage)
-    return await create_completion(runtime, body, client)
+        return completion_events(runtime, gens, include_usage)
+    return await run_completion(runtime, body, gens)

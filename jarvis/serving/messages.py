@@ -335,7 +335,7 @@ async def messages_reply(runtime: Runtime, raw: bytes, client: str) -> dict[str,
     body = parse_body(raw, awire.MessagesRequest)
     chat = chat_body(body, body.max_tokens)
     runtime.admit(client)
-    run = MessageRun(body, start_chat(runtime, chat, client, API))
+    run = MessageRun(body, await runtime.off_loop(len(raw), start_chat, runtime, chat, client, API))
     return run.events() if body.stream else await run.result()
 
 

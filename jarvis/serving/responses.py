@@ -342,7 +342,8 @@ async def prepare_response(runtime: Runtime, body: rwire.ResponsesRequest, clien
     positions = [i for i, t in enumerate(tools) if t["name"] in allowed]
     try:
         chat = chat_request(body, messages, [tools[i] for i in positions], chat_choice, response_format)
-        run = start_chat(runtime, chat, client)
+        size = sum(len(str(m.get("content") or "")) for m in messages)  # the stored history's text included
+        run = await runtime.off_loop(size, start_chat, runtime, chat, client)
     except APIError as exc:
         raise responses_error(exc, positions) from None
     echo = {"instructions": body.instructions, "previous_response_id": body.previous_response_id,

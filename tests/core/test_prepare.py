@@ -6,6 +6,7 @@ built-once bootstrap."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from fake_engine import BOS, FakeEngine, fake_bootstrap
@@ -14,7 +15,7 @@ from jarvis import hookimpl
 from jarvis.engine import GenerationRequest, OutputConstraint, PreparedRequest, ToolUse
 from jarvis.errors import APIError, ContextLengthExceeded, InvalidRequest
 from jarvis.prepare import check_token_ids, render_chat
-from jarvis.runtime import EngineRuntime
+from jarvis.runtime import PREPARE_OFF_LOOP_BYTES, EngineRuntime
 
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -89,6 +90,35 @@ def test_a_final_assistant_turn_is_continued_or_left_open(runtime):
 def test_a_conversation_the_format_cannot_render_names_messages(runtime):
     error = refused(runtime, chat({"role": "assistant", "content": "first"}, {"role": "assistant", "content": "x"}))
     assert error.status_code == 400 and error.param == "messages" and "gemma" in error.message
+
+
+def test_a_long_prompt_is_prepared_off_the_event_loop(runtime, monkeypatch):
+    """An engine whose tokenizer releases the GIL has a body of PREPARE_OFF_LOOP_BYTES or more prepared on a
+    worker thread (the event loop goes on streaming meanwhile), with the same result and the same errors; a
+    shorter body, or an engine whose tokenizer holds the GIL, is prepared on the loop."""
+    threads: list[int] = []
+    tokenize = runtime.engine.tokenize
+
+    def noting(text: str, **kw: bool) -> list[int]:
+        threads.append(threading.get_ident())
+        return tokenize(text, **kw)
+
+    monkeypatch.setattr(runtime.engine, "tokenize", noting)
+
+    async def prepare(size: int, **fields: object) -> tuple[PreparedRequest, int]:
+        request = completion("x" * size, **fields)
+        return await runtime.off_loop(size, runtime.prepare, request), threading.get_ident()
+
+    inline, loop = asyncio.run(prepare(PREPARE_OFF_LOOP_BYTES))  # FakeEngine holds the GIL: never moved
+    monkeypatch.setattr(runtime.engine, "tokenizer_releases_gil", True)
+    short, _ = asyncio.run(prepare(PREPARE_OFF_LOOP_BYTES - 1))
+    moved, _ = asyncio.run(prepare(PREPARE_OFF_LOOP_BYTES))
+    assert threads[0] == threads[1] == loop != threads[2]
+    assert moved.prompt_token_ids == inline.prompt_token_ids
+    assert len(moved.prompt_token_ids) == 1 + PREPARE_OFF_LOOP_BYTES
+    with pytest.raises(ContextLengthExceeded):  # raised on the worker, raised to the handler
+        asyncio.run(prepare(PREPARE_OFF_LOOP_BYTES, max_tokens=2048))
+    assert threads[3] != loop
 
 
 def test_unset_max_tokens_fills_the_context_and_an_overflow_is_refused(runtime):

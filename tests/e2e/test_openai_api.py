@@ -252,6 +252,8 @@ def test_prompt_longer_than_the_context_is_400(client):
     assert str(context) in info.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         complete(client, "Hello", max_tokens=context)
+    long = client.completions.create(model=MODEL, prompt="word " * 256, max_tokens=1, temperature=0)
+    assert long.usage.prompt_tokens > 200  # 1.3 KB: hf and vllm prepared it on a worker thread
     assert_still_serving(client)
 
 
