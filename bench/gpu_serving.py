@@ -328,15 +328,16 @@ def commands(folder: Path, name: str, engine_args: dict[str, Any], settings: dic
 
 def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env: dict[str, str],
                   settings: dict[str, dict[str, str]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The vLLM servers at once, then the transformers one (it sizes its KV cache from the memory they leave),
-    each in a new process session (it outlives this script); ready or their logs."""
+    """One server at a time, each ready before the next starts, each in a new process session (it outlives this
+    script); ready or their logs. vLLM sizes its KV cache from the memory its start-up profile sees free: two
+    starting at once counted each other's allocations, and one came up with 57 thousand tokens of cache beside
+    the other's 1.6 million (an H100, 2026-12-07). The transformers side sizes its cache from what they leave."""
     sides, timeout_s = args.sides, args.ready_timeout
     ports = {side: free_port() for side in sides}
     base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
     state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {},
                              "sides": list(sides)}
-    # one transformers server at a time: each sizes its KV cache from what the servers before it left
-    for group in ([s for s in sides if s not in HF_SIDES], *([s] for s in sides if s in HF_SIDES)):
+    for group in ([s] for s in (*(s for s in sides if s not in HF_SIDES), *(s for s in sides if s in HF_SIDES))):
         for side, (command, extra) in commands(folder, name, engine_args, settings, work,
                                                {s: ports[s] for s in group}, args).items():
             log = work / f"{side}.log"
@@ -409,12 +410,31 @@ def engine_config_line(log: str) -> str | None:
     return re.sub(r"vllm-cache-(raw|jarvis)", "vllm-cache-SIDE", line)  # each side compiles into its own cache
 
 
+def kv_cache_tokens(state: dict[str, Any]) -> dict[str, int | None]:
+    """Each vLLM server's KV cache in tokens, from its log ('GPU KV cache size: N tokens')."""
+    sizes: dict[str, int | None] = {}
+    for side, server in state["servers"].items():
+        found = re.findall(r"KV cache size: ([\d,]+) tokens", Path(server["log"]).read_text())
+        sizes[side] = int(found[-1].replace(",", "")) if found else None
+    return sizes
+
+
+def kv_mismatch(sizes: dict[str, int | None]) -> str | None:
+    """A sentence when the vLLM servers' KV caches differ by more than 5 %: their comparison is not fair."""
+    known = {side: n for side, n in sizes.items() if n}
+    if len(known) > 1 and min(known.values()) < 0.95 * max(known.values()):
+        return ("the vLLM servers' KV caches differ (" + ", ".join(f"{s} {n:,} tokens" for s, n in known.items())
+                + "): a server with less cache preempts or queues sooner, so its numbers are not comparable")
+    return None
+
+
 def parity(state: dict[str, Any]) -> dict[str, Any]:
     """Does Jarvis run the engine `vllm serve` runs? vLLM's own config lines, and Jarvis's /v1/engine."""
     lines = {side: engine_config_line(Path(s["log"]).read_text()) for side, s in state["servers"].items()}
     tokens = {side: re.findall(r"max_num_batched_tokens=(\d+)", Path(s["log"]).read_text())
               for side, s in state["servers"].items()}
-    report: dict[str, Any] = {"max_num_batched_tokens": {s: t[-1] if t else None for s, t in tokens.items()}}
+    report: dict[str, Any] = {"max_num_batched_tokens": {s: t[-1] if t else None for s, t in tokens.items()},
+                              "kv_cache_tokens": kv_cache_tokens(state)}
     if lines.get("raw") and lines.get("jarvis"):
         raw_items, jarvis_items = lines["raw"].split(", "), lines["jarvis"].split(", ")
         report["engine_config_identical"] = raw_items == jarvis_items
@@ -811,6 +831,10 @@ def main(argv: list[str] | None = None) -> None:
     print("parity: max_num_batched_tokens in the logs", report["max_num_batched_tokens"],
           "| vLLM engine config identical:", report.get("engine_config_identical"),
           "| only raw:", report.get("only_raw"), "| only jarvis:", report.get("only_jarvis"))
+    print("KV cache tokens:", report["kv_cache_tokens"])
+    unfair = kv_mismatch(report["kv_cache_tokens"])
+    if unfair:
+        raise SystemExit(f"{unfair}; stop the servers (--stop) and start them again")
     if isinstance(jarvis_engine, dict):
         print("jarvis /v1/engine:", json.dumps({k: jarvis_engine.get(k) for k in
                                                  ("engine_args", "usage_context", "engine_resolved")}))
