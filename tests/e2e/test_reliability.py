@@ -49,8 +49,8 @@ async def stream_once(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
 
 @pytest.fixture(scope="module")
 def llama(jarvis_server):
-    """The module's server with default limits."""
-    return jarvis_server(**LLAMA)
+    """The module's server with default limits, decoding up to 64 sequences in one batch (256 clients still queue)."""
+    return jarvis_server(**{**LLAMA, "JARVIS_LLAMA_N_PARALLEL": "64"})
 
 
 def test_a_connection_idle_as_long_as_clients_keep_theirs_is_still_open(llama):
