@@ -834,7 +834,10 @@ def main(argv: list[str] | None = None) -> None:
     print("KV cache tokens:", report["kv_cache_tokens"])
     unfair = kv_mismatch(report["kv_cache_tokens"])
     if unfair:
-        raise SystemExit(f"{unfair}; stop the servers (--stop) and start them again")
+        if args.keep_servers or args.reuse:
+            raise SystemExit(f"{unfair}; stop the servers (--stop) and start them again")
+        stop_servers(state)
+        raise SystemExit(f"{unfair}; the servers are stopped: run again")
     if isinstance(jarvis_engine, dict):
         print("jarvis /v1/engine:", json.dumps({k: jarvis_engine.get(k) for k in
                                                  ("engine_args", "usage_context", "engine_resolved")}))
