@@ -13,10 +13,12 @@ plugins may rely on.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
@@ -83,10 +85,10 @@ class Runtime(Protocol):
 T = TypeVar("T")
 
 #: A request body at least this large is prepared (chat rendered, prompt tokenized) on a worker thread when the
-#: engine's tokenizer releases the GIL. Tokenizing runs about 0.4 ms per KiB of text (Gemma's tokenizer, 1.5 KB
-#: in 0.67 ms on a 2-core CI-class machine; 1.8 ms on the GPU host, 17 % of the API process at 64 streams), and
-#: on the event loop every running stream waits that long for its next chunk. Below 1 KiB the hop to a thread
-#: costs about what it saves.
+#: engine's tokenizer releases the GIL. Tokenizing runs about 0.3 ms per KiB of text (Gemma's tokenizer on a
+#: 2-core CI-class machine; on the GPU host a 256-token prompt took 1.8 ms, 17 % of the API process at 64
+#: streams), and on the event loop every running stream waits that long for its next chunk. At 1 KiB the hop
+#: to the thread costs about what it saves (bench/prepare_stall.py).
 PREPARE_OFF_LOOP_BYTES = 1024
 
 
@@ -107,6 +109,7 @@ class EngineRuntime:
         self.in_flight = 0
         self.admission = Admission(settings.max_concurrent, settings.max_queue)
         self.rate_limiter = ClientRateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        self._preparer: ThreadPoolExecutor | None = None
 
     # --- lifecycle (the supervisor's) ------------------------------------------------------------
 
@@ -149,6 +152,9 @@ class EngineRuntime:
 
     async def stop(self) -> None:
         await self.supervisor.stop()
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=False)
+            self._preparer = None
 
     async def _restore_adapters(self) -> None:
         await self.adapter_service.restore()
@@ -262,11 +268,17 @@ class EngineRuntime:
                                        self.settings.max_tokens_cap))
 
     async def off_loop(self, size: int, build: Callable[..., T], *args: Any) -> T:
-        """`build(*args)`: a request's preparation (`prepare` under it), on a worker thread when the body is
-        `size` bytes, at least PREPARE_OFF_LOOP_BYTES, and the engine tokenizes without holding the GIL, so
-        the event loop goes on sending the running streams' chunks meanwhile; inline otherwise."""
+        """`build(*args)`: a request's preparation (`prepare` under it), on the runtime's one preparing thread
+        when the body is `size` bytes, at least PREPARE_OFF_LOOP_BYTES, and the engine tokenizes without
+        holding the GIL, so the event loop goes on sending the running streams' chunks meanwhile; inline
+        otherwise. One thread, not asyncio's pool: threads preparing side by side take the GIL from the loop
+        in turn for their Python parts, and `bench/prepare_stall.py` measured the loop's p99 lateness at
+        100 long prompts a second 1.07x inline with the pool and 0.45x with one thread (512 tokens)."""
         if size >= PREPARE_OFF_LOOP_BYTES and self.engine.tokenizer_releases_gil:
-            return await asyncio.to_thread(build, *args)
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(1, thread_name_prefix="jarvis-prepare")
+            context = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(self._preparer, context.run, build, *args)
         return build(*args)
 
     async def generate(self, request: PreparedRequest) -> GenerationResult:
