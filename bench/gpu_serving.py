@@ -337,9 +337,9 @@ def start_servers(folder: Path, name: str, engine_args: dict[str, Any], plan_env
     base = {k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")}
     state: dict[str, Any] = {"model": str(folder), "name": name, "engine_args": engine_args, "servers": {},
                              "sides": list(sides)}
-    for group in ([s] for s in (*(s for s in sides if s not in HF_SIDES), *(s for s in sides if s in HF_SIDES))):
-        for side, (command, extra) in commands(folder, name, engine_args, settings, work,
-                                               {s: ports[s] for s in group}, args).items():
+    for one in (*(s for s in sides if s not in HF_SIDES), *(s for s in sides if s in HF_SIDES)):
+        for side, (command, extra) in commands(folder, name, engine_args, settings, work, {one: ports[one]},
+                                               args).items():
             log = work / f"{side}.log"
             env = {**base, **plan_env, **extra}
             process = subprocess.Popen(command, env=env, cwd=work, stdout=open(log, "w"), stderr=subprocess.STDOUT,

@@ -37,6 +37,7 @@ from jarvis import hookimpl
 from jarvis.bootstrap import bootstrap
 from jarvis.engine import Engine, GenerationRequest, ModelInfo
 from jarvis.plugin_manager import create_plugin_manager
+from jarvis.plugins.evaluation.bench_load import percentile
 from jarvis.runtime import PREPARE_OFF_LOOP_BYTES, EngineRuntime
 
 HERE = Path(__file__).parent
@@ -72,11 +73,6 @@ class Plugin:
         register("tokenizer-only", TokenizerEngine)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def measure(runtime: EngineRuntime, texts: list[str], rate: float, seconds: float, seed: int
                   ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
@@ -105,10 +101,11 @@ async def measure(runtime: EngineRuntime, texts: list[str], rate: float, seconds
     await asyncio.gather(*tasks)
     done.set()
     await tick
-    ms = 1000.0
-    return {"requests": len(waits), "late_p50": percentile(late, 0.5) * ms, "late_p99": percentile(late, 0.99) * ms,
-            "late_max": max(late) * ms, "prepare_p50": percentile(waits, 0.5) * ms,
-            "prepare_p99": percentile(waits, 0.99) * ms}
+    def ms(values: list[float], q: float) -> float:
+        return (percentile(values, q) or 0.0) * 1000
+
+    return {"requests": len(waits), "late_p50": ms(late, 50), "late_p99": ms(late, 99), "late_max": ms(late, 100),
+            "prepare_p50": ms(waits, 50), "prepare_p99": ms(waits, 99)}
 
 
 def main() -> None:
