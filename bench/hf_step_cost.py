@@ -18,8 +18,10 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
            kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
            inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
 
-A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load, so the
-step's cost at one request shows how much of it is the preallocated shape rather than the work.
+A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load, but a step
+computes only its first rows, the smallest power of two from MIN_ROWS that holds the busy ones (a CUDA graph per
+row count), and attends only the window in use; `row_steps` counts the steps by the rows they computed. So the
+step's cost at one request shows what is left of the preallocated shape.
 
     python bench/hf_step_cost.py --random-weights --grid 64x2048 --loop-concurrency 16,64 --join-wait-ms 0,10
     python bench/hf_step_cost.py --device cpu --random-weights --grid 4x256 --attention grouped --prompt-len 32 \
@@ -110,12 +112,14 @@ def scheduler_for(model: Any, rows: int, length: int, window: str, args: argpars
 
 def per_step(s: TimedScheduler, batch: list[list[int]], max_tokens: int) -> dict[str, float]:
     s.t.clear()
+    s.row_steps.clear()
     start = time.perf_counter()
     tokens = run_scheduler(s, batch, max_tokens)
     wall = time.perf_counter() - start
     steps = max(1, s.t["steps"])
     return {"requests": len(batch), "tokens": tokens, "tok_s": tokens / wall, "steps": s.t["steps"],
-            "forward_ms": 1e3 * s.t["step_s"] / steps, "rest_ms": 1e3 * (wall - s.t["step_s"]) / steps}
+            "forward_ms": 1e3 * s.t["step_s"] / steps, "rest_ms": 1e3 * (wall - s.t["step_s"]) / steps,
+            "row_steps": dict(sorted(s.row_steps.items()))}
 
 
 def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: int, max_tokens: int,

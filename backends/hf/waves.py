@@ -11,14 +11,15 @@ start the next one.
 
 Two ways to decode a wave (`decode=`):
   * "dynamic": a growing KV cache, finished rows pruned at once; the default on CPU.
-  * "static" / "graphs": a preallocated cache per batch-size bucket (powers of two for "static",
-    the one full batch for "graphs"), rows padded up to the bucket and finished rows carried
-    along; shapes never change, so with "graphs" (the default on CUDA) the decode step is
-    compiled and replayed as a CUDA graph
+  * "static" / "graphs": one preallocated cache of the full batch's rows; each step computes the
+    first rows only, the smallest power of two (from MIN_ROWS) that holds every busy row, finished
+    rows below it carried along; so with "graphs" (the default on CUDA) the decode step is
+    compiled once and replayed as a CUDA graph per row count and window
     (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
-    dominates a small model's step. Adapters ride along as stacks indexed by each row's slot
-    (stacked_lora.py: one device tensor per wave holds the slots), compiled into a graph of their
-    own; adapters that do not stack (DoRA: PEFT's per-row routing) make the waves decode "dynamic".
+    dominates a small model's step, and a wave of one request steps 2 rows, not 64. Adapters ride
+    along as stacks indexed by each row's slot (stacked_lora.py: one device tensor per wave holds
+    the slots), compiled into a graph of their own; adapters that do not stack (DoRA: PEFT's per-row
+    routing) make the waves decode "dynamic".
 
 A static wave takes requests while it runs: every row writes its next token to the same cache
 slot `at`, so a waiting request is prefilled on its own and its KV copied into a free row just
@@ -61,6 +62,10 @@ from jarvis.text_stream import StopSequenceMatcher
 
 #: The smallest context window a static step attends (slots); windows double from here up to max_len.
 MIN_WINDOW = 256
+#: The fewest rows a static step computes; row counts double from here up to the batch size. Not 1: torch's
+#: compiler specialises a size of 1, so a one-row step would be a compile of its own beside the one that serves
+#: every other count (a 2-row step costs what a 1-row one does; the weights are read once either way).
+MIN_ROWS = 2
 
 
 class IncrementalDetokenizer:
@@ -163,7 +168,7 @@ class BatchScheduler:
         self.gather_seconds = gather_seconds
         self.decode = decode
         self.max_len = max_len
-        self._static: dict[int, Any] = {}  # bucket → whole_context_cache, reused wave after wave
+        self._static: Any = None  # the whole_context_cache of max_batch_size rows, reused wave after wave
         self._decode_step: Any = None  # "graphs": the base model's step, compiled
         self._adapter_step: tuple[Any, Any] | None = None  # "graphs": (the stack it was compiled with, the step)
         self._shared_generator: torch.Generator | None = None
@@ -175,6 +180,7 @@ class BatchScheduler:
         self.joined = 0  # requests that joined a static wave already decoding
         self.shifts = 0  # times a static wave moved its rows left to make room
         self.compiles = 0  # "graphs": decode steps compiled (the base model's, each stack's)
+        self.row_steps: dict[int, int] = {}  # static steps by the rows they computed
 
     def start(self) -> None:
         self._thread.start()
@@ -185,24 +191,27 @@ class BatchScheduler:
 
     def warm_up(self) -> float:
         """Run what a static wave runs once before any request waits for it, and return the seconds it took: in
-        "graphs" mode that compiles the decode step at the first two windows (at the second the window becomes
-        a dynamic size, so later windows only capture their CUDA graph). Call it after start()."""
+        "graphs" mode that compiles the decode step twice, first at MIN_ROWS rows in the first window, then at
+        twice the rows past it, where torch's compiler makes both sizes dynamic; later row counts and windows
+        only capture their CUDA graph. Call it after start()."""
         started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
         long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
         failed: list[BaseException] = []
-        for prompts in ([short], [long, long - 1]):
+        # one row more than MIN_ROWS makes the second step's rows the next count (where the batch allows)
+        for prompts in ([short], [long - i for i in range(min(self.max_batch_size, MIN_ROWS + 1))]):
             done = [threading.Event() for _ in prompts]
-            for length, finished in zip(prompts, done):
-                def emit(chunk: GenerationChunk | BaseException, finished: threading.Event = finished) -> None:
-                    if isinstance(chunk, BaseException):
-                        failed.append(chunk)
-                    if isinstance(chunk, BaseException) or chunk.finish_reason:
-                        finished.set()
-                request = PreparedRequest(prompt=None, model="warm-up", max_tokens=2, temperature=0.0,
-                                          ignore_eos=True)
-                self.submit(request, [bos] * length, emit, threading.Event())
+            with self.handle.lock:  # the first one's prefill waits for it, so the others join before its step
+                for length, finished in zip(prompts, done):
+                    def emit(chunk: GenerationChunk | BaseException, finished: threading.Event = finished) -> None:
+                        if isinstance(chunk, BaseException):
+                            failed.append(chunk)
+                        if isinstance(chunk, BaseException) or chunk.finish_reason:
+                            finished.set()
+                    request = PreparedRequest(prompt=None, model="warm-up", max_tokens=2, temperature=0.0,
+                                              ignore_eos=True)
+                    self.submit(request, [bos] * length, emit, threading.Event())
             for finished in done:
                 finished.wait()
             if failed:
@@ -310,45 +319,45 @@ class BatchScheduler:
                                 logits_to_keep=1, adapters=[s.adapter for s in live])
 
     def _decode_static(self, wave: list[Sequence], live: list[Sequence], width: int) -> None:
-        h = self.handle
-        # "graphs" keeps one shape, the full batch, so a single CUDA graph serves every wave; "static"
-        # rounds up to a power of two to waste less compute on CPU.
-        bucket = self.max_batch_size if self.decode == "graphs" else \
-            min(self.max_batch_size, 1 << (len(live) - 1).bit_length())
-        cache = self._static.get(bucket)
-        if cache is None:
-            cache = self._static[bucket] = whole_context_cache(h.model.config, self.max_len)
+        h, size = self.handle, self.max_batch_size
+        if self._static is None:
+            self._static = whole_context_cache(h.model.config, self.max_len)
+        cache = self._static
         # every row starts free, seeing one slot (an all-masked row would turn its garbage NaN); the wave's
         # requests are admitted as joiners are, ending at slot `width`: only their own rows are prefilled
-        mask = torch.zeros((bucket, self.max_len), dtype=torch.long, device=h.device)
+        mask = torch.zeros((size, self.max_len), dtype=torch.long, device=h.device)
         mask[:, width - 1] = 1
-        w = StaticWave(wave, [None] * bucket, [0] * bucket, cache, mask,
-                       torch.zeros((bucket, 1), dtype=torch.long, device=h.device), at=width)
+        w = StaticWave(wave, [None] * size, [0] * size, cache, mask,
+                       torch.zeros((size, 1), dtype=torch.long, device=h.device), at=width)
         for layer in cache.layers:  # a reused cache keeps its rows (the masks hide them); the next slot is `width`
             if layer.is_initialized:
                 layer.cumulative_length.fill_(width)
         self._admit(w, live)
         while True:
             self._join(w)
-            if all(seq is None for seq in w.slots):
+            busy = [j for j, seq in enumerate(w.slots) if seq is not None]
+            if not busy:
                 return
             if self._window(w.at + 1) > self._window(w.at):  # the step would attend a larger window
-                self._shift(w, max(w.history(s) for s in w.slots if s is not None))
+                self._shift(w, max(w.history(w.slots[j]) for j in busy))  # type: ignore[arg-type]
             mask[:, w.at] = 1
             w.positions += 1
             w.at += 1
             window = self._window(w.at)
             if window != cache.layers[0].window:
                 set_window(cache, window)
+            n = self._rows(busy[-1] + 1)  # the step computes rows [0, n): the cache's update writes only those
+            # contiguous, as the slice is only at the cache's whole width: the compiled step guards on the strides
+            step_mask = mask[:n, :window].contiguous()
             with h.lock:
                 h.stats.forward_passes += 1
-                with self._row_adapters(w):
-                    out = self._step_fn()(input_ids=torch.tensor(w.feed, device=h.device).unsqueeze(-1),
-                                          attention_mask=mask[:, :window], position_ids=w.positions,
+                with self._row_adapters(w, n):
+                    out = self._step_fn()(input_ids=torch.tensor(w.feed[:n], device=h.device).unsqueeze(-1),
+                                          attention_mask=step_mask, position_ids=w.positions[:n],
                                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.row_steps[n] = self.row_steps.get(n, 0) + 1
             logits = out.logits[:, -1, :].float()
-            busy = [j for j, seq in enumerate(w.slots) if seq is not None]
-            rows = logits if len(busy) == bucket else logits[busy]
+            rows = logits if len(busy) == n else logits[busy]
             with batched_emits():  # the rows' chunks reach the event loop in one call
                 for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
                     if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
@@ -356,12 +365,17 @@ class BatchScheduler:
                     else:
                         w.feed[j] = token
 
-    def _row_adapters(self, w: StaticWave) -> Any:
-        """Route each row of a static step through its adapter (under the handle's lock). The slots live in one
-        device tensor per wave, rewritten in place only when the rows' adapters change (a request joined, or a
-        load or unload changed the stack), so a step reads them from the same address every time; a finished
-        row keeps its old slot, its output being dropped. An adapter unloaded while its row decodes fails the
-        wave (KeyError)."""
+    def _rows(self, used: int) -> int:
+        """The rows a static step computes to hold the first `used`: the smallest power of two from MIN_ROWS,
+        at most the batch size."""
+        return min(self.max_batch_size, max(MIN_ROWS, 1 << (used - 1).bit_length()))
+
+    def _row_adapters(self, w: StaticWave, n: int) -> Any:
+        """Route each of the first `n` rows of a static step through its adapter (under the handle's lock). The
+        slots live in one device tensor per wave, rewritten in place only when the rows' adapters change (a
+        request joined, or a load or unload changed the stack), so a step reads them from the same address every
+        time; a finished row keeps its old slot, its output being dropped. An adapter unloaded while its row
+        decodes fails the wave (KeyError)."""
         h = self.handle
         if not h.has_adapters:
             return contextlib.nullcontext()
@@ -372,7 +386,7 @@ class BatchScheduler:
         elif w.generation != h.stacked.generation:
             w.rows.copy_(h.stacked.rows_of(w.adapters()))
         w.generation = h.stacked.generation
-        return h.stacked.use(w.rows)
+        return h.stacked.use(w.rows[:n])
 
     def _waiting(self) -> bool:
         """Whether a request waits: the head of `_pending`, filled from the queue without blocking."""
@@ -622,9 +636,10 @@ def set_window(cache: Any, window: int) -> None:
 
 @functools.cache
 def _windowed_layer() -> type:
-    """transformers' StaticLayer whose keys and values (and mask size) stop at `window` slots. A compiled step
-    is specialised to the window it saw (a CUDA graph per window; torch's compiler makes it a dynamic size at
-    the second), and every update still writes into the whole preallocated cache."""
+    """transformers' StaticLayer whose keys and values (and mask size) stop at `window` slots and at the step's
+    rows. A compiled step is specialised to the window and rows it saw (a CUDA graph per window and row count;
+    torch's compiler makes them dynamic sizes at the second), and every update still writes into the whole
+    preallocated cache."""
     from transformers.cache_utils import StaticLayer
 
     class WindowedLayer(StaticLayer):  # type: ignore[misc]
@@ -632,8 +647,18 @@ def _windowed_layer() -> type:
             super().__init__(max_cache_len=max_cache_len, **kwargs)
             self.window = max_cache_len
 
-        def update(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = super().update(*args, **kwargs)
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            """StaticLayer.update for the step's rows, the cache's first ones (a step computes fewer rows than
+            the cache holds): the new slots written in place, the window's keys and values returned."""
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            rows, length = key_states.shape[0], key_states.shape[-2]
+            slots = torch.arange(length, device=self.device) + self.cumulative_length
+            self.cumulative_length.add_(length)  # in place: a CUDA graph reads it from its address
+            keys, values = self.keys[:rows], self.values[:rows]
+            keys.index_copy_(2, slots, key_states)
+            values.index_copy_(2, slots, value_states)
             return keys[:, :, :self.window], values[:, :, :self.window]
 
         def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:

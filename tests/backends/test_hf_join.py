@@ -100,6 +100,8 @@ def test_requests_join_a_running_wave_and_answer_as_they_would_alone(handle, sch
     for answer in (first, *joined):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert s.waves == 1 and s.joined == 2, (s.waves, s.joined)
+    # alone, the first request's steps computed 2 rows of the cache's 4; with the joiners in rows 1 and 2, all 4
+    assert set(s.row_steps) == {2, 4} and s.row_steps[4] >= 7, s.row_steps
     assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
     assert first.text == alone(s, ids(handle, "The history of the ocean begins with"), 28)
 
@@ -149,8 +151,7 @@ def test_a_step_attends_a_small_window_and_rows_shift_to_keep_it_small(handle, s
     for answer in (quick, running):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert s.waves == 1 and s.shifts >= 1, (s.waves, s.shifts)
-    (cache,) = s._static.values()
-    assert {layer.window for layer in cache.layers} == {64}  # the last step's 45 slots, not the cache's 256
+    assert {layer.window for layer in s._static.layers} == {64}  # the last step's 45 slots, not the cache's 256
     whole = scheduler(max_len=256, min_window=256)
     assert [quick.text, running.text] == [alone(whole, long_prompt, 4), alone(whole, short, 40)]
 
@@ -172,12 +173,38 @@ def test_joining_past_the_sliding_window(handle, scheduler):
     assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
 
 
-def test_warm_up_decodes_at_two_windows_and_the_scheduler_serves_after_it(handle, scheduler):
-    """The warm-up a CUDA-graph engine runs at start (what compiles there): a one-row wave in the first window,
-    a wave of two rows past it; the next request answers what it answers on a fresh scheduler."""
-    s = scheduler(max_len=64, min_window=16)
-    assert s.warm_up() > 0
-    assert s.waves >= 2, s.waves  # the two longer prompts start one wave, or the second joins the first
-    assert max(layer.window for cache in s._static.values() for layer in cache.layers) == 32
-    prompt = ids(handle, "Fact: the moon is")
-    assert alone(s, prompt, 8) == alone(scheduler(max_len=64), prompt, 8)
+def test_warm_up_compiles_the_step_once_for_every_later_row_count_and_window(handle, scheduler):
+    """The warm-up a CUDA-graph engine runs at start: a one-request wave in the first window, three requests past
+    it. Torch's compiler (its eager backend here, counting) compiles the step at those two, and at no later row
+    count or window, the cache's whole width included: a compile there would stall a running wave for tens of
+    seconds on a GPU. The next request answers what it answers on a scheduler that never compiled."""
+    compiled: list[int] = []
+
+    class Counted(BatchScheduler):
+        def _step_fn(self):
+            if self._decode_step is None:
+                self._decode_step = torch.compile(
+                    self.handle.model.forward, fullgraph=True,
+                    backend=lambda graph, inputs: compiled.append(1) or graph.forward)
+            return self._decode_step
+
+    torch._dynamo.reset()
+    s = Counted(handle, max_batch_size=8, gather_seconds=0.0, decode="static", max_len=64, min_window=16)
+    s.start()
+    try:
+        assert s.warm_up() > 0
+        assert s.waves == 2, s.waves  # the three in one wave: started together, or joined before its first step
+        assert s.row_steps == {2: 1, 4: 1} and len(compiled) == 2, (s.row_steps, compiled)
+        prompt = ids(handle, "Fact: the moon is")
+        later = [submit(s, ids(handle, "The history of the ocean begins with"), 40)]  # to the cache's 64 slots
+        assert later[0].started.wait(120)
+        later += [submit(s, prompt, 8) for _ in range(4)]  # rows 1-4 beside it: 8 rows
+        for answer in later:
+            assert answer.done.wait(300) and answer.finish == "length", answer.finish
+        window = s._static.layers[0].window
+        assert {2, 8} <= set(s.row_steps) and window == 64, (s.row_steps, window)
+        assert len(compiled) == 2, compiled
+    finally:
+        s.stop()
+        torch._dynamo.reset()
+    assert {a.text for a in later[1:]} == {alone(scheduler(max_len=64), prompt, 8)}
