@@ -225,7 +225,7 @@ def check_reused_batch(state: dict[str, Any], args: argparse.Namespace) -> None:
     """Refuse to measure a level above the rows a reused hf server was started with."""
     highest = max(levels_of(args.concurrency))
     for side, server in state["servers"].items():
-        if side not in HF_SIDES:
+        if side not in HF_SIDES or side not in state["sides"]:
             continue
         engine = httpx.get(f"http://127.0.0.1:{server['port']}/v1/engine", timeout=30).json()
         rows = find_key(engine, "max_batch_size")
@@ -740,6 +740,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=540, help="seconds; no new bench run starts after it")
     parser.add_argument("--keep-servers", action="store_true", help="leave both servers running at the end")
     parser.add_argument("--reuse", action="store_true", help="use the servers a --keep-servers run left")
+    parser.add_argument("--measure", type=lambda v: tuple(v.split(",")), default=None,
+                        help="with --reuse: measure only these of the running servers, raw first (e.g. raw,jarvis "
+                             "at a level above the hf server's rows)")
     parser.add_argument("--stop", action="store_true", help="stop the servers a --keep-servers run left, and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     parser.add_argument("--report", type=Path, metavar="DIR", help="print the table from saved results only")
@@ -809,6 +812,10 @@ def main(argv: list[str] | None = None) -> None:
         wait_ready(state, 30)
         pids = ", ".join(f"{side} pid {server['pid']}" for side, server in state["servers"].items())
         print(f"reusing servers: {pids}")
+        if args.measure:  # a subset of the running servers
+            if args.measure[0] != "raw" or not set(args.measure) <= set(state["sides"]):
+                sys.exit(f"--measure is raw and some of the running {', '.join(state['sides'][1:])}, raw first")
+            state["sides"] = list(args.measure)
         check_reused_batch(state, args)
     else:
         if args.gguf:
