@@ -12,8 +12,8 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
   loop     closed loops of C clients (--loop-concurrency, each sends its next request 0-5 ms after its last
            one ended) on the first grid entry's scheduler of each mode: tokens/s, TTFT p50, how many requests
            joined a running wave, ms per join (its prefill and the copy into the wave's rows), and the wall's
-           share spent in joins; with --join-wait-ms, also with joins held until the oldest waiting request
-           has waited that long (an experiment beside the engine's rule of admitting at once);
+           share spent in joins; with --join-wait-ms, also with the engine's JARVIS_HF_JOIN_WAIT_MS at each of
+           those values (arrivals held until the oldest has waited that long or they would fill the free rows);
   kernels  torch.profiler over one join-sized prefill (batch 1, eager, what a join runs) and one decode step:
            kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
            inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
@@ -57,22 +57,6 @@ class TimedScheduler(BatchScheduler):
         super().__init__(*args, **kwargs)
         self.sync = sync
         self.t: collections.Counter[str] = collections.Counter()
-        #: An experiment, not the engine's rule: while rows decode, a waiting request joins only once the oldest
-        #: has waited this long (0: at once, as the engine does), so one prefill admits several.
-        self.join_wait = 0.0
-        self.arrived: dict[int, float] = {}
-
-    def submit(self, request: Any, prompt_ids: list[int], emit: Any, cancel: threading.Event) -> None:
-        self.arrived[id(emit)] = time.monotonic()
-        super().submit(request, prompt_ids, emit, cancel)
-
-    def _held(self, w: Any) -> bool:
-        """Whether the join_wait experiment holds the waiting requests back this step."""
-        if not (self.join_wait and self._waiting() and self._pending[0] is not None):
-            return False
-        if all(seq is None for seq in w.slots):
-            return False
-        return time.monotonic() - self.arrived.get(id(self._pending[0].emit), 0.0) < self.join_wait
 
     def _step_fn(self) -> Any:
         fn = super()._step_fn()
@@ -88,8 +72,6 @@ class TimedScheduler(BatchScheduler):
         return timed
 
     def _join(self, w: Any) -> None:
-        if self._held(w):
-            return
         before = self.joined
         self.sync()
         start = time.perf_counter()
@@ -333,7 +315,7 @@ def main() -> None:
                 levels = [int(c) for c in args.loop_concurrency.split(",") if c.strip() not in ("", "0")]
                 for clients in (levels if (rows, length) == grid[0] else []):
                     for wait in [float(v) for v in args.join_wait_ms.split(",")]:
-                        s.join_wait = wait / 1e3
+                        s.join_seconds = wait / 1e3  # the engine's JARVIS_HF_JOIN_WAIT_MS
                         total = args.loop_requests or 8 * clients
                         r = {"attention": attention, "window": window, "join_wait_ms": wait,
                              **closed_loop(s, data, clients, total, args.max_tokens, args.loop_jitter_ms / 1e3)}
@@ -342,7 +324,7 @@ def main() -> None:
                               f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} "
                               f"joins of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall); "
                               f"forward {r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
-                    s.join_wait = 0.0
+                    s.join_seconds = 0.0
         if args.kernels and attention == attentions[-1]:
             k = kernels(model, made[-1], data[0], args, sync)
             results["kernels"] = k

@@ -50,6 +50,12 @@ class HfSettings(BaseSettings):
                                 json_schema_extra={"fix": "set JARVIS_HF_MAX_BATCH_SIZE between 1 and 256"})
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a wave waits to gather requests.",
                                  json_schema_extra={"fix": "set JARVIS_HF_BATCH_WAIT_MS between 0 and 1000"})
+    join_wait_ms: float = Field(10.0, ge=0, le=1000,
+                                description="While a static wave decodes, how long requests that arrive may wait "
+                                            "to join it together, so that one prefill admits several (they join at "
+                                            "once when they are as many as its free rows or its decoding ones); "
+                                            "0 = each joins at the next step.",
+                                json_schema_extra={"fix": "set JARVIS_HF_JOIN_WAIT_MS between 0 and 1000"})
     quantization: str = Field("none", pattern="^(none|int8|int4)$",
                               description="Weight quantization: none, int8 or int4 (bitsandbytes, CUDA only).",
                               json_schema_extra={"fix": "set JARVIS_HF_QUANTIZATION to none, int8 or int4"})
@@ -206,7 +212,8 @@ class HfEngine(Engine):
                                    threading.RLock(), self.stats)
         self._scheduler = BatchScheduler(self._handle, self.options.max_batch_size,
                                          self.options.batch_wait_ms / 1000, decode=self.decode,
-                                         max_len=self.settings.max_model_len)
+                                         max_len=self.settings.max_model_len,
+                                         join_seconds=self.options.join_wait_ms / 1000)
         self._scheduler.start()
         if self.decode == "graphs":  # compiled here, not on the first requests' time
             log.info("compiled the waves' decode step in %.1f s", self._scheduler.warm_up())
@@ -277,7 +284,10 @@ class HfEngine(Engine):
                              "max_batch_size": self.options.max_batch_size,
                              "batch_wait_ms": self.options.batch_wait_ms,
                              "waves": self._scheduler.waves if self._scheduler else 0,
+                             "join_wait_ms": self.options.join_wait_ms,
                              "joined_running_wave": self._scheduler.joined if self._scheduler else 0,
+                             "join_prefills": self._scheduler.join_prefills if self._scheduler else 0,
+                             "static_steps_by_rows": dict(self._scheduler.row_steps) if self._scheduler else {},
                              "wave_shifts": self._scheduler.shifts if self._scheduler else 0,
                              "compiled_steps": self._scheduler.compiles if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,

@@ -100,6 +100,7 @@ class Sequence:
     stops: StopSequenceMatcher
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)  # when it was submitted
     #: The row's grammar state when its output is constrained (model_tools.grammars.RowMatcher).
     matcher: Any = None
 
@@ -161,8 +162,12 @@ class StaticWave:
 
 class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
-                 decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW) -> None:
+                 decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW,
+                 join_seconds: float = 0.0) -> None:
         self.handle = handle
+        #: While a static wave decodes, how long waiting requests may be held back before they join, so that one
+        #: prefill admits several (0: they join at the next step). See _holds.
+        self.join_seconds = join_seconds
         self.min_window = min_window  # max_len: every static step attends the whole cache
         self.max_batch_size = max_batch_size
         self.gather_seconds = gather_seconds
@@ -178,6 +183,7 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self.waves = 0
         self.joined = 0  # requests that joined a static wave already decoding
+        self.join_prefills = 0  # prefills that admitted them
         self.shifts = 0  # times a static wave moved its rows left to make room
         self.compiles = 0  # "graphs": decode steps compiled (the base model's, each stack's)
         self.row_steps: dict[int, int] = {}  # static steps by the rows they computed
@@ -194,7 +200,15 @@ class BatchScheduler:
         "graphs" mode that compiles the decode step twice, first at MIN_ROWS rows in the first window, then at
         twice the rows past it, where torch's compiler makes both sizes dynamic; later row counts and windows
         only capture their CUDA graph. Call it after start()."""
-        started = time.monotonic()
+        started, held = time.monotonic(), self.join_seconds
+        self.join_seconds = 0.0  # its requests join at once, so the second step computes the next row count
+        try:
+            self._warm_up()
+        finally:
+            self.join_seconds = held
+        return time.monotonic() - started
+
+    def _warm_up(self) -> None:
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
         long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
@@ -216,7 +230,6 @@ class BatchScheduler:
                 finished.wait()
             if failed:
                 raise failed[0]
-        return time.monotonic() - started
 
     def submit(self, request: PreparedRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> None:
@@ -438,7 +451,7 @@ class BatchScheduler:
         """Waiting requests take the free rows of the running static wave, oldest first (_admit). A request that
         does not fit stays at the head of the line: nobody overtakes it, so the wave drains until it fits or the
         next wave starts with it."""
-        if not self._waiting():  # the common step: nobody waits
+        if not self._waiting() or self._holds(w):  # the common step: nobody waits
             return
         free = sum(seq is None for seq in w.slots)
         arrivals: list[Sequence] = []
@@ -453,7 +466,21 @@ class BatchScheduler:
         live = self._starting(arrivals)
         if live:
             self.joined += len(live)
+            self.join_prefills += 1
             self._admit(w, live)
+
+    def _holds(self, w: StaticWave) -> bool:
+        """Whether the waiting requests wait one more step (join_seconds): until the oldest has waited
+        join_seconds, while fewer wait than there are free rows and than there are rows decoding. A join's
+        prefill runs between two steps, holding up every decoding row, and costs about the same for one prompt
+        as for several (eager, its kernels are launched one by one): one prefill for several saves the decoding
+        rows' time, paid by the waiting ones' first token, which pays only while those rows outnumber them."""
+        head = self._pending[0]
+        if not self.join_seconds or head is None or time.monotonic() - head.arrived >= self.join_seconds:
+            return False
+        free = sum(seq is None for seq in w.slots)
+        waiting = len(self._pending) + self._queue.qsize()
+        return waiting < min(free, len(w.slots) - free)
 
     def _admit(self, w: StaticWave, live: list[Sequence]) -> None:
         """Put `live` into free rows of `w`, their first token sampled: the wave's own requests and joiners alike.
