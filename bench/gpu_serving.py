@@ -697,10 +697,36 @@ def benchmark(state: dict[str, Any], args: argparse.Namespace, result_dir: Path,
                 else:  # arrivals at `value` per second (Poisson), at most the highest concurrency level at once
                     command = bench_command(side, state, rate_concurrency, max(args.min_prompts, int(value * 10)),
                                             args, result_dir, f"{name}.json", rate=value)
+                before = batching(state, side)
                 run_bench(command, logs / f"{name}.log")
                 s = summarize(json.loads((result_dir / f"{name}.json").read_text()))
+                joins = ""
+                if before is not None and (after := batching(state, side)) is not None:
+                    delta = {k: after.get(k, 0) - before.get(k, 0) for k in BATCHING_COUNTERS}
+                    delta["static_steps_by_rows"] = {
+                        rows: steps - before.get("static_steps_by_rows", {}).get(rows, 0)
+                        for rows, steps in after.get("static_steps_by_rows", {}).items()}
+                    (result_dir / f"{name}-batching.json").write_text(json.dumps(delta, indent=2))
+                    joins = (f"; {delta['waves']} waves, {delta['joined_running_wave']} joined in "
+                             f"{delta['join_prefills']} prefills")
                 print(f"{name}: {s['output_throughput']:.0f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, TPOT p50 "
-                      f"{s['tpot_p50']:.2f} ms ({time.monotonic() - started:.0f} s)", flush=True)
+                      f"{s['tpot_p50']:.2f} ms ({time.monotonic() - started:.0f} s){joins}", flush=True)
+
+
+#: The transformers engine's counters (GET /v1/engine's "batching") whose change over one run is saved beside it.
+BATCHING_COUNTERS = ("waves", "joined_running_wave", "join_prefills", "wave_shifts", "forward_passes")
+
+
+def batching(state: dict[str, Any], side: str) -> dict[str, Any] | None:
+    """An hf side's batching counters now (None for the vLLM sides, or when the server does not answer)."""
+    if side not in HF_SIDES:
+        return None
+    try:
+        engine = httpx.get(f"http://127.0.0.1:{state['servers'][side]['port']}/v1/engine", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    found = engine.get("batching")
+    return found if isinstance(found, dict) else None
 
 
 # --- main ----------------------------------------------------------------------------------------
