@@ -27,8 +27,10 @@ left of `at` (the rows before it masked off, its positions its own), and it deco
 next step on. It joins when its prompt fits left of `at` and its answer in the cache; else the
 rows all shift left as far as the longest one allows; if it still does not fit, it waits at the
 head of the line and nobody overtakes it, so the wave drains until it fits or the next wave
-starts with it. A wave's own first requests enter the same way, at `at` = their longest prompt,
-so only their rows are prefilled, never the bucket's padding rows. Every layer of the static cache
+starts with it. The requests waiting at a step join together, in one prefill; with
+`join_seconds` (JARVIS_HF_JOIN_WAIT_MS) they are held a little while rows decode, so that one
+prefill admits more of them (_holds). A wave's own first requests enter the same way, at `at` =
+their longest prompt, so only their rows are prefilled, never the free rows. Every layer of the static cache
 keeps the whole context, sliding-window ones too (the mask keeps their window): transformers'
 sliding layers count the position in a Python int, and a replayed CUDA graph would be captured
 again for each value of it.
