@@ -186,6 +186,7 @@ class BatchScheduler:
         self.waves = 0
         self.joined = 0  # requests that joined a static wave already decoding
         self.join_prefills = 0  # prefills that admitted them
+        self.step_seconds = 0.0  # the last static step, from one join check to the next
         self.shifts = 0  # times a static wave moved its rows left to make room
         self.compiles = 0  # "graphs": decode steps compiled (the base model's, each stack's)
         self.row_steps: dict[int, int] = {}  # static steps by the rows they computed
@@ -348,7 +349,12 @@ class BatchScheduler:
             if layer.is_initialized:
                 layer.cumulative_length.fill_(width)
         self._admit(w, live)
+        last = None
         while True:
+            now = time.monotonic()
+            if last is not None:  # a step and what ran beside it: how long a request held now waits for the next
+                self.step_seconds = now - last
+            last = now
             self._join(w)
             busy = [j for j, seq in enumerate(w.slots) if seq is not None]
             if not busy:
@@ -472,13 +478,15 @@ class BatchScheduler:
             self._admit(w, live)
 
     def _holds(self, w: StaticWave) -> bool:
-        """Whether the waiting requests wait one more step (join_seconds): until the oldest has waited
-        join_seconds, while fewer wait than there are free rows and than there are rows decoding. A join's
-        prefill runs between two steps, holding up every decoding row, and costs about the same for one prompt
-        as for several (eager, its kernels are launched one by one): one prefill for several saves the decoding
-        rows' time, paid by the waiting ones' first token, which pays only while those rows outnumber them."""
+        """Whether the waiting requests wait one more step (join_seconds): while the oldest would still have
+        waited less than join_seconds at the end of it (a step as long as the last one), and fewer wait than
+        there are free rows and than there are rows decoding. A join's prefill runs between two steps, holding
+        up every decoding row, and costs about the same for one prompt as for several (eager, its kernels are
+        launched one by one): one prefill for several saves the decoding rows' time, paid by the waiting ones'
+        first token, which pays only while those rows outnumber them."""
         head = self._pending[0]
-        if not self.join_seconds or head is None or time.monotonic() - head.arrived >= self.join_seconds:
+        if (not self.join_seconds or head is None
+                or time.monotonic() - head.arrived + self.step_seconds >= self.join_seconds):
             return False
         free = sum(seq is None for seq in w.slots)
         waiting = len(self._pending) + self._queue.qsize()
