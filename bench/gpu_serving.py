@@ -237,8 +237,7 @@ def check_reused_batch(state: dict[str, Any], args: argparse.Namespace) -> None:
     for side, server in state["servers"].items():
         if side not in HF_SIDES or side not in state["sides"]:
             continue
-        engine = httpx.get(f"http://127.0.0.1:{server['port']}/v1/engine", timeout=30).json()
-        rows = find_key(engine, "max_batch_size")
+        rows = find_key(engine_info(server["port"]), "max_batch_size")
         if isinstance(rows, int) and rows < highest:
             sys.exit(f"{side} was started with JARVIS_HF_MAX_BATCH_SIZE={rows}, below the level {highest}: it would "
                      f"decode {rows} request(s) at a time. Start it again (--stop, then without --reuse).")
@@ -454,11 +453,7 @@ def parity(state: dict[str, Any]) -> dict[str, Any]:
     for side in SIDES[1:]:
         if side not in state["servers"]:
             continue
-        try:
-            report[f"{side}_engine"] = httpx.get(f"http://127.0.0.1:{state['servers'][side]['port']}/v1/engine",
-                                                 timeout=10).json()
-        except (httpx.HTTPError, ValueError) as exc:
-            report[f"{side}_engine"] = f"unavailable: {exc}"
+        report[f"{side}_engine"] = engine_info(state["servers"][side]["port"]) or "unavailable"
     return report
 
 
@@ -725,14 +720,17 @@ BATCHING_COUNTERS = ("waves", "joined_running_wave", "join_prefills", "wave_shif
 
 def batching(state: dict[str, Any], side: str) -> dict[str, Any] | None:
     """An hf side's batching counters now (None for the vLLM sides, or when the server does not answer)."""
-    if side not in HF_SIDES:
-        return None
-    try:
-        engine = httpx.get(f"http://127.0.0.1:{state['servers'][side]['port']}/v1/engine", timeout=10).json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    found = engine.get("batching")
+    found = engine_info(state["servers"][side]["port"]).get("batching") if side in HF_SIDES else None
     return found if isinstance(found, dict) else None
+
+
+def engine_info(port: int) -> dict[str, Any]:
+    """A Jarvis server's GET /v1/engine ({} when it does not answer with JSON)."""
+    try:
+        found = httpx.get(f"http://127.0.0.1:{port}/v1/engine", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 # --- main ----------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ head of the line and nobody overtakes it, so the wave drains until it fits or th
 starts with it. The requests waiting at a step join together, in one prefill; with
 `join_seconds` (JARVIS_HF_JOIN_WAIT_MS) they are held a little while rows decode, so that one
 prefill admits more of them (_holds). A wave's own first requests enter the same way, at `at` =
-their longest prompt, so only their rows are prefilled, never the free rows. Every layer of the static cache
-keeps the whole context, sliding-window ones too (the mask keeps their window): transformers'
+their longest prompt, so only their rows are prefilled, never the free rows. Every layer of the
+static cache keeps the whole context, sliding-window ones too (the mask keeps their window): transformers'
 sliding layers count the position in a Python int, and a replayed CUDA graph would be captured
 again for each value of it.
 
@@ -203,20 +203,13 @@ class BatchScheduler:
         "graphs" mode that compiles the decode step twice, first at MIN_ROWS rows in the first window, then at
         twice the rows past it, where torch's compiler makes both sizes dynamic; later row counts and windows
         only capture their CUDA graph. Call it after start()."""
-        started, held = time.monotonic(), self.join_seconds
-        self.join_seconds = 0.0  # its requests join at once, so the second step computes the next row count
-        try:
-            self._warm_up()
-        finally:
-            self.join_seconds = held
-        return time.monotonic() - started
-
-    def _warm_up(self) -> None:
+        started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
         long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
         failed: list[BaseException] = []
         # one row more than MIN_ROWS makes the second step's rows the next count (where the batch allows)
+        # (a join wait does not hold them back: they are as many as the one decoding row, or more)
         for prompts in ([short], [long - i for i in range(min(self.max_batch_size, MIN_ROWS + 1))]):
             done = [threading.Event() for _ in prompts]
             with self.handle.lock:  # the first one's prefill waits for it, so the others join before its step
@@ -233,6 +226,7 @@ class BatchScheduler:
                 finished.wait()
             if failed:
                 raise failed[0]
+        return time.monotonic() - started
 
     def submit(self, request: PreparedRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> None:
