@@ -13,7 +13,7 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
            one ended) on the first grid entry's scheduler of each mode: tokens/s, TTFT p50, how many requests
            joined a running wave, ms per join (its prefill and the copy into the wave's rows), and the wall's
            share spent in joins; with --join-wait-ms, also with the engine's JARVIS_HF_JOIN_WAIT_MS at each of
-           those values (arrivals held until the oldest has waited that long or they would fill the free rows);
+           those values (arrivals held until the oldest has waited that long or they are as many as the decoding rows);
   kernels  torch.profiler over one join-sized prefill (batch 1, eager, what a join runs) and one decode step:
            kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
            inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.

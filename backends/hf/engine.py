@@ -53,7 +53,7 @@ class HfSettings(BaseSettings):
     join_wait_ms: float = Field(10.0, ge=0, le=1000,
                                 description="While a static wave decodes, how long requests that arrive may wait "
                                             "to join it together, so that one prefill admits several (they join at "
-                                            "once when they are as many as its free rows or its decoding ones); "
+                                            "once when they are as many as its decoding rows); "
                                             "0 = each joins at the next step.",
                                 json_schema_extra={"fix": "set JARVIS_HF_JOIN_WAIT_MS between 0 and 1000"})
     quantization: str = Field("none", pattern="^(none|int8|int4)$",

@@ -474,17 +474,20 @@ class BatchScheduler:
     def _holds(self, w: StaticWave) -> bool:
         """Whether the waiting requests wait one more step (join_seconds): while the oldest would still have
         waited less than join_seconds at the end of it (a step as long as the last one), and fewer wait than
-        there are free rows and than there are rows decoding. A join's prefill runs between two steps, holding
-        up every decoding row, and costs about the same for one prompt as for several (eager, its kernels are
-        launched one by one): one prefill for several saves the decoding rows' time, paid by the waiting ones'
-        first token, which pays only while those rows outnumber them."""
+        there are rows decoding. A join's prefill runs between two steps, holding up every decoding row, and
+        costs about the same for one prompt as for several (eager, its kernels are launched one by one): one
+        prefill for several saves the decoding rows' time, paid by the waiting ones' first token, which pays
+        only while those rows outnumber them.
+
+        Free rows do not end the hold: in a full wave rows free one at a time, each one's replacement arrives
+        alone, and admitting it at once would run a prefill per request; held, the rows that free meanwhile
+        are taken by one prefill (a row idles a few steps, every decoding row is spared the prefills)."""
         head = self._pending[0]
         if (not self.join_seconds or head is None
                 or time.monotonic() - head.arrived + self.step_seconds >= self.join_seconds):
             return False
-        free = sum(seq is None for seq in w.slots)
-        waiting = len(self._pending) + self._queue.qsize()
-        return waiting < min(free, len(w.slots) - free)
+        decoding = sum(seq is not None for seq in w.slots)
+        return len(self._pending) + self._queue.qsize() < decoding
 
     def _admit(self, w: StaticWave, live: list[Sequence]) -> None:
         """Put `live` into free rows of `w`, their first token sampled: the wave's own requests and joiners alike.

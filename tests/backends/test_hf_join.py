@@ -213,7 +213,7 @@ def test_warm_up_compiles_the_step_once_for_every_later_row_count_and_window(han
 
 
 def test_join_wait_admits_arrivals_in_one_prefill_only_while_it_pays(handle, scheduler):
-    s = scheduler(max_batch_size=8, join_seconds=1.0)
+    s = scheduler(max_batch_size=5, join_seconds=1.0)
     stop = threading.Event()  # the running requests decode until the test ends them, however fast the steps
     running = [Answer() for _ in range(3)]
     with handle.lock:  # the first one's prefill waits for it: the others join before its first step
@@ -230,8 +230,8 @@ def test_join_wait_admits_arrivals_in_one_prefill_only_while_it_pays(handle, sch
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     stop.set()
     assert all(a.done.wait(300) and a.finish == "cancelled" for a in running)
-    # two arrivals, fewer than the 5 free rows and the 3 decoding ones: held until the first would have waited
-    # 1 s by the end of the next step, then one prefill for both (at once they would have joined within a step)
+    # two arrivals, as many as the 2 free rows but fewer than the 3 decoding ones: held until the first would have
+    # waited 1 s by the end of the next step, then one prefill for both (at once they would have joined within a step)
     assert (s.waves, s.joined - joined, s.join_prefills - prefills) == (1, 2, 1), (s.waves, s.joined, s.join_prefills)
     assert arrivals[0].first_at - sent >= 0.5, (arrivals[0].first_at - sent, s.step_seconds)
 
