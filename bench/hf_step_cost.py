@@ -18,10 +18,11 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
            kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
            inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
 
-A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load, but a step
-computes only its first rows, the smallest power of two from MIN_ROWS that holds the busy ones (a CUDA graph per
-row count), and attends only the window in use; `row_steps` counts the steps by the rows they computed. So the
-step's cost at one request shows what is left of the preallocated shape.
+A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load and attends
+only the window in use; a "graphs" step computes all ROWS rows (one shape, which the compiler specialises), an
+eager "static" one only its first rows, the smallest power of two from MIN_ROWS that holds the busy ones
+(--first-rows / --no-first-rows choose); `row_steps` counts the steps by the rows they computed. So the step's
+cost at one request shows what is left of the preallocated shape.
 
     python bench/hf_step_cost.py --random-weights --grid 64x2048 --loop-concurrency 16,64 --join-wait-ms 0,10
     python bench/hf_step_cost.py --device cpu --random-weights --grid 4x256 --attention grouped --prompt-len 32 \
@@ -87,7 +88,7 @@ def scheduler_for(model: Any, rows: int, length: int, window: str, args: argpars
                   sync: Any) -> TimedScheduler:
     handle = ModelHandle(model, NoTokenizer(), torch.device(args.device), frozenset(), threading.RLock(), EngineStats())
     s = TimedScheduler(handle, max_batch_size=rows, gather_seconds=0.005, decode=args.decode, max_len=length,
-                       min_window=length if window == "whole" else MIN_WINDOW, sync=sync)
+                       min_window=length if window == "whole" else MIN_WINDOW, sync=sync, first_rows=args.first_rows)
     s.start()
     return s
 
@@ -271,6 +272,9 @@ def main() -> None:
                         "(backends/hf/attention.py); sdpa: transformers' own")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="profile the prefill and one decode step at the end")
+    parser.add_argument("--first-rows", action=argparse.BooleanOptionalAction, default=None,
+                        help="steps compute only the first rows that hold the busy ones (default: the engine's, on "
+                             "for eager static, off for graphs, where the compiler then specialises the batch)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)

@@ -11,12 +11,15 @@ start the next one.
 
 Two ways to decode a wave (`decode=`):
   * "dynamic": a growing KV cache, finished rows pruned at once; the default on CPU.
-  * "static" / "graphs": one preallocated cache of the full batch's rows; each step computes the
-    first rows only, the smallest power of two (from MIN_ROWS) that holds every busy row, finished
-    rows below it carried along; so with "graphs" (the default on CUDA) the decode step is
-    compiled once and replayed as a CUDA graph per row count and window
-    (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
-    dominates a small model's step, and a wave of one request steps 2 rows, not 64. Adapters ride
+  * "static" / "graphs": one preallocated cache of the full batch's rows, finished rows carried
+    along. With "graphs" (the default on CUDA) every step computes all the rows, one shape the
+    compiler specialises, and the decode step is compiled once and replayed as a CUDA graph per
+    window (`torch.compile(mode="reduce-overhead")`), which removes the per-kernel launch cost that
+    dominates a small model's step. Eager "static" steps compute only the first rows, the smallest
+    power of two (from MIN_ROWS) that holds every busy row: there a step's cost follows its rows.
+    (Compiled with a dynamic row count, a 64-row step took 5.6 ms and a 2-row one 2.6 ms on an H100,
+    where earlier H100s had run the specialised 64-row step in 2.1-2.4 ms, for 1 busy row or 64: on
+    a GPU the fixed shape is the cheaper one.) Adapters ride
     along as stacks indexed by each row's slot (stacked_lora.py: one device tensor per wave holds
     the slots), compiled into a graph of their own; adapters that do not stack (DoRA: PEFT's per-row
     routing) make the waves decode "dynamic".
@@ -64,9 +67,8 @@ from jarvis.text_stream import StopSequenceMatcher
 
 #: The smallest context window a static step attends (slots); windows double from here up to max_len.
 MIN_WINDOW = 256
-#: The fewest rows a static step computes; row counts double from here up to the batch size. Not 1: torch's
-#: compiler specialises a size of 1, so a one-row step would be a compile of its own beside the one that serves
-#: every other count (a 2-row step costs what a 1-row one does; the weights are read once either way).
+#: The fewest rows an eager static step computes; row counts double from here up to the batch size (first_rows).
+#: Not 1: torch's compiler specialises a size of 1, so a compiled step would compile a one-row step of its own.
 MIN_ROWS = 2
 
 
@@ -165,11 +167,14 @@ class StaticWave:
 class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
                  decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW,
-                 join_seconds: float = 0.0) -> None:
+                 join_seconds: float = 0.0, first_rows: bool | None = None) -> None:
         self.handle = handle
         #: While a static wave decodes, how long waiting requests may be held back before they join, so that one
         #: prefill admits several (0: they join at the next step). See _holds.
         self.join_seconds = join_seconds
+        #: A static step computes only the first rows that hold the busy ones (else all max_batch_size rows):
+        #: eager "static" does by default, a compiled "graphs" step keeps the one shape.
+        self.first_rows = decode == "static" if first_rows is None else first_rows
         self.min_window = min_window  # max_len: every static step attends the whole cache
         self.max_batch_size = max_batch_size
         self.gather_seconds = gather_seconds
@@ -200,15 +205,15 @@ class BatchScheduler:
 
     def warm_up(self) -> float:
         """Run what a static wave runs once before any request waits for it, and return the seconds it took: in
-        "graphs" mode that compiles the decode step twice, first at MIN_ROWS rows in the first window, then at
-        twice the rows past it, where torch's compiler makes both sizes dynamic; later row counts and windows
-        only capture their CUDA graph. Call it after start()."""
+        "graphs" mode that compiles the decode step twice, first in the first window, then past it, where
+        torch's compiler makes the window a dynamic size; later windows only capture their CUDA graph (with
+        first_rows, both sizes: first at MIN_ROWS rows, then at twice as many). Call it after start()."""
         started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
         long = min(self.min_window + 8, self.max_len - 2)  # past the first window, where the room allows
         failed: list[BaseException] = []
-        # one row more than MIN_ROWS makes the second step's rows the next count (where the batch allows)
+        # with first_rows, one row more than MIN_ROWS makes the second step's rows the next count
         # (a join wait does not hold them back: they are as many as the one decoding row, or more)
         for prompts in ([short], [long - i for i in range(min(self.max_batch_size, MIN_ROWS + 1))]):
             done = [threading.Event() for _ in prompts]
@@ -381,8 +386,10 @@ class BatchScheduler:
                         w.feed[j] = token
 
     def _rows(self, used: int) -> int:
-        """The rows a static step computes to hold the first `used`: the smallest power of two from MIN_ROWS,
-        at most the batch size."""
+        """The rows a static step computes to hold the first `used`: with first_rows the smallest power of two
+        from MIN_ROWS, at most the batch size; else the batch size."""
+        if not self.first_rows:
+            return self.max_batch_size
         return min(self.max_batch_size, max(MIN_ROWS, 1 << (used - 1).bit_length()))
 
     def _row_adapters(self, w: StaticWave, n: int) -> Any:
