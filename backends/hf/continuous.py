@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from jarvis.backends.hf.waves import IncrementalDetokenizer, ModelHandle, Sequence
+from jarvis.backends.hf.waves import ModelHandle, Sequence, detokenizer
 from jarvis.engine import Emit, GenerationChunk, PreparedRequest
 from jarvis.text_stream import StopSequenceMatcher
 
@@ -176,7 +176,7 @@ class ContinuousBatcher:
         """Hand a covered request to the manager; False (nothing done) while paused for adapters."""
         h, r = self.handle, request
         rid = f"{r.request_id}-{next(self._ids)}"
-        stream = Stream(r, prompt_ids, emit, cancel, IncrementalDetokenizer(h.tokenizer, prompt_ids),
+        stream = Stream(r, prompt_ids, emit, cancel, detokenizer(h.tokenizer, prompt_ids),
                         StopSequenceMatcher(r.stop), generator=None)
         greedy = r.temperature == 0 or r.top_k == 1
         with self._lock:

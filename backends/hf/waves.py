@@ -73,7 +73,8 @@ MIN_ROWS = 2
 
 
 class IncrementalDetokenizer:
-    """Token ids → text deltas that never split a character or drop a leading space.
+    """Token ids → text deltas that never split a character or drop a leading space, for a tokenizer that has no
+    Rust backend (detokenizer() takes StreamDetokenizer where it can).
 
     Decodes a small window (seeded with the prompt's last tokens) and emits what
     the newest token added, holding back while the text ends mid-character."""
@@ -94,13 +95,36 @@ class IncrementalDetokenizer:
         return ""
 
 
+class StreamDetokenizer:
+    """IncrementalDetokenizer's deltas from the tokenizers library's own incremental decoder (`DecodeStream`, in
+    Rust, seeded with the prompt's last tokens): one call per token where the window takes two decodes through
+    transformers, 1.3 against 6.7 us a token on the embedded model, which a 64-row step pays 64 times."""
+
+    __slots__ = ("_backend", "_stream")
+
+    def __init__(self, backend: Any, prompt_ids: list[int]) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = backend
+        self._stream = DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=False)
+
+    def push(self, token: int) -> str:
+        return self._stream.step(self._backend, token) or ""  # None: the token ends mid-character
+
+
+def detokenizer(tokenizer: Any, prompt_ids: list[int]) -> IncrementalDetokenizer | StreamDetokenizer:
+    """The incremental detokenizer for a request: Rust's where the tokenizer has a Rust backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return IncrementalDetokenizer(tokenizer, prompt_ids) if backend is None else StreamDetokenizer(backend, prompt_ids)
+
+
 @dataclass
 class Sequence:
     request: PreparedRequest
     prompt_ids: list[int]
     emit: Emit
     cancel: threading.Event
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | StreamDetokenizer
     stops: StopSequenceMatcher
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
@@ -241,7 +265,7 @@ class BatchScheduler:
             generator.manual_seed(request.seed)
         matcher = request.compiled_constraint() if request.compiled_constraint is not None else None
         self._queue.put(Sequence(request, prompt_ids, emit, cancel,
-                                 IncrementalDetokenizer(self.handle.tokenizer, prompt_ids),
+                                 detokenizer(self.handle.tokenizer, prompt_ids),
                                  StopSequenceMatcher(request.stop), generator, matcher=matcher))
 
     # --- the scheduler thread ----------------------------------------------------------------------
@@ -645,7 +669,7 @@ class BatchScheduler:
             first = h.tokenizer.decode(seq.prompt_ids[:1])
             entries.append(TokenLogprob(token=first, logprob=None, bytes=list(first.encode()),
                                         token_id=int(seq.prompt_ids[0])))
-        detok = IncrementalDetokenizer(h.tokenizer, seq.prompt_ids[:1])
+        detok = detokenizer(h.tokenizer, seq.prompt_ids[:1])
         for pos in range(1, len(seq.prompt_ids)):
             token = seq.prompt_ids[pos]
             entries.append(seq_logprob(h.tokenizer, logits[pos - 1], token, detok.push(token),

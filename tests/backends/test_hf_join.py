@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from jarvis.backends.hf.attention import grouped_sdpa
-from jarvis.backends.hf.waves import BatchScheduler, ModelHandle
+from jarvis.backends.hf.waves import (
+    BatchScheduler,
+    IncrementalDetokenizer,
+    ModelHandle,
+    StreamDetokenizer,
+    detokenizer,
+)
 from jarvis.engine import EngineStats, GenerationChunk, PreparedRequest
 
 pytestmark = pytest.mark.slow
@@ -243,3 +249,18 @@ def test_join_wait_admits_arrivals_in_one_prefill_only_while_it_pays(handle, sch
     last = submit(few, ids(handle, "Fact: the moon is"), 4)  # one row decodes: a prefill holds up only it
     assert last.done.wait(300) and last.finish == "length", last.finish
     assert first.done.wait(300) and last.first_at < first.done_at and few.join_prefills == 1
+
+
+def test_rust_detokenizer_streams_the_same_deltas_as_the_window(handle):
+    """StreamDetokenizer (tokenizers' DecodeStream) against the two-decode window, token by token: the same
+    deltas, characters split across tokens held back alike, the prompt's leading space kept, and an id past the
+    vocabulary shown as nothing; together the whole decode (𝔘 and 🜁 are four byte tokens each here)."""
+    tok = handle.tokenizer
+    prompt = ids(handle, "Write:")
+    text = " The lighthouse — 灯台 𝔘 — stood 🌊🏝️ on 🜁 the cliff.\n\nÜnïcödé façade; 東京 and 서울 <start_of_turn>"
+    answer = tok(text, add_special_tokens=False)["input_ids"] + [tok.backend_tokenizer.get_vocab_size() + 7]
+    stream, window = detokenizer(tok, prompt), IncrementalDetokenizer(tok, prompt)
+    assert isinstance(stream, StreamDetokenizer)
+    deltas = [(stream.push(t), window.push(t)) for t in answer]
+    assert [a for a, _ in deltas] == [b for _, b in deltas]
+    assert "".join(a for a, _ in deltas) == text and any(a == "" for a, _ in deltas[:-1])
