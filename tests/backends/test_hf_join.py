@@ -254,7 +254,8 @@ def test_join_wait_admits_arrivals_in_one_prefill_only_while_it_pays(handle, sch
 def test_rust_detokenizer_streams_the_same_deltas_as_the_window(handle):
     """StreamDetokenizer (tokenizers' DecodeStream) against the two-decode window, token by token: the same
     deltas, characters split across tokens held back alike, the prompt's leading space kept, and an id past the
-    vocabulary shown as nothing; together the whole decode (𝔘 and 🜁 are four byte tokens each here)."""
+    vocabulary shown as nothing; together the whole decode (𝔘 and 🜁 are four byte tokens each here); where
+    DecodeStream fails on a token, the window goes on."""
     tok = handle.tokenizer
     prompt = ids(handle, "Write:")
     text = " The lighthouse — 灯台 𝔘 — stood 🌊🏝️ on 🜁 the cliff.\n\nÜnïcödé façade; 東京 and 서울 <start_of_turn>"
@@ -264,3 +265,8 @@ def test_rust_detokenizer_streams_the_same_deltas_as_the_window(handle):
     deltas = [(stream.push(t), window.push(t)) for t in answer]
     assert [a for a, _ in deltas] == [b for _, b in deltas]
     assert "".join(a for a, _ in deltas) == text and any(a == "" for a, _ in deltas[:-1])
+    # byte tokens on which DecodeStream raises "Invalid prefix encountered" (at the 7th): the window takes over
+    broken = [199187, 237167, 106645, 237167, 349, 382, 237167, 651, 1234]
+    stream, window = detokenizer(tok, prompt), IncrementalDetokenizer(tok, prompt)
+    deltas = [(stream.push(t), window.push(t).replace("\ufffd", "")) for t in broken]
+    assert [a for a, _ in deltas] == [b for _, b in deltas] and stream._window is not None, deltas
