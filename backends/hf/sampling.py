@@ -48,13 +48,14 @@ def sample_rows(logits: torch.Tensor, requests: list[PreparedRequest], generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def adjusted_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor | None:
-    """The row's logits after logit_bias, penalties and the grammar mask; None when nothing applies."""
+def adjusted_logits(logits: torch.Tensor, i: int, seq: Sequence) -> torch.Tensor | None:
+    """Row `i` of `logits` after logit_bias, penalties and the grammar mask; None when nothing applies (the row
+    is not even indexed then: a 64-row step would pay 64 tensor views for nothing)."""
     r = seq.request
     penalised = (r.presence_penalty or r.frequency_penalty) and seq.generated
     if not (r.logit_bias or penalised or r.repetition_penalty != 1.0 or seq.matcher is not None):
         return None
-    row = row.clone()
+    row = logits[i].clone()
     if r.logit_bias:
         ids = torch.tensor(list(r.logit_bias), device=row.device)
         row[ids] += torch.tensor(list(r.logit_bias.values()), device=row.device, dtype=row.dtype)

@@ -357,7 +357,7 @@ class BatchScheduler:
             tokens = self._sample(logits, live)
             with batched_emits():
                 keep = [i for i, (seq, token) in enumerate(zip(live, tokens))
-                        if not self._advance(seq, token, logits[i])]
+                        if not self._advance(seq, token, logits, i)]
             if not keep:
                 return
             if len(keep) < len(live):
@@ -417,8 +417,8 @@ class BatchScheduler:
             logits = out.logits[:, -1, :].float()
             rows = logits if len(busy) == n else logits[busy]
             with batched_emits():  # the rows' chunks reach the event loop in one call
-                for j, token, row in zip(busy, self._sample(rows, [w.slots[j] for j in busy]), rows):
-                    if self._advance(w.slots[j], token, row):  # type: ignore[arg-type]
+                for r, (j, token) in enumerate(zip(busy, self._sample(rows, [w.slots[j] for j in busy]))):
+                    if self._advance(w.slots[j], token, rows, r):  # type: ignore[arg-type]
                         w.slots[j] = None
                     else:
                         w.feed[j] = token
@@ -559,7 +559,7 @@ class BatchScheduler:
         logits = out.logits[:, -1, :].float()
         with batched_emits():
             for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
-                if not self._advance(seq, token, logits[r]):
+                if not self._advance(seq, token, logits, r):
                     w.slots[j], w.feed[j] = seq, token
                     if w.rows is not None and w.stacked is self.handle.stacked:
                         w.rows[j] = w.stacked.slots[seq.adapter]
@@ -625,7 +625,7 @@ class BatchScheduler:
         generator, so its text depends on its seed alone, never on the rows beside it."""
         work = logits
         for i, seq in enumerate(live):
-            shaped = adjusted_logits(logits[i], seq)
+            shaped = adjusted_logits(logits, i, seq)
             if shaped is not None:
                 if work is logits:
                     work = logits.clone()  # the caller's logits stay unshaped: they give the logprobs
@@ -647,8 +647,9 @@ class BatchScheduler:
             self._shared_generator.manual_seed(random.getrandbits(63))
         return self._shared_generator
 
-    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
-        """Take `token` for `seq`; emit what it shows; True when the sequence is finished."""
+    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor, row: int) -> bool:
+        """Take `token` for `seq` (row `row` of `logits`, read only for logprobs); emit what it shows; True when the
+        sequence is finished."""
         h, r = self.handle, seq.request
         if seq.cancel.is_set():
             return self._finish(seq, "cancelled")
@@ -659,7 +660,7 @@ class BatchScheduler:
         seq.generated.append(token)
         piece = seq.detok.push(token)
         text = seq.stops.feed(piece)
-        logprobs = [seq_logprob(h.tokenizer, logits, token, piece, r.top_logprobs)] if r.logprobs else []
+        logprobs = [seq_logprob(h.tokenizer, logits[row], token, piece, r.top_logprobs)] if r.logprobs else []
         seq.emit(GenerationChunk(text=text, token_count=1, logprobs=logprobs))  # held-back text too: one per token
         if seq.stops.stopped:
             return self._finish(seq, "stop")
