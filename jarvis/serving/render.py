@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from pydantic import BaseModel
 
 from jarvis import protocol as wire
@@ -17,8 +18,19 @@ from jarvis.errors import APIError
 if TYPE_CHECKING:
     from jarvis.runtime import Runtime
 
-#: Compact JSON, as every event is written (`json.dumps(..., separators=...)` would build an encoder per call).
-compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_encode = msgspec.json.Encoder().encode
+_encode_escaped = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def compact_json(value: Any) -> str:
+    """Compact JSON, as every event is written: msgspec's encoder (0.2 against 1.9 us for a token's choices with
+    the standard library's, paid by every streamed token), non-ASCII text as UTF-8 as OpenAI's and vLLM's servers
+    write it. A string that UTF-8 cannot carry (a lone surrogate, which a JSON escape in a request can make) is
+    written escaped by the standard library's encoder instead of failing the event."""
+    try:
+        return _encode(value).decode()
+    except UnicodeEncodeError:
+        return _encode_escaped(value)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> wire.Usage:

@@ -21,7 +21,6 @@ its last event or its body is sent.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from jarvis.bodies import parse_body, validate_body
 from jarvis.errors import APIError, InvalidRequest, NotFound
 from jarvis.responses_store import ResponseStore, responses_store
 from jarvis.serving.chat import ChatRun, start_chat
+from jarvis.serving.render import compact_json
 
 if TYPE_CHECKING:
     from jarvis.runtime import Runtime
@@ -398,8 +398,7 @@ async def finish_response(prepared: PreparedResponse) -> dict[str, Any]:
 
 
 def sse_event(kind: str, sequence: int, **fields: Any) -> str:
-    payload = json.dumps({"type": kind, "sequence_number": sequence, **fields}, separators=(",", ":"))
-    return f"event: {kind}\ndata: {payload}\n\n"
+    return f"event: {kind}\ndata: {compact_json({'type': kind, 'sequence_number': sequence, **fields})}\n\n"
 
 
 async def response_events(prepared: PreparedResponse) -> AsyncIterator[str]:

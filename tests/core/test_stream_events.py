@@ -10,6 +10,7 @@ and the usage chunk.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -167,3 +168,15 @@ def test_chunk_events_serialize_the_template_around_the_choices(template: Any) -
     choices = [{"index": 0, "text": TEXT, "nested": {"list": [1, 2.5, None, True]}}]
     assert events.event(choices) == sse({**wire.dump(template), "choices": choices})
     assert events.usage_event(usage(3, 4)) == sse(wire.dump(template.model_copy(update={"usage": usage(3, 4)})))
+
+
+def test_events_write_text_as_utf8_and_a_lone_surrogate_escaped() -> None:
+    """Non-ASCII text goes out as UTF-8, as OpenAI's and vLLM's servers write it; a lone surrogate (which a JSON
+    escape in a request can carry into echoed text) cannot be UTF-8, so that event is escaped JSON instead of an
+    error in the middle of a stream."""
+    plain = sse({"text": TEXT})
+    assert "Hé" in plain and "😀" in plain and "\\u" not in plain
+    assert json.loads(plain.removeprefix("data: ")) == {"text": TEXT}
+    broken = sse({"text": "a\udc80b"})
+    assert broken == 'data: {"text":"a\\udc80b"}\n\n'
+    assert json.loads(broken.removeprefix("data: ")) == {"text": "a\udc80b"}
