@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from litestar import Litestar, post
+from litestar import Litestar, get, post
 from litestar.response import Stream
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from jarvis_process import checkout_env  # noqa: E402
+from jarvis_process import checkout_env, wait_ready  # noqa: E402
 from stream_overhead import isolated_env, thread_cpu_ns  # noqa: E402
 
 EVENT = "data: " + json.dumps({"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "m",
@@ -148,7 +148,11 @@ def floor_app(step_s: float, host_s: float) -> tuple[Any, Stepper]:
 
         return Stream(events(), media_type="text/event-stream")
 
-    return Litestar([completions]), stepper
+    @get("/health")
+    async def health() -> dict[str, str]:  # what wait_ready polls, as Jarvis answers it
+        return {"status": "ready"}
+
+    return Litestar([completions, health]), stepper
 
 
 def serve(side: str, port: int, step_ms: float, host_us: float, stats_file: Path) -> None:
@@ -186,27 +190,22 @@ class Server:
 
     def __enter__(self) -> Server:
         kind = "floor" if self.side == "floor" else "jarvis"
+        self.log_file = open(self.log, "w+")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", kind, str(self.port), str(self.args.step_ms), str(self.args.host_us),
-             str(self.stats_file)], env={**os.environ, **self.env}, stdout=open(self.log, "w"),
-            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:  # the floor is up once it answers at all; Jarvis once its engine is
-                if httpx.get(self.url("/" if self.side == "floor" else "/health/ready"), timeout=2).status_code in (
-                        404 if self.side == "floor" else 200,):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"{self.side} did not start:\n{self.log.read_text()[-3000:]}")
+             str(self.stats_file)], env={**os.environ, **self.env}, stdout=self.log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(self.url(""), self.process, self.log_file, timeout_s=300)
+        except BaseException:
+            self.__exit__()
+            raise
         self.model = "m" if self.side == "floor" else httpx.get(self.url("/v1/models")).json()["data"][0]["id"]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+        self.log_file.close()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -74,7 +74,7 @@ MIN_ROWS = 2
 
 class IncrementalDetokenizer:
     """Token ids → text deltas that never split a character or drop a leading space, for a tokenizer that has no
-    Rust backend (detokenizer() takes StreamDetokenizer where it can).
+    Rust backend (detokenizer() takes StreamDetokenizer where it can), and StreamDetokenizer's fallback.
 
     Decodes a small window (seeded with the prompt's last tokens) and emits what
     the newest token added, holding back while the text ends mid-character."""
