@@ -129,8 +129,8 @@ def main() -> None:
                                  EngineStats())
                for path in ("base", "stacked", "stacked-dynamic", "peft") if path in wanted}
     if args.decode == "graphs":
-        # one scheduler thread replays the CUDA graphs of both, as in the engine, whose model and stack change at
-        # an adapter load (torch before 2.13 runs CUDA graph trees in one thread only: pytorch#123177)
+        # one scheduler replays the CUDA graphs of both, as in the engine, whose model and stack change at an
+        # adapter load
         handles["stacked"] = handles["base"]
     stacked = StackedLora.build(peft)
     assert stacked is not None

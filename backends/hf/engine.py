@@ -290,6 +290,8 @@ class HfEngine(Engine):
                              "static_steps_by_rows": dict(self._scheduler.row_steps) if self._scheduler else {},
                              "wave_shifts": self._scheduler.shifts if self._scheduler else 0,
                              "compiled_steps": self._scheduler.compiles if self._scheduler else 0,
+                             "captured_graphs": self._scheduler.captures if self._scheduler else 0,
+                             "overlapped_steps": self._scheduler.overlapped if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,
                              "continuous": self._continuous.describe() if self._continuous else None,
                              "served_by": dict(self._paths), "recent": list(self._recent)},

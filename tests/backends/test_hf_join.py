@@ -69,8 +69,10 @@ def scheduler(handle):
     made: list[BatchScheduler] = []
 
     def make(**kw) -> BatchScheduler:
+        # overlapped, as "graphs" steps on a GPU: each step launched before the last one's tokens are taken
         s = BatchScheduler(handle, max_batch_size=kw.pop("max_batch_size", 4), gather_seconds=0.0,
-                           decode="static", max_len=kw.pop("max_len", 1024), **kw)
+                           decode=kw.pop("decode", "static"), max_len=kw.pop("max_len", 1024),
+                           overlap=kw.pop("overlap", True), **kw)
         s.start()
         made.append(s)
         return s
@@ -108,8 +110,35 @@ def test_requests_join_a_running_wave_and_answer_as_they_would_alone(handle, sch
     assert s.waves == 1 and s.joined == 2, (s.waves, s.joined)
     # alone, the first request's steps computed 2 rows of the cache's 4; with the joiners in rows 1 and 2, all 4
     assert set(s.row_steps) == {2, 4} and s.row_steps[4] >= 7, s.row_steps
+    assert s.overlapped >= sum(s.row_steps.values()) // 2, (s.overlapped, s.row_steps)  # joins and ends step alone
     assert [a.text for a in joined] == [alone(s, p, 8) for p in later]
     assert first.text == alone(s, ids(handle, "The history of the ocean begins with"), 28)
+
+
+def test_a_row_shaped_by_what_it_generated_steps_the_wave_one_at_a_time(handle, scheduler):
+    """A repetition penalty shapes a row's next logits from its last token, so a wave with such a row takes
+    every step's tokens before it launches the next: alone it never overlaps; beside a plain row, both answer
+    as the dynamic loop (which never runs ahead) answers them."""
+    def penalised(s: BatchScheduler) -> Answer:
+        answer = Answer()
+        request = PreparedRequest(prompt=None, model="m", max_tokens=12, temperature=0.0, ignore_eos=True,
+                                  repetition_penalty=1.5)
+        s.submit(request, ids(handle, "Repeat after me: la la la la"), answer, threading.Event())
+        return answer
+
+    dynamic = scheduler(decode="dynamic")
+    expected = [penalised(dynamic), submit(dynamic, ids(handle, "Once upon a time"), 20)]
+    alone = scheduler()
+    answers = [penalised(alone)]
+    assert answers[0].done.wait(300) and alone.overlapped == 0, alone.overlapped
+    s = scheduler()
+    answers.append(submit(s, ids(handle, "Once upon a time"), 20))
+    assert answers[1].started.wait(120)
+    answers.append(penalised(s))  # joins the running wave
+    for answer in (*expected, *answers):
+        assert answer.done.wait(300) and answer.finish == "length", answer.finish
+    assert s.joined == 1 and s.overlapped > 0, (s.joined, s.overlapped)
+    assert [a.text for a in answers] == [expected[0].text, expected[1].text, expected[0].text]
 
 
 @pytest.mark.parametrize("case", ["prompt longer than the wave's", "answer past the cache's end"])
@@ -188,18 +217,16 @@ def test_warm_up_compiles_the_step_once_for_every_later_window(handle, scheduler
     compiled: list[int] = []
 
     class Counted(BatchScheduler):
-        def _step_fn(self):
-            if self._decode_step is None:
-                self._decode_step = torch.compile(
-                    self.handle.model.forward, fullgraph=True,
-                    backend=lambda graph, inputs: compiled.append(1) or graph.forward)
-            return self._decode_step
+        def _compiled(self, forward):
+            return torch.compile(forward, fullgraph=True,
+                                 backend=lambda graph, inputs: compiled.append(1) or graph.forward)
 
-    assert BatchScheduler(handle, 8, 0.0, decode="graphs").first_rows is False  # what "graphs" steps compute
     torch._dynamo.reset()
-    # a long join wait too: the warm-up's requests must not be held (one wave, not two)
-    s = Counted(handle, max_batch_size=8, gather_seconds=0.0, decode="static", max_len=64, min_window=16,
-                join_seconds=60.0, first_rows=False)
+    # "graphs" on a CPU: the step compiled and stepped through StepGraphs, nothing captured (no CUDA); a long
+    # join wait too: the warm-up's requests must not be held (one wave, not two)
+    s = Counted(handle, max_batch_size=8, gather_seconds=0.0, decode="graphs", max_len=64, min_window=16,
+                join_seconds=60.0)
+    assert s.first_rows is False  # what "graphs" steps compute
     s.start()
     try:
         assert s.warm_up() > 0
@@ -214,6 +241,7 @@ def test_warm_up_compiles_the_step_once_for_every_later_window(handle, scheduler
         window = s._static.layers[0].window
         assert set(s.row_steps) == {8} and window == 64, (s.row_steps, window)
         assert len(compiled) == 2, compiled
+        assert sorted(s._decode_step._shapes) == [(8, 16), (8, 32), (8, 64)]  # a shape (a graph) per window
     finally:
         s.stop()
         torch._dynamo.reset()

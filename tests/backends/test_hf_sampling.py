@@ -64,14 +64,15 @@ def row(r: PreparedRequest) -> Sequence:
 
 
 def test_a_seeded_row_draws_the_same_tokens_whatever_rows_sit_beside_it():
-    def tokens(neighbours: list[PreparedRequest], steps: int = 20) -> list[int]:
+    def tokens(neighbours: list[PreparedRequest | None], steps: int = 20) -> list[int]:
         s = scheduler()
-        rows = [row(request(seed=7, temperature=1.5))] + [row(r) for r in neighbours]
+        rows = [row(request(seed=7, temperature=1.5))] + [r and row(r) for r in neighbours]
         logits = LOGITS.repeat(len(rows), 1)
-        return [s._sample(logits, rows)[0] for _ in range(steps)]
+        return [int(s._pick(logits, rows)[0]) for _ in range(steps)]
 
     alone = tokens([])
     assert tokens([request(), request(temperature=0.0), request(seed=8, top_k=2)]) == alone
+    assert tokens([None, request(), None]) == alone  # free rows of a static step (None) take no draw
     assert len(set(alone)) > 1  # it samples
 
 

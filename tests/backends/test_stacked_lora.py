@@ -136,14 +136,17 @@ def test_graphs_compile_a_step_per_stack(monkeypatch):
     base, peft = Model("base", False), Model("peft", True)
     handle = ModelHandle(base, None, torch.device("cpu"), frozenset(), threading.Lock(), EngineStats())
     s = BatchScheduler(handle, max_batch_size=4, gather_seconds=0.0, decode="graphs")
-    steps = [s._step_fn()()]
+    steps = [s._graphs()]
     handle.model, handle.stacked = peft, SimpleNamespace()
-    steps += [s._step_fn()(), s._step_fn()()]
-    handle.stacked = SimpleNamespace()  # a load that did not fit: a new stack
-    steps.append(s._step_fn()())
+    steps += [s._graphs(), s._graphs()]
+    handle.stacked = handle_stack_now = SimpleNamespace()  # a load that did not fit: a new stack
+    steps.append(s._graphs())
     handle.model, handle.stacked = base, None
-    steps.append(s._step_fn()())
-    assert steps == ["base", "peft", "peft", "peft", "base"]
+    steps.append(s._graphs())
+    assert [g.forward() for g in steps] == ["base", "peft", "peft", "peft", "base"]
+    assert steps[1] is steps[2] and steps[2] is not steps[3] and steps[0] is not steps[4]
+    assert steps[0].stacked is None and steps[4].stacked is None
+    assert steps[3].stacked is handle_stack_now and steps[1].stacked is not handle_stack_now
     assert calls == ["compile base", "compile peft", "reset", "compile peft", "compile base"], calls
     assert s.compiles == 4
 
@@ -199,28 +202,38 @@ def test_a_static_wave_serves_stacked_adapters_and_takes_joiners(two_adapters, h
         s.submit(request, tokenizer(prompt)["input_ids"], emit, threading.Event())
         return out
 
+    class Traced(BatchScheduler):  # "graphs" on a CPU: the step traced by torch's compiler (hooks included)
+        def _compiled(self, forward):  # and stepped through StepGraphs' buffers, nothing captured (no CUDA)
+            return torch.compile(forward, fullgraph=True, backend="eager")
+
     def scheduler(decode: str) -> BatchScheduler:
-        s = BatchScheduler(handle, max_batch_size=4, gather_seconds=0.0, decode=decode, max_len=256)
+        s = Traced(handle, max_batch_size=4, gather_seconds=0.0, decode=decode, max_len=256)
         s.start()
         return s
 
-    static, dynamic = scheduler("static"), scheduler("dynamic")
-    try:
-        first = submit(static, *jobs[0])
+    def wave(s: BatchScheduler) -> list[str]:
+        first = submit(s, *jobs[0])
         assert first["started"].wait(120)
-        joiners = [submit(static, *job) for job in jobs[1:]]
-        answers = [first, *joiners]
+        answers = [first, *(submit(s, *job) for job in jobs[1:])]
         for answer in answers:
             assert answer["done"].wait(300) and "error" not in answer, answer
-        assert static.waves == 1 and static.joined == 2, (static.waves, static.joined)
+        assert s.waves == 1 and s.joined == 2, (s.waves, s.joined)
+        return [a["text"] for a in answers]
+
+    torch._dynamo.reset()
+    static, graphs, dynamic = scheduler("static"), scheduler("graphs"), scheduler("dynamic")
+    try:
+        answers = {"static": wave(static), "graphs": wave(graphs)}
         alone = []
         for job in jobs:
             answer = submit(dynamic, *job)
             assert answer["done"].wait(300) and "error" not in answer, answer
             alone.append(answer["text"])
     finally:
-        static.stop()
-        dynamic.stop()
+        for s in (static, graphs, dynamic):
+            s.stop()
         stacked.close()
-    assert [a["text"] for a in answers] == alone
+        torch._dynamo.reset()
+    assert answers == {"static": alone, "graphs": alone}
     assert len(set(alone)) == 3
+    assert graphs._adapter_step is not None and graphs._decode_step is None
