@@ -67,7 +67,7 @@ class StepGraphs:
         fresh = shape is None
         if shape is None:
             device = mask.device
-            shape = self._shapes[key] = _Shape(
+            shape = _Shape(
                 ids=torch.zeros((rows, 1), dtype=torch.long, device=device),
                 positions=torch.zeros((rows, 1), dtype=positions.dtype, device=device),
                 mask=torch.zeros((rows, window), dtype=mask.dtype, device=device),
@@ -81,6 +81,7 @@ class StepGraphs:
             shape.adapter_rows.copy_(adapter_rows[:rows])
         if fresh:
             self._capture(shape)
+            self._shapes[key] = shape  # only once captured: a failed capture is tried again, never run eager
         if shape.graph is None:  # no CUDA: the same forward, on the same buffers
             shape.logits = self._run(shape)
         else:
