@@ -445,8 +445,8 @@ class BatchScheduler:
             if last is not None:  # a step and what ran beside it: how long a request held now waits for the next
                 self.step_seconds = now - last
             last = now
-            if flight is not None and (not self._ahead(w) or self._may_join(w)):
-                self._settle(w, flight)  # a join (or a row that cannot run ahead) needs every token seen
+            if flight is not None and self._may_join(w):  # a join needs every token seen
+                self._settle(w, flight)
                 flight = None
             if flight is None:
                 self._join(w)
@@ -484,7 +484,7 @@ class BatchScheduler:
             if flight is not None:
                 self._settle(w, flight)  # the host's share of the last step, while the device runs this one
             flight = launched
-            if not self._ahead(w):
+            if not self._ahead(w):  # rows only finish (and none joins) until this flight settles: it stays so
                 self._settle(w, flight)
                 flight = None
 
@@ -742,10 +742,10 @@ class BatchScheduler:
                 work[i] = shaped
         picks = work.argmax(-1)
         drawn = [(i, seq) for i, seq in enumerate(rows) if seq is not None and samples(seq.request)]
-        shared = [i for i, seq in drawn if seq.generator is None]
+        shared = [(i, seq.request) for i, seq in drawn if seq.generator is None]
         if shared:
-            index = torch.tensor(shared, device=work.device)
-            draws = sample_rows(work[index], [rows[i].request for i in shared], self._generator())  # type: ignore[union-attr]
+            index = torch.tensor([i for i, _ in shared], device=work.device)
+            draws = sample_rows(work[index], [request for _, request in shared], self._generator())
             picks = picks.index_copy(0, index, draws)
         for i, seq in drawn:
             if seq.generator is not None:
