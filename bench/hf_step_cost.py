@@ -71,6 +71,15 @@ class TimedScheduler(BatchScheduler):
         self.t["steps"] += 1
         return logits
 
+    def _prefill(self, *args: Any) -> Any:
+        self.sync()
+        start = time.perf_counter()
+        out = super()._prefill(*args)
+        self.sync()
+        self.t["prefill_s"] += time.perf_counter() - start
+        self.t["prefills"] += 1
+        return out
+
     def _join(self, w: Any) -> None:
         before = self.joined
         self.sync()
@@ -88,7 +97,7 @@ def scheduler_for(model: Any, rows: int, length: int, window: str, args: argpars
     handle = ModelHandle(model, NoTokenizer(), torch.device(args.device), frozenset(), threading.RLock(), EngineStats())
     s = TimedScheduler(handle, max_batch_size=rows, gather_seconds=0.005, decode=args.decode, max_len=length,
                        min_window=length if window == "whole" else MIN_WINDOW, sync=sync, first_rows=args.first_rows,
-                       overlap=args.overlap)
+                       overlap=args.overlap, prefill_graphs=args.prefill_graphs)
     s.start()
     return s
 
@@ -151,6 +160,7 @@ def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: i
     return {"clients": clients, "requests": total, "tok_s": tokens[0] / wall,
             "ttft_p50_ms": 1e3 * statistics.median(ttfts),
             "joined": s.joined - joined, "joins": s.t["joins"], "join_ms": 1e3 * s.t["join_s"] / max(1, s.t["joins"]),
+            "prefill_ms": 1e3 * s.t["prefill_s"] / max(1, s.t["prefills"]), "prefill_captures": s.prefill_captures,
             "join_share": s.t["join_s"] / wall, "forward_ms": 1e3 * s.t["step_s"] / max(1, s.t["steps"]),
             "forward_share": s.t["step_s"] / wall}
 
@@ -278,6 +288,9 @@ def main() -> None:
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="launch each static step before the last one's tokens are taken (default: with "
                              "graphs); the forward ms are then not measured (a synchronized step would undo it)")
+    parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each prompts' forward pass (a wave's start, a join) as a CUDA graph of its "
+                             "padded shape (default: with graphs)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -329,7 +342,8 @@ def main() -> None:
                         results["loop"].append(r)
                         print(f"  closed loop, {r['clients']} clients, join wait {wait:g} ms: {r['tok_s']:.1f} "
                               f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} "
-                              f"joins of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall); "
+                              f"joins of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall; "
+                              f"prefills {r['prefill_ms']:.2f} ms, {r['prefill_captures']} captured); "
                               f"forward {r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
                     s.join_seconds = 0.0
         if args.kernels and attention == attentions[-1]:

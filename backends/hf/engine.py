@@ -292,6 +292,7 @@ class HfEngine(Engine):
                              "compiled_steps": self._scheduler.compiles if self._scheduler else 0,
                              "captured_graphs": self._scheduler.captures if self._scheduler else 0,
                              "overlapped_steps": self._scheduler.overlapped if self._scheduler else 0,
+                             "captured_prefills": self._scheduler.prefill_captures if self._scheduler else 0,
                              "forward_passes": self.stats.forward_passes,
                              "continuous": self._continuous.describe() if self._continuous else None,
                              "served_by": dict(self._paths), "recent": list(self._recent)},

@@ -16,16 +16,22 @@ step replays: the scheduler's one thread does both.
 
 Without CUDA (a CPU) nothing is captured: the same forward runs on the same buffers every step, after the
 same warm-up, so a CPU runs and checks everything here but the capture itself.
+
+The prompts' forward pass (a wave's first requests, each join) is replayed the same way (PrefillGraphs), eager
+rather than compiled, one graph per padded (rows, width) shape.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger("jarvis.backends.hf.step_graphs")
 
 #: Forward passes before a capture, on a side stream: the first compiles (for a new shape), the next one runs
 #: what a capture must not do for the first time (lazy initialisation in cuBLAS and the like).
@@ -123,3 +129,159 @@ class StepGraphs:
             shape.logits = self._run(shape)
         shape.graph = graph
         self.captures += 1
+
+
+#: The narrowest width (tokens) a prefill graph pads its prompts to; widths double from here.
+MIN_PREFILL_WIDTH = 32
+#: The most tokens (rows × width) one prefill graph computes: a larger prefill runs eager, where its kernels'
+#: launches are a small share of its compute.
+PREFILL_GRAPH_TOKENS = 8192
+#: The most device memory the captured prefills' outputs (each graph's keys, values and logits) may hold
+#: together; once they hold it, a prefill of a shape not yet captured runs eager.
+PREFILL_GRAPH_BYTES = 2 << 30
+
+
+@dataclass
+class _Prefill:
+    """One captured prefill: its input buffers (rows × width, the prompts left-padded), its graph (None on a CPU),
+    and what each replay writes: the last position's logits and every layer's keys and values."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    adapter_rows: torch.Tensor | None
+    graph: Any = None
+    logits: torch.Tensor | None = None  # rows × vocab
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each layer's keys, values: rows × heads × slots × d
+
+
+class PrefillGraphs:
+    """The prompts' forward pass of a static wave (its first requests, and each join) replayed as a CUDA graph,
+    one per (rows, width) shape, both rounded up to a power of two, captured on the shape's first use.
+
+    Eager, that pass is launch-bound for a small model: on an H100 a join of a few 256-token prompts through the
+    270M model launched its kernels one by one for tens of milliseconds, while every decoding row waited. The
+    prompts are left-padded to the shape's width (the padding masked, as a wave's prefill pads to its longest
+    prompt), and the rows past theirs are stand-ins that see one slot. Unlike the decode step, nothing is compiled:
+    eager transformers runs once to warm up, and once more under capture, into a cache made for that run (the
+    keys and values it returns stay in the graph's memory, rewritten by each replay, so a caller copies what it
+    needs before the next prefill). The graphs share one memory pool: one prefill at a time.
+
+    A shape whose capture fails (an operation a capture does not allow, in some model's forward) runs eager
+    from then on, with a warning. Without CUDA (a CPU) nothing is captured: the same forward runs on the same
+    padded buffers.
+    """
+
+    def __init__(self, forward: Callable[..., Any], config: Any, dtype: torch.dtype, stacked: Any = None,
+                 base_slot: int = 0, max_tokens: int = PREFILL_GRAPH_TOKENS,
+                 max_bytes: int = PREFILL_GRAPH_BYTES) -> None:
+        self.forward = forward  # the model's eager forward
+        self.config = config
+        self.dtype = dtype  # the keys' and values'
+        self.stacked = stacked
+        self.base_slot = base_slot  # the stand-in rows' slot in the adapters' stack
+        self.max_tokens = max_tokens
+        self.max_bytes = max_bytes
+        self.captures = 0
+        self.held_bytes = 0  # what the captured graphs' outputs hold
+        self._shapes: dict[tuple[int, int], _Prefill] = {}
+        self._eager: set[tuple[int, int]] = set()  # shapes whose capture failed: they run eager
+        self._pool: Any = None
+
+    def shape(self, rows: int, width: int) -> tuple[int, int] | None:
+        """The (rows, width) graph that computes `rows` prompts left-padded to `width`, None if it runs eager."""
+        shape = (1 << (rows - 1).bit_length(), max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length()))
+        if shape[0] * shape[1] > self.max_tokens or shape in self._eager:
+            return None
+        if shape not in self._shapes and self.held_bytes >= self.max_bytes:
+            return None
+        return shape
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                adapter_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The last position's logits (rows × vocab) and each layer's keys and values (rows × heads × slots × d,
+        the last slots holding the prompts) of `ids` (rows × width, left-padded, with its `mask` and
+        `positions`): views of the graph's outputs, valid until the next prefill. None: this shape runs eager."""
+        rows, width = ids.shape
+        key = self.shape(rows, width)
+        if key is None:
+            return None
+        p = self._shapes.get(key)
+        fresh = p is None
+        if p is None:
+            device = ids.device
+            p = _Prefill(ids=torch.zeros(key, dtype=ids.dtype, device=device),
+                         mask=torch.zeros(key, dtype=mask.dtype, device=device),
+                         positions=torch.zeros(key, dtype=positions.dtype, device=device),
+                         adapter_rows=None if self.stacked is None else
+                         torch.full((key[0],), self.base_slot, dtype=torch.long, device=device))
+        pad = key[1] - width  # the prompts end at the buffers' last column
+        p.ids.zero_()
+        p.ids[:rows, pad:] = ids
+        p.mask.zero_()
+        p.mask[:rows, pad:] = mask
+        p.mask[rows:, -1] = 1  # a stand-in row sees one slot: an all-masked row would turn its garbage NaN
+        p.positions.zero_()
+        p.positions[:rows, pad:] = positions
+        if p.adapter_rows is not None:
+            if adapter_rows is None:
+                raise ValueError("a prefill of the adapters' stack needs each row's adapter slot")
+            p.adapter_rows.fill_(self.base_slot)
+            p.adapter_rows[:rows] = adapter_rows
+        if fresh:
+            try:
+                self._capture(p)
+            except Exception:  # the prefill is still served, eager; its shape is not captured again
+                log.warning("the prefill of %d rows x %d tokens could not be captured as a CUDA graph; it runs "
+                            "eager", *key, exc_info=True)
+                self._eager.add(key)
+                return None
+            self._shapes[key] = p
+        if p.graph is None:  # no CUDA: the same forward, on the same buffers
+            p.logits, p.layers = self._run(p)
+        else:
+            p.graph.replay()
+        assert p.logits is not None and p.layers is not None
+        return p.logits[:rows], [(k[:rows], v[:rows]) for k, v in p.layers]
+
+    def _run(self, p: _Prefill) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        # every layer initialised before the forward (a sliding layer moves a tensor of its own to the device
+        # then: a copy a capture must not run), with no slots yet
+        text = self.config.get_text_config()
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        empty = torch.empty((p.ids.shape[0], text.num_key_value_heads, 0, head), dtype=self.dtype,
+                            device=p.ids.device)
+        for layer in cache.layers:
+            layer.update(empty, empty)
+        use = self.stacked.use(p.adapter_rows) if self.stacked is not None else contextlib.nullcontext()
+        with use:
+            out = self.forward(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions,
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _capture(self, p: _Prefill) -> None:
+        """Run the prefill once on a side stream (what a capture must not do for the first time, such as lazy
+        initialisation in cuBLAS), then capture it."""
+        if not p.ids.is_cuda:
+            return
+        device = p.ids.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._run(p)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            p.logits, p.layers = self._run(p)
+        p.graph = graph
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (p.logits, *(t for pair in p.layers for t in pair))}
+        self.held_bytes += sum(storages.values())
+        self.captures += 1
+

@@ -39,7 +39,8 @@ left of `at` (the rows before it masked off, its positions its own), and it deco
 next step on. It joins when its prompt fits left of `at` and its answer in the cache; else the
 rows all shift left as far as the longest one allows; if it still does not fit, it waits at the
 head of the line and nobody overtakes it, so the wave drains until it fits or the next wave
-starts with it. The requests waiting at a step join together, in one prefill; with
+starts with it. With "graphs" that prefill is a CUDA graph too, captured per padded shape
+(PrefillGraphs). The requests waiting at a step join together, in one prefill; with
 `join_seconds` (JARVIS_HF_JOIN_WAIT_MS) they are held a little while rows decode, so that one
 prefill admits more of them (_holds). A wave's own first requests enter the same way, at `at` =
 their longest prompt, so only their rows are prefilled, never the free rows. Every layer of the
@@ -70,7 +71,7 @@ import torch
 
 from jarvis.backends.hf.sampling import adjusted_logits, sample_rows, samples, seq_logprob
 from jarvis.backends.hf.stacked_lora import BASE
-from jarvis.backends.hf.step_graphs import StepGraphs
+from jarvis.backends.hf.step_graphs import PrefillGraphs, StepGraphs
 from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob, batched_emits
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
@@ -250,8 +251,12 @@ class StaticWave:
 class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
                  decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW,
-                 join_seconds: float = 0.0, first_rows: bool | None = None, overlap: bool | None = None) -> None:
+                 join_seconds: float = 0.0, first_rows: bool | None = None, overlap: bool | None = None,
+                 prefill_graphs: bool | None = None) -> None:
         self.handle = handle
+        #: The prompts' forward passes of a static wave (its first requests, each join) replayed as CUDA graphs
+        #: (PrefillGraphs); on by default with "graphs".
+        self.prefill_graphs = decode == "graphs" if prefill_graphs is None else prefill_graphs
         #: A static wave launches a step before the host has read the last one's tokens (the next step's input
         #: is the picks, on the device) and emits them while the device computes: the host's share of a step
         #: (the picks' copy, each row's detokenizing and stop checks, the emits) runs beside the forward pass.
@@ -272,6 +277,8 @@ class BatchScheduler:
         self._static: Any = None  # the whole_context_cache of max_batch_size rows, reused wave after wave
         self._decode_step: StepGraphs | None = None  # "graphs": the base model's step
         self._adapter_step: StepGraphs | None = None  # "graphs": the step of the model with its adapters stacked
+        self._prefills: PrefillGraphs | None = None  # "graphs": the base model's prompts' forward pass
+        self._adapter_prefills: PrefillGraphs | None = None  # "graphs": the same with the adapters stacked
         self._shared_generator: torch.Generator | None = None
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
         #: Taken from the queue, not yet decoding: its head waits for room in the running wave, or starts the next.
@@ -642,20 +649,20 @@ class BatchScheduler:
         layer keeps only the window's last tokens: the ones before them are out of every later query's window,
         so the row's older slots there go unread."""
         h, width, at = self.handle, max(len(s.prompt_ids) for s in live), w.at
-        out, small = self._prefill(live, width)
+        logits, parts = self._prefill(live, width)
         rows = [j for j, seq in enumerate(w.slots) if seq is None][: len(live)]
         index = torch.tensor(rows, device=h.device)
-        for layer, part in zip(w.cache.layers, small.layers):
+        for layer, (keys, values) in zip(w.cache.layers, parts):
             if not layer.is_initialized:
-                allocate(layer, len(w.slots), part.keys, part.values, at)
-            kept = part.keys.shape[-2]
-            layer.keys[index, :, at - kept:at] = part.keys
-            layer.values[index, :, at - kept:at] = part.values
+                allocate(layer, len(w.slots), keys, values, at)
+            kept = min(keys.shape[-2], width)  # a prefill graph's width may pad the prompts further left
+            layer.keys[index, :, at - kept:at] = keys[:, :, -kept:]
+            layer.values[index, :, at - kept:at] = values[:, :, -kept:]
         lengths = torch.tensor([len(s.prompt_ids) for s in live], device=h.device)
         slots = torch.arange(self.max_len, device=h.device)
         w.mask[index] = ((slots >= at - lengths[:, None]) & (slots < at)).long()
         w.positions[index] = (lengths - 1)[:, None]
-        logits = out.logits[:, -1, :].float()
+        logits = logits.float()
         with batched_emits():
             for r, (seq, j, token) in enumerate(zip(live, rows, self._sample(logits, live))):
                 if not self._advance(seq, token, logits, r):
@@ -663,15 +670,47 @@ class BatchScheduler:
                     if w.rows is not None and w.stacked is self.handle.stacked:
                         w.rows[j] = w.stacked.slots[seq.adapter]
 
-    def _prefill(self, live: list[Sequence], width: int) -> tuple[Any, Any]:
-        """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own."""
+    def _prefill(self, live: list[Sequence], width: int
+                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The forward pass of `live`'s prompts, left-padded to `width`, on a dynamic cache of their own: the last
+        position's logits and each layer's keys and values (their last slots hold the prompts). Replayed as a CUDA
+        graph ("graphs", PrefillGraphs) where its shape has one, else eager."""
         from transformers import DynamicCache
 
+        h = self.handle
         ids, mask, positions = self._left_padded(live, width)
-        cache = DynamicCache(config=self.handle.model.config)
+        adapters = [s.adapter for s in live]
+        graphs = self._prefill_graphs()
+        if graphs is not None:
+            with h.lock:
+                rows = h.stacked.rows_of(adapters) if graphs.stacked is not None else None
+                done = graphs.prefill(ids, mask, positions, rows)
+                if done is not None:
+                    h.stats.forward_passes += 1
+                    return done
+        cache = DynamicCache(config=h.model.config)
         out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            logits_to_keep=1, adapters=[s.adapter for s in live])
-        return out, cache
+                            logits_to_keep=1, adapters=adapters)
+        return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _prefill_graphs(self) -> PrefillGraphs | None:
+        """The prefills' CUDA graphs (step_graphs.py) of the base model, or of the model with its adapters stacked
+        (a new stack, new graphs); None where the prefill runs eager: without prefill_graphs, and with adapters
+        that do not stack."""
+        h = self.handle
+        if not self.prefill_graphs:
+            return None
+        dtype = next(h.model.parameters()).dtype
+        if not h.has_adapters:
+            if self._prefills is None:
+                self._prefills = PrefillGraphs(h.model.forward, h.model.config, dtype)
+            return self._prefills
+        if h.stacked is None:
+            return None
+        if self._adapter_prefills is None or self._adapter_prefills.stacked is not h.stacked:
+            self._adapter_prefills = PrefillGraphs(h.model.get_base_model().forward, h.model.config, dtype,
+                                                   stacked=h.stacked, base_slot=h.stacked.slots[BASE])
+        return self._adapter_prefills
 
     def _left_padded(self, rows: list[Sequence], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids left-padded to `width`, the attention mask that hides the padding, and each row's positions
@@ -717,6 +756,11 @@ class BatchScheduler:
     def captures(self) -> int:
         """CUDA graphs captured so far by the steps in use (a shape each)."""
         return sum(g.captures for g in (self._decode_step, self._adapter_step) if g is not None)
+
+    @property
+    def prefill_captures(self) -> int:
+        """CUDA graphs captured so far by the prefills in use (a shape each)."""
+        return sum(g.captures for g in (self._prefills, self._adapter_prefills) if g is not None)
 
     def _has_budget(self, seq: Sequence) -> bool:
         return (seq.request.max_tokens or 0) > 0

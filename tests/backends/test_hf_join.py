@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jarvis.backends.hf.attention import grouped_sdpa
+from jarvis.backends.hf.step_graphs import MIN_PREFILL_WIDTH
 from jarvis.backends.hf.waves import (
     BatchScheduler,
     IncrementalDetokenizer,
@@ -242,6 +243,8 @@ def test_warm_up_compiles_the_step_once_for_every_later_window(handle, scheduler
         assert set(s.row_steps) == {8} and window == 64, (s.row_steps, window)
         assert len(compiled) == 2, compiled
         assert sorted(s._decode_step._shapes) == [(8, 16), (8, 32), (8, 64)]  # a shape (a graph) per window
+        # every prefill (the waves' first requests, the joins) ran as PrefillGraphs does, padded to its width
+        assert {width for _, width in s._prefills._shapes} == {MIN_PREFILL_WIDTH}, s._prefills._shapes
     finally:
         s.stop()
         torch._dynamo.reset()

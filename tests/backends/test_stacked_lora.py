@@ -237,3 +237,5 @@ def test_a_static_wave_serves_stacked_adapters_and_takes_joiners(two_adapters, h
     assert answers == {"static": alone, "graphs": alone}
     assert len(set(alone)) == 3
     assert graphs._adapter_step is not None and graphs._decode_step is None
+    # its prompts' prefills too ran through the stack, as PrefillGraphs, the rows past theirs as the base model
+    assert graphs._adapter_prefills is not None and graphs._adapter_prefills._shapes and graphs._prefills is None
