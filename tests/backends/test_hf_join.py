@@ -147,10 +147,10 @@ def test_a_request_that_does_not_fit_waits_for_room_and_nobody_overtakes_it(hand
     if case == "prompt longer than the wave's":
         s = scheduler(max_len=96)
         misfit, n = ids(handle, "The causes of the industrial revolution, in a few words, are " * 3), 8
-    else:  # alone it fits the cache (3 + 42 of 48 slots); beside the first's 8 or more it runs past the end
-        s = scheduler(max_len=48)
-        misfit, n = ids(handle, "Tell me"), 42
-    first = submit(s, ids(handle, "Once upon a time"), 30)
+    else:  # alone it fits the cache (3 + 26 of 32 slots); beside the first's 7 or more it runs past the end
+        s = scheduler(max_len=32)
+        misfit, n = ids(handle, "Tell me"), 26
+    first = submit(s, ids(handle, "Once upon a time"), 20)
     assert first.started.wait(120)
     held = submit(s, misfit, n)
     behind = submit(s, ids(handle, "Fact: the moon is"), 4)  # it would fit, but it must not pass `held`
@@ -163,17 +163,17 @@ def test_a_request_that_does_not_fit_waits_for_room_and_nobody_overtakes_it(hand
 def test_rows_shift_left_to_make_room_and_answer_the_same(handle, scheduler):
     """A long prompt that finished early leaves the wave's `at` far right: a request that would run past the
     cache's end joins once every row has moved left, the running row included, and nothing changes."""
-    s = scheduler(max_len=72)
+    s = scheduler(max_len=62)
     long_prompt = ids(handle, "Write down every colour of the rainbow, one by one, in order, and then " * 3)[:40]
     short, late = ids(handle, "Fact: the moon is"), ids(handle, "The capital of France")
     quick = submit(s, long_prompt, 4)
-    running = submit(s, short, 30)
+    running = submit(s, short, 20)
     assert quick.done.wait(120) and not running.done.is_set()
-    joiner = submit(s, late, 30)
+    joiner = submit(s, late, 20)  # at 44 or more, its 20 tokens would run past the cache's 62 slots
     for answer in (running, joiner):
         assert answer.done.wait(300) and answer.finish == "length", answer.finish
     assert (s.waves, s.joined) == (1, 1) and s.shifts >= 1, (s.waves, s.joined, s.shifts)
-    assert [running.text, joiner.text] == [alone(s, short, 30), alone(s, late, 30)]
+    assert [running.text, joiner.text] == [alone(s, short, 20), alone(s, late, 20)]
 
 
 def test_a_step_attends_a_small_window_and_rows_shift_to_keep_it_small(handle, scheduler):
