@@ -245,18 +245,22 @@ class PrefillGraphs:
         assert p.logits is not None and p.layers is not None
         return p.logits[:rows], [(k[:rows], v[:rows]) for k, v in p.layers]
 
-    def _run(self, p: _Prefill) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _cache(self, p: _Prefill) -> Any:
+        """A cache for one run, every layer initialised with no slots yet: outside a capture, since a sliding
+        layer's initialisation copies a tensor of its own to the device, which a capture must not do."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
-        # every layer initialised before the forward (a sliding layer moves a tensor of its own to the device
-        # then: a copy a capture must not run), with no slots yet
         text = self.config.get_text_config()
         head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         empty = torch.empty((p.ids.shape[0], text.num_key_value_heads, 0, head), dtype=self.dtype,
                             device=p.ids.device)
         for layer in cache.layers:
             layer.update(empty, empty)
+        return cache
+
+    def _run(self, p: _Prefill, cache: Any = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        cache = self._cache(p) if cache is None else cache
         use = self.stacked.use(p.adapter_rows) if self.stacked is not None else contextlib.nullcontext()
         with use:
             out = self.forward(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions,
@@ -277,8 +281,9 @@ class PrefillGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        cache = self._cache(p)
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            p.logits, p.layers = self._run(p)
+            p.logits, p.layers = self._run(p, cache)
         p.graph = graph
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in (p.logits, *(t for pair in p.layers for t in pair))}
