@@ -304,7 +304,9 @@ class BatchScheduler:
         """Run what a static wave runs once before any request waits for it, and return the seconds it took: in
         "graphs" mode that compiles the decode step twice, first in the first window, then past it, where
         torch's compiler makes the window a dynamic size; later windows only capture their CUDA graph (with
-        first_rows, both sizes: first at MIN_ROWS rows, then at twice as many). Call it after start()."""
+        first_rows, both sizes: first at MIN_ROWS rows, then at twice as many). The prefills of the shapes it
+        runs are captured too (PrefillGraphs); other shapes are captured the first time a wave meets them, in a
+        few tenths of a second each. Call it after start()."""
         started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
