@@ -59,26 +59,24 @@ class TimedScheduler(BatchScheduler):
         self.sync = sync
         self.t: collections.Counter[str] = collections.Counter()
 
+    def _timed(self, name: str, call: Any, *args: Any) -> Any:
+        """`call(*args)` synchronized before and after: its seconds added to t[name_s], counted in t[names]."""
+        self.sync()
+        start = time.perf_counter()
+        out = call(*args)
+        self.sync()
+        self.t[f"{name}_s"] += time.perf_counter() - start
+        self.t[f"{name}s"] += 1
+        return out
+
     def _step(self, *args: Any) -> Any:
         if self.overlap:  # a synchronized step would undo the overlap: only the steps are counted
             self.t["steps"] += 1
             return super()._step(*args)
-        self.sync()
-        start = time.perf_counter()
-        logits = super()._step(*args)
-        self.sync()
-        self.t["step_s"] += time.perf_counter() - start
-        self.t["steps"] += 1
-        return logits
+        return self._timed("step", super()._step, *args)
 
     def _prefill(self, *args: Any) -> Any:
-        self.sync()
-        start = time.perf_counter()
-        out = super()._prefill(*args)
-        self.sync()
-        self.t["prefill_s"] += time.perf_counter() - start
-        self.t["prefills"] += 1
-        return out
+        return self._timed("prefill", super()._prefill, *args)
 
     def _join(self, w: Any) -> None:
         before = self.joined
