@@ -14,9 +14,10 @@ with Jarvis's `BatchScheduler` itself (no HTTP), it measures
            joined a running wave, ms per join (its prefill and the copy into the wave's rows), and the wall's
            share spent in joins; with --join-wait-ms, also with the engine's JARVIS_HF_JOIN_WAIT_MS at each of
            those values (arrivals held until the oldest has waited that long or they are as many as the decoding rows);
-  kernels  torch.profiler over one join-sized prefill (batch 1, eager, what a join runs) and one decode step:
-           kernels launched (ops on CPU), device-busy ms and host ms each; and the same prefill compiled by
-           inductor (fused kernels, dynamic length) and replayed as a CUDA graph into a static cache.
+  kernels  torch.profiler over one join-sized prefill (batch 1) and one decode step: kernels launched (ops on
+           CPU), device-busy ms and host ms each; the prefill eager, and as a join runs it with "graphs" (the
+           engine's PrefillGraphs: a replayed CUDA graph); with --prefill-variants also compiled by inductor
+           (fused kernels, dynamic length).
 
 A static wave ("graphs" on CUDA, "static" elsewhere) keeps ROWS rows of LEN slots whatever its load and attends
 only the window in use; a "graphs" step computes all ROWS rows (one shape, which the compiler specialises), an
@@ -46,7 +47,8 @@ from typing import Any
 import torch
 from hf_batching import HERE, NoTokenizer, load_model, prompts, run_scheduler
 
-from jarvis.backends.hf.waves import MIN_WINDOW, BatchScheduler, ModelHandle, whole_context_cache
+from jarvis.backends.hf.step_graphs import PrefillGraphs
+from jarvis.backends.hf.waves import MIN_WINDOW, BatchScheduler, ModelHandle
 from jarvis.engine import EngineStats, PreparedRequest
 
 
@@ -216,23 +218,18 @@ def kernels(model: Any, s: TimedScheduler, prompt: list[int], args: argparse.Nam
                                                       **measured(prefill_fused)}
         except Exception as exc:  # a measurement, not a requirement: say why it did not run
             out[f"prefill_batch1_inductor_len{n}"] = {"error": repr(exc)[:300]}
-    if cuda and args.prefill_variants:
-        graph = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        cache = whole_context_cache(model.config, len(prompt))
-        positions = torch.arange(len(prompt), device=args.device)[None]
-        mask = torch.ones_like(ids)
+    # what a join's prefill runs with "graphs": the engine's PrefillGraphs (on a CPU the same forward, uncaptured)
+    graphs = PrefillGraphs(model.forward, model.config, next(model.parameters()).dtype)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(len(prompt), device=args.device)[None]
 
-        def prefill_graph() -> None:
-            with torch.inference_mode():
-                cache.reset()
-                graph(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
-        try:
-            started = time.perf_counter()
-            prefill_graph()
-            out["prefill_batch1_graph"] = {"first_call_s": time.perf_counter() - started, **measured(prefill_graph)}
-        except Exception as exc:
-            out["prefill_batch1_graph"] = {"error": repr(exc)[:300]}
+    def prefill_graph() -> None:
+        with torch.inference_mode():
+            graphs.prefill(ids, mask, positions)
+    started = time.perf_counter()
+    prefill_graph()
+    out["prefill_batch1_graph"] = {"first_call_s": time.perf_counter() - started, "captured": graphs.captures,
+                                   **measured(prefill_graph)}
     # a decode step: the difference between a wave of 10 tokens and one of 2, per step
     short, long = (measured(lambda n=n: run_scheduler(s, [prompt], n)) for n in (2, 10))
     out["decode_step"] = {k: (long[k] - short[k]) / 8 for k in long}
@@ -275,7 +272,7 @@ def main() -> None:
     parser.add_argument("--windows", default="whole,windowed", help="whole: every step attends all LEN slots "
                         "(min_window=LEN); windowed: the engine's default windows")
     parser.add_argument("--prefill-variants", action="store_true", help="also time the prefill compiled by inductor "
-                        "(dynamic length; its compile took minutes on an H100 host) and as a CUDA graph")
+                        "(dynamic length; its compile took minutes on an H100 host)")
     parser.add_argument("--attention", default="grouped,sdpa", help="grouped: the engine's grouped decode attention "
                         "(backends/hf/attention.py); sdpa: transformers' own")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
