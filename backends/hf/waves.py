@@ -702,14 +702,14 @@ class BatchScheduler:
         h = self.handle
         if not self.prefill_graphs:
             return None
-        dtype = next(h.model.parameters()).dtype
         if not h.has_adapters:
             if self._prefills is None:
-                self._prefills = PrefillGraphs(h.model.forward, h.model.config, dtype)
+                self._prefills = PrefillGraphs(h.model.forward, h.model.config, next(h.model.parameters()).dtype)
             return self._prefills
         if h.stacked is None:
             return None
         if self._adapter_prefills is None or self._adapter_prefills.stacked is not h.stacked:
+            dtype = next(h.model.parameters()).dtype
             self._adapter_prefills = PrefillGraphs(h.model.get_base_model().forward, h.model.config, dtype,
                                                    stacked=h.stacked, base_slot=h.stacked.slots[BASE])
         return self._adapter_prefills
