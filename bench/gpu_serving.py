@@ -14,7 +14,8 @@ with its vocabulary widened to the tokenizer's), bf16, saved with the embedded m
 weights: the embedded GGUF (--gguf) converted on the host. The servers run at once (the vLLM ones with
 JARVIS_VLLM_GPU_MEMORY_UTILIZATION each, default 0.4; the hf one starts after them and takes
 --hf-kv-cache-memory of what they leave), each in its own process session so a later call can reuse them
-(--keep-servers, then --reuse). `vllm bench serve --backend openai --ignore-eos` (dropped for every side when
+(--keep-servers, then --reuse; a call that starts servers moves an earlier call's runs aside instead of
+counting them). `vllm bench serve --backend openai --ignore-eos` (dropped for every side when
 Jarvis refuses the field; random prompts, 256 in / 128 out by default, temperature 1) drives one server at a
 time, alternating which goes first at each level: concurrency levels (--concurrency) and request rates
 (--rates, Poisson arrivals). The tables give raw, the side and side/raw for output tokens/s, TTFT, TPOT and ITL
@@ -870,6 +871,10 @@ def main(argv: list[str] | None = None) -> None:
         state = start_servers(folder, name, engine_args, env, settings, work, args)
     state["adapters"] = list(adapter_folders(folder, args))
     result_dir = work / ("results" if not args.adapters else f"results-{args.adapters}-adapters")
+    if not args.reuse and result_dir.is_dir():  # runs of other server instances: kept aside, never mixed in
+        earlier = result_dir.with_name(f"{result_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        result_dir.rename(earlier)
+        print(f"the runs of earlier servers are kept in {earlier}: this call measures every side anew")
     result_dir.mkdir(exist_ok=True)
     report = parity(state)
     (result_dir / "parity.json").write_text(json.dumps(report, indent=2, default=str))
