@@ -133,8 +133,8 @@ class StepGraphs:
 
 #: The narrowest width (tokens) a prefill graph pads its prompts to; widths double from here.
 MIN_PREFILL_WIDTH = 32
-#: The most tokens (rows × width) one prefill graph computes: a larger prefill runs eager, where its kernels'
-#: launches are a small share of its compute.
+#: The most tokens (rows × width) one prefill graph computes (a 32 × 256 graph of the 270M model holds about
+#: 180 MB): more rows go in pieces of that many tokens, one replay each; a wider prompt runs eager.
 PREFILL_GRAPH_TOKENS = 8192
 #: The most device memory the captured prefills' outputs (each graph's keys, values and logits) may hold
 #: together; once they hold it, a prefill of a shape not yet captured runs eager.
@@ -165,7 +165,8 @@ class PrefillGraphs:
     prompt), and the rows past theirs are stand-ins that see one slot. Unlike the decode step, nothing is compiled:
     eager transformers runs once to warm up, and once more under capture, into a cache made for that run (the
     keys and values it returns stay in the graph's memory, rewritten by each replay, so a caller copies what it
-    needs before the next prefill). The graphs share one memory pool: one prefill at a time.
+    needs before the next prefill). The graphs share one memory pool: one prefill at a time. A prefill of more
+    rows than the token limit lets a graph hold (a join of 64 long prompts) is replayed in pieces.
 
     A shape whose capture fails (an operation a capture does not allow, in some model's forward) runs eager
     from then on, with a warning. Without CUDA (a CPU) nothing is captured: the same forward runs on the same
@@ -202,11 +203,12 @@ class PrefillGraphs:
                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
         """The last position's logits (rows × vocab) and each layer's keys and values (rows × heads × slots × d,
         the last slots holding the prompts) of `ids` (rows × width, left-padded, with its `mask` and
-        `positions`): views of the graph's outputs, valid until the next prefill. None: this shape runs eager."""
+        `positions`): views of the graph's outputs, valid until the next prefill (rows over the token limit go
+        in pieces, copied out). None: this shape runs eager."""
         rows, width = ids.shape
         key = self.shape(rows, width)
         if key is None:
-            return None
+            return self._in_pieces(ids, mask, positions, adapter_rows)
         p = self._shapes.get(key)
         fresh = p is None
         if p is None:
@@ -244,6 +246,39 @@ class PrefillGraphs:
             p.graph.replay()
         assert p.logits is not None and p.layers is not None
         return p.logits[:rows], [(k[:rows], v[:rows]) for k, v in p.layers]
+
+    def _in_pieces(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                   adapter_rows: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """More rows than one graph of their width may hold (the token limit): the rows in pieces of the most a
+        graph holds, each replayed and copied out before the next, so a join of 64 long prompts is two or four
+        replays instead of one eager pass. Rows are independent in a prefill: the pieces' outputs, joined, are
+        the whole prefill's. None (eager) if a piece's shape has no graph."""
+        rows, width = ids.shape
+        padded = max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length())
+        if padded > self.max_tokens:
+            return None
+        piece = 1 << ((self.max_tokens // padded).bit_length() - 1)
+        starts = range(0, rows, piece)
+        if piece >= rows or any(self.shape(min(piece, rows - start), width) is None for start in starts):
+            return None
+        logits: torch.Tensor | None = None
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for start in starts:
+            part = slice(start, start + piece)
+            done = self.prefill(ids[part], mask[part], positions[part],
+                                None if adapter_rows is None else adapter_rows[part])
+            if done is None:  # its capture failed just now
+                return None
+            if logits is None:  # the outputs, shaped as one piece's but with every row
+                logits = done[0].new_empty((rows, *done[0].shape[1:]))
+                layers = [(k.new_empty((rows, *k.shape[1:])), v.new_empty((rows, *v.shape[1:])))
+                          for k, v in done[1]]
+            logits[part].copy_(done[0])
+            for (keys, values), (k, v) in zip(layers, done[1], strict=True):
+                keys[part].copy_(k)
+                values[part].copy_(v)
+        return logits, layers
 
     def _cache(self, p: _Prefill) -> Any:
         """A cache for one run, every layer initialised with no slots yet: outside a capture, since a sliding

@@ -99,7 +99,7 @@ def left_padded(prompts: list[list[int]]):
 def test_a_prefill_padded_to_its_graphs_shape_answers_as_the_eager_one(tiny_gemma):
     """Three prompts (the longest past the sliding window) in a graph of 4 rows × 32 tokens: the same last logits,
     and the same keys and values in the last slots, as the eager prefill at their own width; the stand-in row
-    stays finite. A shape over the graphs' token limit runs eager (None)."""
+    stays finite. A prompt wider than the graphs' token limit runs eager (None)."""
     graphs = PrefillGraphs(tiny_gemma.forward, tiny_gemma.config, torch.float32)
     prompts = [[5, 6, 7], list(range(10, 23)), [40, 41, 42, 43, 44]]
     ids, mask, positions = left_padded(prompts)
@@ -114,7 +114,27 @@ def test_a_prefill_padded_to_its_graphs_shape_answers_as_the_eager_one(tiny_gemm
         torch.testing.assert_close(values[:, :, -kept:], v[:, :, -kept:], rtol=1e-4, atol=1e-5)
     assert graphs._shapes[(4, MIN_PREFILL_WIDTH)].logits.isfinite().all()  # the stand-in row's too
     assert PrefillGraphs(tiny_gemma.forward, tiny_gemma.config, torch.float32,
-                         max_tokens=4 * MIN_PREFILL_WIDTH - 1).prefill(ids, mask, positions) is None
+                         max_tokens=MIN_PREFILL_WIDTH - 1).prefill(ids, mask, positions) is None
+
+
+def test_rows_over_the_token_limit_are_prefilled_in_pieces_that_answer_as_one_eager_pass(tiny_gemma):
+    """Five prompts where a graph holds two rows of their width: pieces of 2, 2 and 1 rows (two shapes), whose
+    joined outputs equal one eager pass over all five; a piece whose shape has no graph sends all five eager."""
+    graphs = PrefillGraphs(tiny_gemma.forward, tiny_gemma.config, torch.float32, max_tokens=3 * MIN_PREFILL_WIDTH)
+    prompts = [[5, 6, 7], list(range(10, 23)), [40, 41, 42, 43, 44], [9] * 20, [60, 61]]
+    ids, mask, positions = left_padded(prompts)
+    with torch.no_grad():
+        logits, layers = graphs.prefill(ids, mask, positions)
+        expected, expected_layers = eager(tiny_gemma, ids, mask, positions)
+    assert sorted(graphs._shapes) == [(1, MIN_PREFILL_WIDTH), (2, MIN_PREFILL_WIDTH)] and logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    for (keys, values), (k, v) in zip(layers, expected_layers, strict=True):
+        kept = min(k.shape[-2], ids.shape[1])
+        assert keys.shape[0] == values.shape[0] == len(prompts)
+        torch.testing.assert_close(keys[:, :, -kept:], k[:, :, -kept:], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(values[:, :, -kept:], v[:, :, -kept:], rtol=1e-4, atol=1e-5)
+    graphs._eager.add((1, MIN_PREFILL_WIDTH))
+    assert graphs.prefill(ids, mask, positions) is None
 
 
 def test_a_prefill_whose_capture_fails_runs_eager_from_then_on(tiny_gemma, monkeypatch):
