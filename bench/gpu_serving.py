@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import os
 import re
@@ -916,11 +917,28 @@ def main(argv: list[str] | None = None) -> None:
         for side, server in state["servers"].items():
             shutil.copy(server["log"], result_dir / "logs" / f"server-{side}.log")
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(args.out / f"gpu_serving-{label}-{'-'.join(state['sides'])}.tgz", "w:gz") as tar:
-                tar.add(result_dir, arcname=f"{label}-results")
+            pack(result_dir, args.out / f"gpu_serving-{label}-{'-'.join(state['sides'])}.tgz", f"{label}-results")
         print(f"\n{label}, vllm {vllm_version()}, engine arguments (vLLM sides): {json.dumps(state['engine_args'])}")
         print_report(result_dir, weights, args.output_len)
+
+
+def pack(result_dir: Path, archive: Path, name: str) -> None:
+    """The results folder as one .tgz, less each run's generated texts (random tokens that hardly compress: two
+    thirds of the archive), so three sides' rounds stay under what a remote machine sends back (16 MiB a file)."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(result_dir.rglob("*")):
+            arcname = f"{name}/{path.relative_to(result_dir)}"
+            if path.suffix != ".json" or not path.is_file():
+                tar.add(path, arcname=arcname, recursive=False)
+                continue
+            run = json.loads(path.read_text())
+            if isinstance(run, dict) and "generated_texts" in run:
+                run["generated_texts"] = f"{len(run['generated_texts'])} texts, left out of the archive"
+            data = json.dumps(run).encode()
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mtime = len(data), int(path.stat().st_mtime)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def vllm_version() -> str:
