@@ -268,7 +268,7 @@ class PrefillGraphs:
             part = slice(start, start + piece)
             done = self.prefill(ids[part], mask[part], positions[part],
                                 None if adapter_rows is None else adapter_rows[part])
-            if done is None:  # its capture failed just now
+            if done is None:  # its capture failed, or the graphs' memory filled, just now
                 return None
             if logits is None:  # the outputs, shaped as one piece's but with every row
                 logits = done[0].new_empty((rows, *done[0].shape[1:]))
