@@ -133,6 +133,13 @@ class StepGraphs:
 
 #: The narrowest width (tokens) a prefill graph pads its prompts to; widths double from here.
 MIN_PREFILL_WIDTH = 32
+
+
+def padded_width(width: int) -> int:
+    """The width a prefill graph pads `width` prompt tokens to: the next power of two, at least MIN_PREFILL_WIDTH."""
+    return max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length())
+
+
 #: The most tokens (rows × width) one prefill graph computes (a 32 × 256 graph of the 270M model holds about
 #: 180 MB): more rows go in pieces of that many tokens, one replay each; a wider prompt runs eager.
 PREFILL_GRAPH_TOKENS = 8192
@@ -191,7 +198,7 @@ class PrefillGraphs:
 
     def shape(self, rows: int, width: int) -> tuple[int, int] | None:
         """The (rows, width) graph that computes `rows` prompts left-padded to `width`, None if it runs eager."""
-        shape = (1 << (rows - 1).bit_length(), max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length()))
+        shape = (1 << (rows - 1).bit_length(), padded_width(width))
         if shape[0] * shape[1] > self.max_tokens or shape in self._eager:
             return None
         if shape not in self._shapes and self.held_bytes >= self.max_bytes:
@@ -255,7 +262,7 @@ class PrefillGraphs:
         replays instead of one eager pass. Rows are independent in a prefill: the pieces' outputs, joined, are
         the whole prefill's. None (eager) if a piece's shape has no graph."""
         rows, width = ids.shape
-        padded = max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length())
+        padded = padded_width(width)
         if padded > self.max_tokens:
             return None
         piece = 1 << ((self.max_tokens // padded).bit_length() - 1)
