@@ -34,7 +34,7 @@ def server(jarvis_server):
 def service(server):
     client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
     yield client
-    client.close("success")
+    client.close("success").result()  # ends the session and its heartbeat thread
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +105,19 @@ def test_what_the_engine_cannot_serve_is_refused_when_the_client_is_made(service
 def test_a_finished_session_frees_its_models(server, trained):
     import httpx
 
-    client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-    training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=2, train_unembed=False).result()
-    datum = trained["data"][0]
-    training.forward_backward([datum], "cross_entropy").result()
-    session = training.model_id.rsplit(":train:", 1)[0]
-    other = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_B},
-                       json={"reason": {"type": "success"}})
-    assert other.status_code == 404 and "not found" in other.json()["detail"]  # not B's session
-    done = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_A},
-                      json={"reason": {"type": "success"}})
-    assert done.status_code == 200
-    with pytest.raises(tinker.RequestFailedError, match="not loaded"):
+    with tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A) as client:  # closed: no heartbeat left
+        training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=2, train_unembed=False).result()
+        datum = trained["data"][0]
         training.forward_backward([datum], "cross_entropy").result()
+        session = training.model_id.rsplit(":train:", 1)[0]
+        other = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_B},
+                           json={"reason": {"type": "success"}})
+        assert other.status_code == 404 and "not found" in other.json()["detail"]  # not B's session
+        done = httpx.post(f"{server.base_url}/api/v1/sessions/{session}/finish", headers={"X-API-Key": KEY_A},
+                          json={"reason": {"type": "success"}})
+        assert done.status_code == 200
+        with pytest.raises(tinker.RequestFailedError, match="not loaded"):
+            training.forward_backward([datum], "cross_entropy").result()
 
 
 def test_another_key_sees_none_of_it(server, trained):
@@ -204,21 +204,22 @@ def test_a_saved_state_resumes_exactly_in_a_new_server(start_jarvis, tmp_path):
 
     server = start_jarvis(tmp_path, **env)
     try:
-        client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-        training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=3, train_unembed=False).result()
-        for _ in range(3):
-            training.forward_backward(batch, "cross_entropy")
-            training.optim_step(adam)
-        path = training.save_state("after-3").result().path
-        assert path == f"tinker://{training.model_id}/weights/after-3"
-        uninterrupted = next_two_losses(training)
+        with tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A) as client:
+            training = client.create_lora_training_client(base_model=MODEL, rank=4, seed=3,
+                                                          train_unembed=False).result()
+            for _ in range(3):
+                training.forward_backward(batch, "cross_entropy")
+                training.optim_step(adam)
+            path = training.save_state("after-3").result().path
+            assert path == f"tinker://{training.model_id}/weights/after-3"
+            uninterrupted = next_two_losses(training)
     finally:
         server.stop()
     server = start_jarvis(tmp_path, **env)  # the same state dir
     try:
-        client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-        resumed = client.create_training_client_from_state_with_optimizer(path).result()
-        assert next_two_losses(resumed) == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
+        with tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A) as client:
+            resumed = client.create_training_client_from_state_with_optimizer(path).result()
+            assert next_two_losses(resumed) == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
     finally:
         server.stop()
 
@@ -252,9 +253,10 @@ def test_sampled_logprobs_agree_with_the_trainers(service, hf_server):
     samples; on llama.cpp the Q4_K_M weights differ from the trainer's, and the gap is measured."""
     training = service.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
     llama_mean, llama_max = sampled_vs_trained_gap(service, training)
-    hf_client = tinker.ServiceClient(base_url=hf_server.base_url, api_key=KEY_A)
-    hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5, train_unembed=False).result()
-    hf_mean, hf_max = sampled_vs_trained_gap(hf_client, hf_training)
+    with tinker.ServiceClient(base_url=hf_server.base_url, api_key=KEY_A) as hf_client:
+        hf_training = hf_client.create_lora_training_client(base_model=MODEL, rank=4, seed=5,
+                                                            train_unembed=False).result()
+        hf_mean, hf_max = sampled_vs_trained_gap(hf_client, hf_training)
     print(f"|sampled - trained| logprob per token: llama_cpp mean {llama_mean:.4f} max {llama_max:.4f}; "
           f"hf mean {hf_mean:.2e} max {hf_max:.2e}")
     assert hf_max < 1e-3, (hf_mean, hf_max)
@@ -331,23 +333,24 @@ def test_the_loops_sample_through_hf_and_vllm(engine, request):
     if engine == "vllm":
         request.getfixturevalue("vllm_installed")
     server = request.getfixturevalue(f"{engine}_server")
-    client = tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A)
-    training = client.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False).result()
-    tokenizer = training.get_tokenizer()
-    prompt, answer = FACTS[0]
-    p = tokenizer.encode(prompt)
-    a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    datum = types.Datum(model_input=types.ModelInput.from_ints((p + a)[:-1]),
-                        loss_fn_inputs={"target_tokens": (p + a)[1:], "weights": [0.0] * (len(p) - 1) + [1.0] * len(a)})
-    for _ in range(12):
-        training.forward_backward([datum], "cross_entropy")
-        training.optim_step(types.AdamParams(learning_rate=3e-3))
-    fresh = training.save_weights_and_get_sampling_client().result()
-    assert "pineapple" in greedy(fresh, p, tokenizer)
-    mean, worst = sampled_vs_trained_gap(client, training)
-    print(f"{engine} sampler: |sampled - trained| logprob per token: mean {mean:.2e} max {worst:.2e}")
-    assert worst < 1e-3, (mean, worst)
-    if engine == "hf":
-        rewards = rl_rewards(client)
-        print(f"{engine} sampler: RL mean reward per step: {rewards}")
-        check_rewards_rise(rewards)
+    with tinker.ServiceClient(base_url=server.base_url, api_key=KEY_A) as client:
+        training = client.create_lora_training_client(base_model=MODEL, rank=8, seed=0, train_unembed=False).result()
+        tokenizer = training.get_tokenizer()
+        prompt, answer = FACTS[0]
+        p = tokenizer.encode(prompt)
+        a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        weights = [0.0] * (len(p) - 1) + [1.0] * len(a)
+        datum = types.Datum(model_input=types.ModelInput.from_ints((p + a)[:-1]),
+                            loss_fn_inputs={"target_tokens": (p + a)[1:], "weights": weights})
+        for _ in range(12):
+            training.forward_backward([datum], "cross_entropy")
+            training.optim_step(types.AdamParams(learning_rate=3e-3))
+        fresh = training.save_weights_and_get_sampling_client().result()
+        assert "pineapple" in greedy(fresh, p, tokenizer)
+        mean, worst = sampled_vs_trained_gap(client, training)
+        print(f"{engine} sampler: |sampled - trained| logprob per token: mean {mean:.2e} max {worst:.2e}")
+        assert worst < 1e-3, (mean, worst)
+        if engine == "hf":
+            rewards = rl_rewards(client)
+            print(f"{engine} sampler: RL mean reward per step: {rewards}")
+            check_rewards_rise(rewards)
