@@ -97,8 +97,13 @@ def scheduler_for(model: Any, rows: int, length: int, window: str, args: argpars
     handle = ModelHandle(model, NoTokenizer(), torch.device(args.device), frozenset(), threading.RLock(), EngineStats())
     s = TimedScheduler(handle, max_batch_size=rows, gather_seconds=0.005, decode=args.decode, max_len=length,
                        min_window=length if window == "whole" else MIN_WINDOW, sync=sync, first_rows=args.first_rows,
-                       overlap=args.overlap, prefill_graphs=args.prefill_graphs)
+                       overlap=args.overlap, prefill_graphs=args.prefill_graphs,
+                       prefill_shapes=Path(args.prefill_shapes) if args.prefill_shapes else None)
     s.start()
+    if args.prefill_shapes:  # as the engine's start: the shapes an earlier run kept, captured now
+        started = time.perf_counter()
+        kept = s.warm_prefills()
+        print(f"captured {kept} prefill shapes kept in {args.prefill_shapes} in {time.perf_counter() - started:.2f} s")
     return s
 
 
@@ -112,6 +117,12 @@ def per_step(s: TimedScheduler, batch: list[list[int]], max_tokens: int) -> dict
     return {"requests": len(batch), "tokens": tokens, "tok_s": tokens / wall, "steps": s.t["steps"],
             "forward_ms": 1e3 * s.t["step_s"] / steps, "rest_ms": 1e3 * (wall - s.t["step_s"]) / steps,
             "row_steps": dict(sorted(s.row_steps.items()))}
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The value at quantile `q` of `values` (the nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: int, max_tokens: int,
@@ -150,7 +161,7 @@ def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: i
             done.wait()
 
     s.t.clear()
-    joined, start = s.joined, time.perf_counter()
+    joined, captured, start = s.joined, s.prefill_captures, time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
@@ -158,9 +169,11 @@ def closed_loop(s: TimedScheduler, data: list[list[int]], clients: int, total: i
         t.join()
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": total, "tok_s": tokens[0] / wall,
-            "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+            "ttft_p50_ms": 1e3 * statistics.median(ttfts), "ttft_p99_ms": 1e3 * quantile(ttfts, 0.99),
+            "ttft_max_ms": 1e3 * max(ttfts),
             "joined": s.joined - joined, "joins": s.t["joins"], "join_ms": 1e3 * s.t["join_s"] / max(1, s.t["joins"]),
-            "prefill_ms": 1e3 * s.t["prefill_s"] / max(1, s.t["prefills"]), "prefill_captures": s.prefill_captures,
+            "prefill_ms": 1e3 * s.t["prefill_s"] / max(1, s.t["prefills"]),
+            "prefill_captures": s.prefill_captures - captured,
             "join_share": s.t["join_s"] / wall, "forward_ms": 1e3 * s.t["step_s"] / max(1, s.t["steps"]),
             "forward_share": s.t["step_s"] / wall}
 
@@ -286,6 +299,9 @@ def main() -> None:
     parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay each prompts' forward pass (a wave's start, a join) as a CUDA graph of its "
                              "padded shape (default: with graphs)")
+    parser.add_argument("--prefill-shapes", metavar="FILE", help="the schedulers keep their prefill graphs' shapes "
+                        "in FILE, and capture the shapes it holds at their start, as the engine does with its state "
+                        "dir's (run twice: the second run's loops capture none)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -336,9 +352,10 @@ def main() -> None:
                              **closed_loop(s, data, clients, total, args.max_tokens, args.loop_jitter_ms / 1e3)}
                         results["loop"].append(r)
                         print(f"  closed loop, {r['clients']} clients, join wait {wait:g} ms: {r['tok_s']:.1f} "
-                              f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms; {r['joined']} joined in {r['joins']} "
+                              f"tok/s, TTFT p50 {r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f}, max "
+                              f"{r['ttft_max_ms']:.1f}; {r['joined']} joined in {r['joins']} "
                               f"joins of {r['join_ms']:.2f} ms each ({100 * r['join_share']:.0f} % of the wall; "
-                              f"prefills {r['prefill_ms']:.2f} ms, {r['prefill_captures']} captured); "
+                              f"prefills {r['prefill_ms']:.2f} ms, {r['prefill_captures']} captured in the loop); "
                               f"forward {r['forward_ms']:.2f} ms per step ({100 * r['forward_share']:.0f} %)")
                     s.join_seconds = 0.0
         if args.kernels and attention == attentions[-1]:

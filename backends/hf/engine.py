@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class HfSettings(BaseSettings):
 #: Adapter slots a stack keeps with CUDA graphs (`JARVIS_HF_DECODE=graphs`): a load beyond them compiles the decode
 #: step again. Each slot holds one adapter's A and B for every LoRA layer, at the stack's rank.
 GRAPH_ADAPTER_SLOTS = 8
+#: Under the state dir: the prefill shapes a "graphs" server captured (PrefillGraphs), captured again at its next
+#: start instead of on the first requests that need them.
+PREFILL_SHAPES = "hf-prefill-shapes.json"
 
 #: This engine's own settings (JARVIS_HF_*), for showing them without constructing the engine (`jarvis doctor`).
 OPTIONS = HfSettings
@@ -213,10 +217,16 @@ class HfEngine(Engine):
         self._scheduler = BatchScheduler(self._handle, self.options.max_batch_size,
                                          self.options.batch_wait_ms / 1000, decode=self.decode,
                                          max_len=self.settings.max_model_len,
-                                         join_seconds=self.options.join_wait_ms / 1000)
+                                         join_seconds=self.options.join_wait_ms / 1000,
+                                         prefill_shapes=self.settings.state_path / PREFILL_SHAPES
+                                         if self.decode == "graphs" else None)
         self._scheduler.start()
-        if self.decode == "graphs":  # compiled here, not on the first requests' time
+        if self.decode == "graphs":  # compiled and captured here, not on the first requests' time
             log.info("compiled the waves' decode step in %.1f s", self._scheduler.warm_up())
+            started = time.monotonic()
+            if kept := self._scheduler.warm_prefills():
+                log.info("captured the %d prefill shapes the last run used in %.1f s", kept,
+                         time.monotonic() - started)
         if self.continuous:
             from jarvis.backends.hf.continuous import ContinuousBatcher
 

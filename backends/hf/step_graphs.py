@@ -164,7 +164,8 @@ class _Prefill:
 
 class PrefillGraphs:
     """The prompts' forward pass of a static wave (its first requests, and each join) replayed as a CUDA graph,
-    one per (rows, width) shape, both rounded up to a power of two, captured on the shape's first use.
+    one per (rows, width) shape, both rounded up to a power of two, captured on the shape's first use (or at
+    start: warm(), the shapes a server's last run used).
 
     Eager, that pass is launch-bound for a small model: on an H100 a join of a few 256-token prompts through the
     270M model launched its kernels one by one for tens of milliseconds, while every decoding row waited. The
@@ -204,6 +205,27 @@ class PrefillGraphs:
         if shape not in self._shapes and self.held_bytes >= self.max_bytes:
             return None
         return shape
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The shapes that have a graph (on a CPU: their buffers), in the order they were first used."""
+        return list(self._shapes)
+
+    def warm(self, shapes: list[tuple[int, int]], device: torch.device, token: int) -> int:
+        """Capture `shapes` now, before any request needs them (the shapes a server's last run used): a prefill of
+        `token` repeated in each, skipping a shape that is not a graph's (rows and width rounded) or has none
+        (past the token limit, the memory full). Returns how many shapes it added (on a CPU: their buffers, their
+        forward run once). Base model only."""
+        if self.stacked is not None:
+            raise ValueError("warm() captures the base model's prefills; the adapters' stack changes with its loads")
+        done = 0
+        for rows, width in shapes:
+            if (rows, width) in self._shapes or self.shape(rows, width) != (rows, width):
+                continue
+            ids = torch.full((rows, width), token, dtype=torch.long, device=device)
+            positions = torch.arange(width, dtype=torch.long, device=device).expand(rows, width)
+            if self.prefill(ids, torch.ones_like(ids), positions) is not None:
+                done += 1
+        return done
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 adapter_rows: torch.Tensor | None = None

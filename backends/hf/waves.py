@@ -60,21 +60,26 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
+import logging
 import queue
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from jarvis.backends.hf.sampling import adjusted_logits, sample_rows, samples, seq_logprob
 from jarvis.backends.hf.stacked_lora import BASE
-from jarvis.backends.hf.step_graphs import PrefillGraphs, StepGraphs
+from jarvis.backends.hf.step_graphs import PrefillGraphs, StepGraphs, padded_width
 from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob, batched_emits
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
+
+log = logging.getLogger("jarvis.backends.hf.waves")
 
 #: The smallest context window a static step attends (slots); windows double from here up to max_len.
 MIN_WINDOW = 256
@@ -252,8 +257,12 @@ class BatchScheduler:
     def __init__(self, handle: ModelHandle, max_batch_size: int, gather_seconds: float,
                  decode: str = "dynamic", max_len: int = 4096, min_window: int = MIN_WINDOW,
                  join_seconds: float = 0.0, first_rows: bool | None = None, overlap: bool | None = None,
-                 prefill_graphs: bool | None = None) -> None:
+                 prefill_graphs: bool | None = None, prefill_shapes: Path | None = None) -> None:
         self.handle = handle
+        #: A file that keeps the base model's prefill graph shapes (PrefillGraphs) across restarts: each new shape
+        #: is written to it, and warm_prefills() captures them at the next start.
+        self.prefill_shapes = prefill_shapes
+        self._kept_shapes = 0  # how many of _prefills' shapes the file holds
         #: The prompts' forward passes of a static wave (its first requests, each join) replayed as CUDA graphs
         #: (PrefillGraphs); on by default with "graphs".
         self.prefill_graphs = decode == "graphs" if prefill_graphs is None else prefill_graphs
@@ -306,7 +315,7 @@ class BatchScheduler:
         torch's compiler makes the window a dynamic size; later windows only capture their CUDA graph (with
         first_rows, both sizes: first at MIN_ROWS rows, then at twice as many). The prefills of the shapes it
         runs are captured too (PrefillGraphs); other shapes are captured the first time a wave meets them, in a
-        few tenths of a second each. Call it after start()."""
+        few tenths of a second each, or before that by warm_prefills(). Call it after start()."""
         started = time.monotonic()
         bos = self.handle.tokenizer.bos_token_id or 0
         short = min(8, self.max_len - 2)
@@ -331,6 +340,43 @@ class BatchScheduler:
             if failed:
                 raise failed[0]
         return time.monotonic() - started
+
+    def warm_prefills(self) -> int:
+        """Capture the prefill shapes the last run kept in `prefill_shapes`, so that no request waits for their
+        capture (a few tenths of a second each, on first use): returns how many. None where the prefills run
+        eager, adapters are loaded, or the file is missing; a file that does not read is skipped, with a warning.
+        Call it after start(), before the server takes requests."""
+        if self.prefill_shapes is None or not self.prefill_shapes.is_file():
+            return 0
+        try:
+            shapes = [(int(rows), int(width)) for rows, width in json.loads(self.prefill_shapes.read_text())]
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("the prefill shapes in %s do not read (%s); none captured at start", self.prefill_shapes, e)
+            return 0
+        # what this scheduler can still meet (the last run's batch size or context may have been larger)
+        rows, width = 1 << (self.max_batch_size - 1).bit_length(), padded_width(self.max_len)
+        shapes = [(r, w) for r, w in shapes if r <= rows and w <= width]
+        h = self.handle
+        with h.lock:  # the scheduler thread prefills under it
+            graphs = self._prefill_graphs()
+            if graphs is None or graphs.stacked is not None:
+                return 0
+            return graphs.warm(shapes, h.device, h.tokenizer.bos_token_id or 0)
+
+    def _keep_shapes(self, graphs: PrefillGraphs) -> None:
+        """Write the base model's prefill shapes to `prefill_shapes` when a new one was added (rarely: a
+        few dozen shapes at most, each once). A write that fails costs only the next start's warm-up."""
+        if self.prefill_shapes is None or graphs is not self._prefills or len(graphs.shapes()) == self._kept_shapes:
+            return
+        shapes = graphs.shapes()
+        try:
+            self.prefill_shapes.parent.mkdir(parents=True, exist_ok=True)
+            written = self.prefill_shapes.with_suffix(".tmp")
+            written.write_text(json.dumps([list(shape) for shape in shapes]))
+            written.replace(self.prefill_shapes)
+        except OSError as e:
+            log.warning("could not keep the prefill shapes in %s: %s", self.prefill_shapes, e)
+        self._kept_shapes = len(shapes)
 
     def submit(self, request: PreparedRequest, prompt_ids: list[int], emit: Emit,
                cancel: threading.Event) -> None:
@@ -687,6 +733,7 @@ class BatchScheduler:
             with h.lock:
                 rows = h.stacked.rows_of(adapters) if graphs.stacked is not None else None
                 done = graphs.prefill(ids, mask, positions, rows)
+                self._keep_shapes(graphs)
                 if done is not None:
                     h.stats.forward_passes += 1
                     return done

@@ -7,6 +7,7 @@ token with the same request decoded in a wave of its own.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -301,3 +302,33 @@ def test_rust_detokenizer_streams_the_same_deltas_as_the_window(handle):
     stream, window = detokenizer(tok, prompt), IncrementalDetokenizer(tok, prompt)
     deltas = [(stream.push(t), window.push(t).replace("\ufffd", "")) for t in broken]
     assert [a for a, _ in deltas] == [b for _, b in deltas] and stream._window is not None, deltas
+
+
+def test_the_prefill_shapes_a_run_used_are_captured_at_the_next_start(handle, scheduler, tmp_path, caplog):
+    """A "graphs" server keeps its prefill graphs' shapes in its state dir and captures them at its next start
+    (warm_prefills), not on the first requests that need them: on a CPU, each shape's buffers are made and its
+    forward runs. A request of a kept shape then adds none and answers the same. A file that does not read
+    captures nothing, and the scheduler serves as before; shapes this scheduler cannot meet are skipped."""
+    kept = tmp_path / "state" / "prefill-shapes.json"
+    short, long = ids(handle, "Fact: the moon is"), ids(handle, " ".join(["ocean"] * 40))
+    assert len(short) <= MIN_PREFILL_WIDTH < len(long) <= 2 * MIN_PREFILL_WIDTH
+    first = scheduler(prefill_graphs=True, prefill_shapes=kept)
+    texts = [alone(first, short, 4), alone(first, long, 4)]
+    shapes = [(1, MIN_PREFILL_WIDTH), (1, 2 * MIN_PREFILL_WIDTH)]
+    assert json.loads(kept.read_text()) == [list(shape) for shape in shapes]
+
+    second = scheduler(prefill_graphs=True, prefill_shapes=kept)
+    assert second.warm_prefills() == 2 and second._prefills.shapes() == shapes
+    assert [alone(second, short, 4), alone(second, long, 4)] == texts
+    assert second._prefills.shapes() == shapes and json.loads(kept.read_text()) == [list(s) for s in shapes]
+
+    kept.write_text("[[1, 32], [2")
+    third = scheduler(prefill_graphs=True, prefill_shapes=kept)
+    with caplog.at_level("WARNING", logger="jarvis.backends.hf.waves"):
+        assert third.warm_prefills() == 0
+    assert "do not read" in caplog.text and third._prefills is None
+    assert alone(third, short, 4) == texts[0]
+
+    kept.write_text(json.dumps([[1, 32], [8, 32], [1, 2048]]))  # rows past its batch (4), a width past its context
+    fourth = scheduler(prefill_graphs=True, prefill_shapes=kept)
+    assert fourth.warm_prefills() == 1 and fourth._prefills.shapes() == [(1, 32)]
