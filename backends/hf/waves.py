@@ -343,8 +343,9 @@ class BatchScheduler:
 
     def warm_prefills(self) -> int:
         """Capture the prefill shapes the last run kept in `prefill_shapes`, so that no request waits for their
-        capture (a few tenths of a second each, on first use): returns how many. None where the prefills run
-        eager, adapters are loaded, or the file is missing; a file that does not read is skipped, with a warning.
+        capture (a few tenths of a second each, on first use): returns how many. 0 where the prefills run eager,
+        adapters are loaded, or the file is missing; a file that does not read is skipped, with a warning; shapes
+        past this scheduler's batch size or context are skipped (dropped from the file at its next write).
         Call it after start(), before the server takes requests."""
         if self.prefill_shapes is None or not self.prefill_shapes.is_file():
             return 0
