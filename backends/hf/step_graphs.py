@@ -140,6 +140,11 @@ def padded_width(width: int) -> int:
     return max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length())
 
 
+def padded_rows(rows: int) -> int:
+    """The rows of the prefill graph that computes `rows` prompts: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
 #: The most tokens (rows × width) one prefill graph computes (a 32 × 256 graph of the 270M model holds about
 #: 180 MB): more rows go in pieces of that many tokens, one replay each; a wider prompt runs eager.
 PREFILL_GRAPH_TOKENS = 8192
@@ -199,7 +204,7 @@ class PrefillGraphs:
 
     def shape(self, rows: int, width: int) -> tuple[int, int] | None:
         """The (rows, width) graph that computes `rows` prompts left-padded to `width`, None if it runs eager."""
-        shape = (1 << (rows - 1).bit_length(), padded_width(width))
+        shape = (padded_rows(rows), padded_width(width))
         if shape[0] * shape[1] > self.max_tokens or shape in self._eager:
             return None
         if shape not in self._shapes and self.held_bytes >= self.max_bytes:

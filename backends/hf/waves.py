@@ -74,7 +74,7 @@ import torch
 
 from jarvis.backends.hf.sampling import adjusted_logits, sample_rows, samples, seq_logprob
 from jarvis.backends.hf.stacked_lora import BASE
-from jarvis.backends.hf.step_graphs import PrefillGraphs, StepGraphs, padded_width
+from jarvis.backends.hf.step_graphs import PrefillGraphs, StepGraphs, padded_rows, padded_width
 from jarvis.engine import Emit, EngineStats, GenerationChunk, PreparedRequest, TokenLogprob, batched_emits
 from jarvis.engine_rules import skips_leading_bos
 from jarvis.text_stream import StopSequenceMatcher
@@ -355,7 +355,7 @@ class BatchScheduler:
             log.warning("the prefill shapes in %s do not read (%s); none captured at start", self.prefill_shapes, e)
             return 0
         # what this scheduler can still meet (the last run's batch size or context may have been larger)
-        rows, width = 1 << (self.max_batch_size - 1).bit_length(), padded_width(self.max_len)
+        rows, width = padded_rows(self.max_batch_size), padded_width(self.max_len)
         shapes = [(r, w) for r, w in shapes if r <= rows and w <= width]
         h = self.handle
         with h.lock:  # the scheduler thread prefills under it
@@ -367,9 +367,11 @@ class BatchScheduler:
     def _keep_shapes(self, graphs: PrefillGraphs) -> None:
         """Write the base model's prefill shapes to `prefill_shapes` when a new one was added (rarely: a
         few dozen shapes at most, each once). A write that fails costs only the next start's warm-up."""
-        if self.prefill_shapes is None or graphs is not self._prefills or len(graphs.shapes()) == self._kept_shapes:
+        if self.prefill_shapes is None or graphs is not self._prefills:
             return
         shapes = graphs.shapes()
+        if len(shapes) == self._kept_shapes:
+            return
         try:
             self.prefill_shapes.parent.mkdir(parents=True, exist_ok=True)
             written = self.prefill_shapes.with_suffix(".tmp")
